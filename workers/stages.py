@@ -1,0 +1,146 @@
+"""The DAG's stages: plain typed async functions, one msgspec message in, one out.
+
+    extract_audio ─> segment ─┬─> transcribe (batch 0) ─┐
+                              ├─> transcribe (batch 1) ─┼─> merge ─> render
+                              └─> ...                   ┘
+
+Stages know nothing of queues or of each other: ``local_runner`` calls them in one process,
+``arq_runner`` calls the very same functions as arq jobs on many machines. Everything a stage
+needs from outside comes in its ``StageContext``; everything it hands on goes through
+storage keys inside its return message, so consecutive stages may run on different hosts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import numpy as np
+
+from app import errors, formats
+from app.config import Settings
+from app.messages import (
+    BatchTranscript,
+    ChunkBatch,
+    ExtractedAudio,
+    ExtractRequest,
+    MergeRequest,
+    Rendered,
+    RenderRequest,
+    Segmentation,
+    SegmentRequest,
+    Transcript,
+    TranscribeRequest,
+)
+from app.storage import Storage
+from workers import audio, merge as merging, vad
+from workers.engines.base import EnginePool
+
+
+@dataclass
+class StageContext:
+    storage: Storage
+    settings: Settings
+    engines: EnginePool = field(default_factory=EnginePool)
+    chunking: vad.ChunkingOptions = field(default_factory=vad.ChunkingOptions)
+
+
+# Artifact key layout: every stage reads and writes only under its job's prefix.
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+def media_key(job_id: str) -> str:
+    return f"jobs/{job_id}/media"
+
+
+def audio_key(job_id: str) -> str:
+    return f"jobs/{job_id}/audio.pcm"
+
+
+def batch_audio_key(job_id: str, index: int) -> str:
+    return f"jobs/{job_id}/batches/{index:05d}.pcm"
+
+
+def output_key(job_id: str, basename: str, fmt: str) -> str:
+    return f"jobs/{job_id}/out/{basename}.{fmt}"
+
+
+async def extract_audio(ctx: StageContext, req: ExtractRequest) -> ExtractedAudio:
+    """ffmpeg: the first audio stream of the media -> 16 kHz mono PCM in storage."""
+    name = req.source_name or "input"
+    key = audio_key(req.job_id)
+    async with ctx.storage.local_path(req.media_key) as source:
+        audio.check_input_file(source, max_bytes=ctx.settings.max_input_bytes)
+        async with ctx.storage.new_local_file(key, suffix=".pcm") as dest:
+            duration = await audio.extract_pcm(source, dest, name=name, timeout=ctx.settings.ffmpeg_timeout)
+    return ExtractedAudio(audio_key=key, duration=round(duration, 3))
+
+
+async def segment(ctx: StageContext, req: SegmentRequest) -> Segmentation:
+    """VAD: speech chunks of at most one Whisper window, grouped into batches stored for fan-out."""
+    pcm = await ctx.storage.get_bytes(req.audio.audio_key)
+    samples = audio.pcm_to_float(pcm)
+    chunks = await anyio.to_thread.run_sync(vad.find_chunks, samples, ctx.chunking)
+    size = req.options.batch_size
+    batches: list[ChunkBatch] = []
+    for index, start in enumerate(range(0, len(chunks), size)):
+        members = chunks[start : start + size]
+        key = batch_audio_key(req.job_id, index)
+        # int16 slices of the extracted PCM: half the bytes of float32 on the wire to GPU hosts.
+        pieces = [pcm[c.sample_range[0] * 2 : c.sample_range[1] * 2] for c in members]
+        await ctx.storage.put_bytes(key, b"".join(pieces))
+        batches.append(ChunkBatch(index=index, chunks=members, audio_key=key))
+    speech = sum(c.duration for c in chunks)
+    return Segmentation(chunks=chunks, batches=batches, speech_seconds=round(speech, 3))
+
+
+def split_batch_audio(data: bytes, batch: ChunkBatch) -> list[np.ndarray]:
+    samples = audio.pcm_to_float(data)
+    out, pos = [], 0
+    for c in batch.chunks:
+        first, last = c.sample_range
+        n = last - first
+        out.append(samples[pos : pos + n])
+        pos += n
+    if pos != samples.size:
+        raise errors.StorageError(f"batch {batch.index} audio holds {samples.size} samples, expected {pos}")
+    return out
+
+
+async def transcribe(ctx: StageContext, req: TranscribeRequest) -> BatchTranscript:
+    """The engine on one batch of chunks: the GPU stage, the only one that holds a model."""
+    started = time.perf_counter()
+    data = await ctx.storage.get_bytes(req.batch.audio_key)
+    pieces = split_batch_audio(data, req.batch)
+    engine = await anyio.to_thread.run_sync(ctx.engines.get, req.options)
+    segments, language = await anyio.to_thread.run_sync(engine.transcribe_batch, pieces, req.batch.chunks, req.options)
+    return BatchTranscript(
+        batch_index=req.batch.index,
+        segments=segments,
+        language=language,
+        audio_seconds=round(req.batch.audio_seconds, 3),
+        wall_seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+async def merge(ctx: StageContext, req: MergeRequest) -> Transcript:
+    """Fan-in: every batch's segments, in order, once each."""
+    expected = {b.index for b in req.segmentation.batches}
+    missing = expected - {p.batch_index for p in req.parts}
+    if missing:
+        raise errors.JobError(f"merge is missing the results of batches {sorted(missing)}")
+    return merging.merge_parts(
+        req.parts, req.segmentation, req.audio.duration, engine=req.options.engine, model=req.options.model
+    )
+
+
+async def render(ctx: StageContext, req: RenderRequest) -> Rendered:
+    """The transcript in each requested format, written to storage."""
+    outputs: dict[str, str] = {}
+    for fmt in req.formats:
+        key = output_key(req.job_id, req.basename, fmt)
+        await ctx.storage.put_bytes(key, formats.RENDERERS[fmt](req.transcript))
+        outputs[fmt] = key
+    return Rendered(outputs=outputs)
