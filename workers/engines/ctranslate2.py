@@ -1,10 +1,10 @@
 """faster-whisper / CTranslate2 engine: the default, fast on CPU with int8.
 
-The model is faster-whisper's ``WhisperModel``; decoding a batch reuses faster-whisper's
-batched ``forward`` (one encoder pass and one beam-search ``generate`` call for the whole
-batch, timestamps split per chunk, optional word alignment). What vtp adds around it:
-chunks come from our own VAD with absolute offsets, and Whisper's no-speech rule drops a
-chunk's text when the model itself says it heard nothing (no hallucinated words).
+The model is faster-whisper's ``WhisperModel``; a batch is one encoder pass and one
+beam-search ``generate`` call for all its chunks (faster-whisper's batched generation),
+decoded *without* timestamp tokens, then word-aligned by cross-attention (DTW) so cues can be
+cut at sentence ends and pauses. Whisper's no-speech rule drops a chunk's text when the model
+itself says it heard nothing (no hallucinated words in noise).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 from app import errors
 from app.messages import Chunk, Segment, TranscribeOptions, Word
+from workers import cues
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class FasterWhisperEngine:
             prefix=None,
             suppress_blank=True,
             suppress_tokens=[-1],
-            without_timestamps=False,
+            without_timestamps=True,
             max_initial_timestamp=0.0,
             word_timestamps=options.word_timestamps,
             prepend_punctuations="\"'“¿([{-",
@@ -136,51 +137,73 @@ class FasterWhisperEngine:
             tokenizer = self._tokenizer(language)
             tr_options = self._transcription_options(options)
             tr_options.suppress_tokens = get_suppressed_tokens(tokenizer, tr_options.suppress_tokens)
-            metadata = [{"offset": c.start, "duration": a.size / 16000, "segments": []} for c, a in zip(chunks, audio)]
-            outputs = BatchedInferencePipeline(self.model).forward(features, tokenizer, metadata, tr_options)
+            encoder_output, outputs = BatchedInferencePipeline(self.model).generate_segment_batched(
+                features, tokenizer, tr_options
+            )
+            spoken = [
+                i
+                for i, out in enumerate(outputs)
+                if any(t < tokenizer.eot for t in out["tokens"])
+                # Whisper's own verdict that nothing was said: no hallucinated words in noise.
+                and not (out["no_speech_prob"] > NO_SPEECH_THRESHOLD and out["avg_logprob"] < LOGPROB_THRESHOLD)
+            ]
+            aligned = self._align(spoken, outputs, chunks, audio, encoder_output, tokenizer, tr_options)
         except errors.VtpError:
             raise
         except (RuntimeError, ValueError, MemoryError) as exc:
             raise errors.EngineError(f"{self.name} engine failed on a batch of {len(audio)} chunks: {exc}") from exc
         segments: list[Segment] = []
-        for chunk, chunk_output in zip(chunks, outputs):
-            segments.extend(_chunk_segments(chunk, chunk_output))
+        for i, sub in zip(spoken, aligned):
+            out = outputs[i]
+            segments.extend(
+                cues.split_into_cues(
+                    chunks[i],
+                    tokenizer.decode(sub["tokens"]),
+                    [_word(w, chunks[i]) for w in sub.get("words", [])],
+                    keep_words=options.word_timestamps,
+                    avg_logprob=float(out["avg_logprob"]),
+                    no_speech_prob=float(out["no_speech_prob"]),
+                )
+            )
         return segments, language
 
+    def _align(self, spoken, outputs, chunks, audio, encoder_output, tokenizer, tr_options) -> list[dict]:
+        """Word timings by cross-attention alignment (DTW), one sub-segment per chunk.
 
-def _chunk_segments(chunk: Chunk, output: list[dict]) -> list[Segment]:
-    if not output:
-        return []
-    first = output[0]
-    if first["no_speech_prob"] > NO_SPEECH_THRESHOLD and first["avg_logprob"] < LOGPROB_THRESHOLD:
-        return []
-    result = []
-    for seg in output:
-        text = seg["text"].strip()
-        if not text:
-            continue
-        start = min(max(seg["start"], chunk.start), chunk.end)
-        end = min(max(seg["end"], start), chunk.end)
-        words = None
-        if seg.get("words") is not None:
-            words = [
-                Word(
-                    start=round(min(max(w["start"], chunk.start), chunk.end), 3),
-                    end=round(min(max(w["end"], chunk.start), chunk.end), 3),
-                    word=w["word"],
-                    probability=round(float(w["probability"]), 4),
-                )
-                for w in seg["words"]
-            ]
-        result.append(
-            Segment(
-                start=round(start, 3),
-                end=round(end, 3),
-                text=text,
-                words=words,
-                chunk=chunk.index,
-                avg_logprob=round(float(seg["avg_logprob"]), 4),
-                no_speech_prob=round(float(seg["no_speech_prob"]), 4),
+        Decoding runs without timestamp tokens (faster, and Whisper cannot end a window early
+        on a timestamp and drop the words after it); cue boundaries come from these words.
+        """
+        fps = self.model.frames_per_second
+        subs = [
+            [{"tokens": outputs[i]["tokens"], "start": chunks[i].start, "end": chunks[i].end, "seek": chunks[i].start * fps}]
+            for i in spoken
+        ]
+        if subs:
+            self.model.add_word_timestamps(
+                subs,
+                tokenizer,
+                _select(encoder_output, spoken, len(audio)),
+                [int(np.ceil(audio[i].size / 16000) * fps) for i in spoken],
+                tr_options.prepend_punctuations,
+                tr_options.append_punctuations,
+                0.0,
             )
-        )
-    return result
+        return [s[0] for s in subs]
+
+
+def _word(w: dict, chunk: Chunk) -> Word:
+    start = round(float(min(max(w["start"], chunk.start), chunk.end)), 3)
+    end = round(float(min(max(w["end"], start), chunk.end)), 3)
+    return Word(start=start, end=end, word=w["word"], probability=round(float(w["probability"]), 4))
+
+
+def _select(encoder_output, rows: list[int], total: int):
+    """The encoder output of some rows of the batch (alignment runs on those with speech)."""
+    if len(rows) == total:
+        return encoder_output
+    import ctranslate2
+
+    if encoder_output.device != "cpu":
+        encoder_output = encoder_output.to_device(ctranslate2.Device.cpu)
+    array = np.asarray(encoder_output)
+    return ctranslate2.StorageView.from_array(np.ascontiguousarray(array[rows]))
