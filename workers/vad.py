@@ -19,8 +19,9 @@ from app.messages import SAMPLE_RATE, WHISPER_WINDOW_S, Chunk
 
 @dataclass(frozen=True)
 class ChunkingOptions:
-    #: Upper bound of a chunk; the margin below 30 s absorbs rounding and padding.
-    max_chunk_s: float = WHISPER_WINDOW_S - 1.0
+    #: Upper bound of a chunk: the whole window, less a margin for sample rounding. Packing
+    #: close to 30 s matters: each chunk costs one full encoder pass whatever its length.
+    max_chunk_s: float = WHISPER_WINDOW_S - 0.1
     #: A pause at least this long is a place to cut; shorter pauses stay inside a region.
     min_silence_ms: int = 300
     #: Audio kept either side of detected speech so word edges are not clipped.

@@ -1,0 +1,135 @@
+"""Shared fixtures: real media from ../shared/data, real redis-server processes, the real model.
+
+Redis: each test session starts its own ``redis-server`` on a free port (never the machine's
+6379), and every test gets a flushed database. Tests that need to kill or restart Redis use
+``redis_server_factory`` for a private one they own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not DATA.is_dir():
+        skip = pytest.mark.skip(reason=f"test media not found at {DATA}")
+        for item in items:
+            if "needs_data" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"test media not found at {DATA}")
+    return DATA
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    port: int
+    dir: Path
+    appendonly: bool
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        cmd = [
+            shutil.which("redis-server") or "redis-server",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.dir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always",
+            "--daemonize", "no",
+            "--logfile", str(self.dir / "redis.log"),
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path_factory) -> Iterator:
+    """Start private redis-servers; every one is killed when the test ends."""
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    servers: list[RedisServer] = []
+
+    def start(*, appendonly: bool = False) -> RedisServer:
+        server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"), appendonly)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_session_server(tmp_path_factory) -> Iterator[RedisServer]:
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis-session"), appendonly=False)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_url(redis_session_server) -> str:
+    """A flushed database on the session's private redis-server."""
+    import redis
+
+    client = redis.Redis.from_url(redis_session_server.url)
+    client.flushall()
+    client.close()
+    return redis_session_server.url
+
+
+@pytest.fixture(scope="session")
+def engines():
+    """One EnginePool for the session: the bundled model is loaded once, as in a worker."""
+    from workers.engines.base import EnginePool
+
+    return EnginePool()
