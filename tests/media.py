@@ -1,0 +1,33 @@
+"""Test media made on the fly from ../shared/data with the bundled ffmpeg (never committed)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from workers.audio import ffmpeg_exe
+
+#: container -> ffmpeg output arguments (a few seconds of real speech, with video where the
+#: container is a video container, so extraction has to pick the audio stream).
+FORMATS: dict[str, list[str]] = {
+    "mp4": ["-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac"],
+    "mkv": ["-c:v", "libx264", "-preset", "ultrafast", "-c:a", "libopus"],
+    "webm": ["-c:v", "libvpx", "-deadline", "realtime", "-c:a", "libopus"],
+    "mov": ["-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac"],
+    "mp3": ["-vn", "-c:a", "libmp3lame"],
+    "wav": ["-vn", "-c:a", "pcm_s16le"],
+    "flac": ["-vn", "-c:a", "flac"],
+    "m4a": ["-vn", "-c:a", "aac"],
+    "opus": ["-vn", "-c:a", "libopus"],
+}
+
+
+def make_variant(source: Path, dest: Path, seconds: float = 6.0) -> Path:
+    ext = dest.suffix.lstrip(".")
+    video = FORMATS[ext][0] != "-vn"
+    cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-t", str(seconds), "-i", str(source)]
+    if video:
+        cmd += ["-f", "lavfi", "-t", str(seconds), "-i", "color=c=blue:s=64x48:r=10", "-map", "1:v", "-map", "0:a"]
+    cmd += [*FORMATS[ext], str(dest)]
+    subprocess.run(cmd, check=True, timeout=120)
+    return dest
