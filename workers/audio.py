@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import anyio
@@ -97,20 +98,36 @@ async def extract_pcm(source: Path, dest: Path, *, name: str, timeout: float) ->
     """Decode the first audio stream of ``source`` into ``dest`` as PCM; returns its duration."""
     check_input_file(source)
     cmd = ffmpeg_command(source, dest)
-    try:
-        with anyio.fail_after(timeout):
-            result = await anyio.run_process(cmd, check=False, stdin=None)
-    except TimeoutError:
-        raise errors.CorruptMedia(f"{name}: ffmpeg did not finish decoding within {timeout:.0f} s") from None
-    except OSError as exc:
-        raise errors.OptionsError(f"cannot run ffmpeg ({cmd[0]}): {exc}") from exc
-    stderr = result.stderr.decode("utf-8", "replace")
-    if result.returncode != 0:
+    returncode, stderr = await run_bounded(cmd, timeout=timeout, name=name)
+    if returncode != 0:
         raise reason_from_stderr(stderr, name)
     samples = dest.stat().st_size // 2 if dest.exists() else 0
     if samples == 0:
         raise errors.CorruptMedia(f"{name}: the audio stream holds no decodable samples")
     return samples / SAMPLE_RATE
+
+
+async def run_bounded(cmd: list[str], *, timeout: float, name: str, keep: int = 65536) -> tuple[int, str]:
+    """Run ffmpeg; keep only the tail of stderr (corrupt streams log an error per frame) and
+    kill it, waiting for it to be reaped, if it outlives ``timeout``."""
+    tail = b""
+    try:
+        process = await anyio.open_process(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    except OSError as exc:
+        raise errors.OptionsError(f"cannot run ffmpeg ({cmd[0]}): {exc}") from exc
+    async with process:
+        try:
+            with anyio.fail_after(timeout):
+                assert process.stderr is not None
+                async for data in process.stderr:
+                    tail = (tail + data)[-keep:]
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.wait()
+            raise errors.CorruptMedia(f"{name}: ffmpeg did not finish decoding within {timeout:g} s") from None
+    return process.returncode or 0, tail.decode("utf-8", "replace")
 
 
 def pcm_to_float(data: bytes) -> np.ndarray:
