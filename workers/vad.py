@@ -46,16 +46,18 @@ def speech_regions(audio: np.ndarray, opts: ChunkingOptions) -> list[tuple[int, 
         # The padding is added after the split, so leave room for it on both sides.
         max_speech_duration_s=opts.max_chunk_s - 2 * opts.speech_pad_ms / 1000,
     )
-    regions = [(int(r["start"]), int(r["end"])) for r in get_speech_timestamps(audio, vad, sampling_rate=SAMPLE_RATE)]
-    limit = int(opts.max_chunk_s * SAMPLE_RATE)
-    bounded: list[tuple[int, int]] = []
+    return [(int(r["start"]), int(r["end"])) for r in get_speech_timestamps(audio, vad, sampling_rate=SAMPLE_RATE)]
+
+
+def _bounded(regions: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
+    """Belt and braces: never hand Whisper more than its window, whatever the VAD returned."""
+    out: list[tuple[int, int]] = []
     for start, end in regions:
-        # Belt and braces: never hand Whisper more than its window, even if the VAD did.
         while end - start > limit:
-            bounded.append((start, start + limit))
+            out.append((start, start + limit))
             start += limit
-        bounded.append((start, end))
-    return bounded
+        out.append((start, end))
+    return out
 
 
 def chunk_regions(regions: list[tuple[int, int]], opts: ChunkingOptions) -> list[Chunk]:
@@ -63,7 +65,7 @@ def chunk_regions(regions: list[tuple[int, int]], opts: ChunkingOptions) -> list
     limit = int(opts.max_chunk_s * SAMPLE_RATE)
     max_gap = int(opts.max_gap_s * SAMPLE_RATE)
     spans: list[tuple[int, int]] = []
-    for start, end in regions:
+    for start, end in _bounded(regions, limit):
         if spans:
             cur_start, cur_end = spans[-1]
             if end - cur_start <= limit and start - cur_end <= max_gap:

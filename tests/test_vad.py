@@ -1,0 +1,61 @@
+"""Chunking on real audio: never past Whisper's window, ordered, disjoint, silence skipped."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from app.messages import WHISPER_WINDOW_S
+from workers import audio, vad
+
+
+def load(path) -> np.ndarray:
+    cmd = [audio.ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-ac", "1", "-ar", "16000", "-f", "s16le", "-"]
+    return audio.pcm_to_float(subprocess.run(cmd, check=True, capture_output=True).stdout)
+
+
+@pytest.fixture(scope="module")
+def ivr(data_dir):
+    return load(data_dir / "ivr_prompts.mp4")
+
+
+def test_chunks_fit_the_window_and_do_not_overlap(ivr):
+    chunks = vad.find_chunks(ivr)
+    assert len(chunks) >= 6
+    duration = ivr.size / 16000
+    for prev, cur in zip(chunks, chunks[1:]):
+        assert prev.end <= cur.start
+    for i, c in enumerate(chunks):
+        assert c.index == i
+        assert 0 <= c.start < c.end <= duration
+        assert c.duration < WHISPER_WINDOW_S
+
+
+def test_continuous_speech_longer_than_a_window_is_cut(ivr):
+    # Glue the prompts together with no pauses: VAD must still cut below 30 s.
+    opts = vad.ChunkingOptions()
+    regions = vad.speech_regions(ivr, opts)
+    glued = np.concatenate([ivr[s:e] for s, e in regions])
+    for c in vad.find_chunks(glued, opts):
+        assert c.duration <= opts.max_chunk_s + 1e-6
+
+
+def test_pathological_region_is_split_hard():
+    opts = vad.ChunkingOptions()
+    limit = int(opts.max_chunk_s * 16000)
+    chunks = vad.chunk_regions([(0, 3 * limit + 5)], opts)  # as if the VAD returned one huge region
+    assert all(c.duration <= opts.max_chunk_s + 1e-6 for c in chunks)
+
+
+def test_silence_has_no_chunks(data_dir):
+    assert vad.find_chunks(load(data_dir / "silence.mp4")) == []
+    assert vad.find_chunks(np.zeros(0, dtype=np.float32)) == []
+
+
+def test_long_pauses_are_skipped():
+    opts = vad.ChunkingOptions(max_gap_s=3.0)
+    sr = 16000
+    chunks = vad.chunk_regions([(0, 2 * sr), (10 * sr, 12 * sr), (13 * sr, 14 * sr)], opts)
+    assert [(c.start, c.end) for c in chunks] == [(0.0, 2.0), (10.0, 14.0)]
