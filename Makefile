@@ -1,0 +1,31 @@
+# Two commands on a fresh machine (Python 3.11+, pip; nothing else):
+#   make demo   installs vtp into .venv and transcribes a sample video with the bundled model
+#   make test   installs vtp with its test extras into .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SAMPLE ?= ../shared/data/talk_tts.mp4
+OUT ?= out
+
+.PHONY: demo test install bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test,bench]'
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	@test -f "$(SAMPLE)" || { echo "no sample video at $(SAMPLE): run 'make demo SAMPLE=path/to/video'"; exit 2; }
+	$(BIN)/vtp transcribe "$(SAMPLE)" -o $(OUT)/
+	@echo; head -n 5 $(OUT)/$$(basename "$(SAMPLE)" | sed 's/\.[^.]*$$//').srt
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/cpu_vs_peers.py --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache
