@@ -43,6 +43,13 @@ class Settings:
     cpu_timeout: float = 3600.0
     #: ``VTP_RESULT_TTL``: seconds job records and artifacts are kept after a job ends.
     result_ttl: int = 7 * 24 * 3600
+    #: ``VTP_RETRY_DELAY``: seconds before a stage's first retry after a transient error; doubles
+    #: with every further try, capped at a minute.
+    retry_delay: float = 2.0
+    #: ``VTP_TEST_STAGE_DELAY``: TEST-ONLY. ``"extract:5,transcribe:3"`` makes the arq workers
+    #: sleep that long inside those stages, so crash tests can kill a worker mid-stage without
+    #: relying on timing luck. Never set it in production.
+    test_stage_delay: str = ""
 
     _ENV = {
         "redis_url": "REDIS_URL",
@@ -55,6 +62,8 @@ class Settings:
         "transcribe_timeout": "VTP_TRANSCRIBE_TIMEOUT",
         "cpu_timeout": "VTP_CPU_TIMEOUT",
         "result_ttl": "VTP_RESULT_TTL",
+        "retry_delay": "VTP_RETRY_DELAY",
+        "test_stage_delay": "VTP_TEST_STAGE_DELAY",
     }
 
     @classmethod
@@ -80,3 +89,14 @@ class Settings:
     @property
     def max_input_bytes(self) -> int | None:
         return self.max_input_mb * 1024 * 1024 if self.max_input_mb > 0 else None
+
+    def stage_delay(self, stage: str) -> float:
+        """TEST-ONLY: the extra seconds ``VTP_TEST_STAGE_DELAY`` puts into ``stage`` (0: none)."""
+        for item in self.test_stage_delay.split(","):
+            name, _, seconds = item.partition(":")
+            if name.strip() == stage:
+                try:
+                    return float(seconds)
+                except ValueError:
+                    raise errors.OptionsError(f"VTP_TEST_STAGE_DELAY item {item!r} is not STAGE:SECONDS") from None
+        return 0.0

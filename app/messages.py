@@ -27,7 +27,8 @@ ALL_FORMATS: tuple[Format, ...] = ("txt", "srt", "vtt", "json")
 class TranscribeOptions(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What the user asked for; travels with the job through every stage."""
 
-    engine: Literal["ctranslate2"] = "ctranslate2"
+    #: ``noop`` returns no segments at once: for measuring the queue itself (bench/queue_overhead.py).
+    engine: Literal["ctranslate2", "noop"] = "ctranslate2"
     #: A directory holding a model, or a model name; ``tiny.en`` is the bundled default.
     model: str = "tiny.en"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -218,3 +219,56 @@ def options_from(values: dict) -> TranscribeOptions:
         return msgspec.convert({k: v for k, v in values.items() if v is not None}, TranscribeOptions)
     except msgspec.ValidationError as exc:
         raise errors.OptionsError(f"invalid option: {exc}") from exc
+
+
+TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
+
+
+class JobRecord(Struct, kw_only=True):
+    """One distributed job, as stored in Redis (``app.jobs.JobStore``) and shown by ``vtp status``.
+
+    Times are Unix seconds. ``state`` moves along ``queued -> extracting -> segmenting ->
+    transcribing -> merging -> rendering -> done``, or to ``failed``/``cancelled`` from any
+    non-final state (``app.jobs.check_transition``).
+    """
+
+    id: str
+    owner: str = ""
+    #: Display name of the input (the uploaded file's name).
+    input_name: str = ""
+    #: File stem of the outputs (already sanitised).
+    basename: str = "transcript"
+    media_key: str = ""
+    sha256: str = ""
+    idempotency_key: str = ""
+    options: TranscribeOptions = msgspec.field(default_factory=TranscribeOptions)
+    state: Stage = "queued"
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    #: When the current state was entered (the next transition turns it into a timing).
+    state_since: float = 0.0
+    finished_at: float = 0.0
+    #: Media duration, known after extraction.
+    duration: float = 0.0
+    chunks_done: int = 0
+    chunks_total: int = 0
+    #: Seconds of speech transcribed / to transcribe.
+    audio_done: float = 0.0
+    audio_total: float = 0.0
+    #: Seconds spent in each state: queue, extract, segment, transcribe, merge, render.
+    timings: dict[str, float] = {}
+    #: Seconds each stage's arq job waited in its queue before a worker started it (the
+    #: transition latency; for transcribe, the longest wait of its batches).
+    waits: dict[str, float] = {}
+    error: str = ""
+    #: format -> storage key of the rendered output.
+    outputs: dict[str, str] = {}
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def wall_seconds(self) -> float:
+        end = self.finished_at or self.updated_at
+        return max(end - self.created_at, 0.0)

@@ -60,4 +60,8 @@ def load_engine(options: TranscribeOptions) -> Engine:
         from workers.engines.ctranslate2 import FasterWhisperEngine
 
         return FasterWhisperEngine.load(options)
+    if options.engine == "noop":
+        from workers.engines.noop import NoopEngine
+
+        return NoopEngine(options)
     raise errors.OptionsError(f"unknown engine {options.engine!r}")

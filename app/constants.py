@@ -1,0 +1,63 @@
+"""Every Redis key prefix and queue name vtp uses, in one place (as arq keeps its own in
+``arq/constants.py``).
+
+vtp's keys all start with ``vtp:``; arq's own keys (``arq:job:<id>``, ``arq:in-progress:<id>``,
+``arq:retry:<id>``, ``arq:result:<id>``) sit beside them in the same database. The arq job ids
+vtp enqueues are deterministic, ``<job id>:<stage>`` (``<job id>:transcribe:<batch>`` for the
+fan-out), so enqueueing a stage twice is a no-op while the first is queued, running or its
+result is kept.
+"""
+
+from __future__ import annotations
+
+#: arq queues (sorted sets): CPU stages, and the GPU stage alone (see workers/arq_runner.py).
+QUEUE_CPU = "vtp:cpu"
+QUEUE_GPU = "vtp:gpu"
+QUEUES = {"cpu": QUEUE_CPU, "gpu": QUEUE_GPU}
+
+#: ``vtp:job:<id>``: the job record (``messages.JobRecord``, msgpack).
+JOB_PREFIX = "vtp:job:"
+#: ``vtp:jobs``: sorted set of every job id, scored by creation time (listing, the web page).
+JOBS_INDEX = "vtp:jobs"
+#: ``vtp:events:<id>``: stream of ``messages.ProgressEvent`` (msgpack in field ``e``).
+EVENTS_PREFIX = "vtp:events:"
+#: ``vtp:idem:<owner>:<key>``: job id created with that idempotency key.
+IDEMPOTENCY_PREFIX = "vtp:idem:"
+#: ``vtp:sha:<owner>:<media sha256>:<options digest>``: a ``done`` job with these media and options.
+SHA_PREFIX = "vtp:sha:"
+#: ``vtp:dag:<id>:<part>``: a running job's scratch state between stages:
+#:   audio (ExtractedAudio), segmentation (Segmentation), pending (batches left, counter),
+#:   finished (set of batch indexes), parts (hash batch index -> BatchTranscript),
+#:   done (hash: chunks / audio seconds transcribed), runs (hash stage -> completed runs).
+DAG_PREFIX = "vtp:dag:"
+#: ``vtp:health:<queue>:<worker name>``: set by a live worker every few seconds (``vtp worker --check``).
+HEALTH_PREFIX = "vtp:health:"
+
+#: Names of the arq functions (what ``enqueue_job`` names and the workers register).
+FN_EXTRACT = "extract"
+FN_SEGMENT = "segment"
+FN_TRANSCRIBE = "transcribe"
+FN_MERGE = "merge"
+FN_RENDER = "render"
+FN_NOTIFY = "notify"
+
+
+def job_key(job_id: str) -> str:
+    return JOB_PREFIX + job_id
+
+
+def events_key(job_id: str) -> str:
+    return EVENTS_PREFIX + job_id
+
+
+def dag_key(job_id: str, part: str) -> str:
+    return f"{DAG_PREFIX}{job_id}:{part}"
+
+
+def health_key(queue: str, name: str) -> str:
+    return f"{HEALTH_PREFIX}{queue}:{name}"
+
+
+def arq_job_id(job_id: str, stage: str, index: int | None = None) -> str:
+    """The deterministic arq job id of one stage of one job."""
+    return f"{job_id}:{stage}" if index is None else f"{job_id}:{stage}:{index}"

@@ -1,0 +1,500 @@
+"""Distributed jobs in Redis: the record and its state machine, progress events, fan-in bookkeeping.
+
+``JobStore`` is the only code that reads or writes vtp's Redis keys (``app.constants``); the
+CLI, the arq workers and the web process all go through it. Every record update is a
+WATCH/MULTI read-modify-write of the msgpack record, with the matching ``ProgressEvent``
+appended to the job's event stream in the same transaction, so a reader never sees a state
+without its event or the other way round.
+
+State machine (``check_transition``)::
+
+    queued -> extracting -> segmenting -> transcribing -> merging -> rendering -> done
+                                     \\________________________/ (no speech: no batches)
+    any state before done -> failed | cancelled;   done, failed, cancelled are final
+
+Re-entering the current state is allowed and changes nothing: that is what a retried stage does.
+
+Events are a Redis *stream* per job rather than pub/sub: a client that connects late, or loses
+its connection while Redis restarts, reads on from the last event it saw instead of missing
+the end of the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any
+from urllib.parse import urlparse
+
+import anyio
+import msgspec
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff
+from redis.asyncio.retry import Retry
+from redis import exceptions as redis_errors
+
+from app import constants, errors
+from app.messages import (
+    TERMINAL_STATES,
+    BatchTranscript,
+    JobRecord,
+    ProgressEvent,
+    Stage,
+    TranscribeOptions,
+    decode,
+    encode,
+)
+
+#: Position of each non-final state along the pipeline.
+ORDER: dict[str, int] = {
+    "queued": 0,
+    "extracting": 1,
+    "segmenting": 2,
+    "transcribing": 3,
+    "merging": 4,
+    "rendering": 5,
+    "done": 6,
+}
+_NEXT: dict[str, frozenset[str]] = {
+    "queued": frozenset({"extracting"}),
+    "extracting": frozenset({"segmenting"}),
+    "segmenting": frozenset({"transcribing", "merging"}),
+    "transcribing": frozenset({"merging"}),
+    "merging": frozenset({"rendering"}),
+    "rendering": frozenset({"done"}),
+}
+#: The timing name of the time spent in each state.
+LABEL: dict[str, str] = {
+    "queued": "queue",
+    "extracting": "extract",
+    "segmenting": "segment",
+    "transcribing": "transcribe",
+    "merging": "merge",
+    "rendering": "render",
+}
+#: Scratch parts under ``vtp:dag:<id>:`` (see app.constants.DAG_PREFIX).
+DAG_PARTS = ("audio", "segmentation", "pending", "finished", "parts", "done", "runs")
+_EVENT_FIELD = b"e"
+_STREAM_MAXLEN = 2000
+
+#: Redis commands retry through short outages (a restart, a failover) instead of failing the
+#: stage: exponential backoff from 50 ms, capped at 1 s, about half a minute in all.
+REDIS_RETRIES = 30
+_RETRY_ON = [redis_errors.ConnectionError, redis_errors.TimeoutError]
+
+
+def redis_retry(retries: int = REDIS_RETRIES) -> Retry:
+    return Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
+
+
+def redis_location(url: str) -> str:
+    """``host:port/db`` of a Redis URL, without credentials (for messages)."""
+    u = urlparse(url)
+    return f"{u.hostname or 'localhost'}:{u.port or 6379}{u.path if u.path not in ('', '/') else '/0'}"
+
+
+def connect(url: str, *, retries: int = REDIS_RETRIES) -> aioredis.Redis:
+    """A redis.asyncio client with vtp's retry policy (not connected until first used)."""
+    return aioredis.Redis.from_url(
+        url, retry=redis_retry(retries), retry_on_error=list(_RETRY_ON), socket_connect_timeout=2
+    )
+
+
+def check_transition(job_id: str, current: str, to: str) -> None:
+    """Raise ``JobError`` (``JobCancelled`` for a cancelled job) unless ``current -> to`` is allowed."""
+    if current == "cancelled":
+        raise errors.JobCancelled(f"job {job_id} was cancelled")
+    if current in TERMINAL_STATES:
+        raise errors.JobError(f"job {job_id} is already {current}")
+    if to == current or to in ("failed", "cancelled"):
+        return
+    if to not in _NEXT.get(current, ()):
+        raise errors.JobError(f"job {job_id}: invalid transition {current} -> {to}")
+
+
+def options_digest(options: TranscribeOptions) -> str:
+    """Same options, same digest (msgspec encodes fields in declaration order)."""
+    return hashlib.sha256(encode(options)).hexdigest()[:24]
+
+
+def event_of(record: JobRecord, message: str = "") -> ProgressEvent:
+    return ProgressEvent(
+        job_id=record.id,
+        state=record.state,
+        chunks_done=record.chunks_done,
+        chunks_total=record.chunks_total,
+        audio_done=round(record.audio_done, 3),
+        audio_total=round(record.audio_total, 3),
+        message=message or record.error,
+    )
+
+
+def _mapped(fn):
+    """Redis failures become ``QueueError`` naming the server (no redis-py traceback for users)."""
+
+    @wraps(fn)
+    async def wrapper(self: JobStore, *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+            raise errors.QueueError(f"cannot reach Redis at {self.where}: {exc}") from exc
+        except redis_errors.RedisError as exc:
+            raise errors.QueueError(f"Redis at {self.where} failed: {exc}") from exc
+
+    return wrapper
+
+
+# Fan-in: record one batch's result and count it down, once per batch index however often the
+# batch runs (a retried or duplicated transcribe job finds its index in `finished` and changes
+# nothing). Returns {batches left, chunks done, audio seconds done (a string: Lua truncates
+# numbers to integers)}; -1 batches left means the fan-out was never set up (or has expired).
+_FAN_IN = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  redis.call('HINCRBY', KEYS[4], 'chunks', ARGV[3])
+  redis.call('HINCRBYFLOAT', KEYS[4], 'audio', ARGV[4])
+  redis.call('DECR', KEYS[3])
+end
+local left = redis.call('GET', KEYS[3])
+return {tonumber(left or '-1'), tonumber(redis.call('HGET', KEYS[4], 'chunks') or '0'),
+        redis.call('HGET', KEYS[4], 'audio') or '0'}
+"""
+
+
+@dataclass(frozen=True)
+class FanIn:
+    """What recording one batch left: when ``batches_left`` is 0 every batch is in."""
+
+    batches_left: int
+    chunks_done: int
+    audio_done: float
+
+
+class JobStore:
+    def __init__(self, redis: aioredis.Redis, *, result_ttl: int = 7 * 24 * 3600, where: str = "") -> None:
+        self.redis = redis
+        self.result_ttl = result_ttl
+        if not where:
+            kw = redis.connection_pool.connection_kwargs
+            where = f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+        self.where = where
+        self._fan_in = redis.register_script(_FAN_IN)
+
+    @classmethod
+    def open(cls, url: str, *, result_ttl: int = 7 * 24 * 3600, retries: int = REDIS_RETRIES) -> JobStore:
+        return cls(connect(url, retries=retries), result_ttl=result_ttl, where=redis_location(url))
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    @_mapped
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    # -- records --------------------------------------------------------------------------
+
+    @_mapped
+    async def create(self, record: JobRecord) -> tuple[JobRecord, bool]:
+        """Store a new ``queued`` record; ``(record, True)``.
+
+        With ``record.idempotency_key``, a second create with the same owner and key returns
+        the first job's record and False instead (the key is claimed with SET NX, so two
+        concurrent submits agree on one winner).
+        """
+        now = time.time()
+        record = msgspec.structs.replace(record, state="queued", created_at=now, updated_at=now, state_since=now)
+        if record.idempotency_key:
+            idem = f"{constants.IDEMPOTENCY_PREFIX}{record.owner}:{record.idempotency_key}"
+            for _ in range(3):
+                if await self.redis.set(idem, record.id, nx=True, ex=self.result_ttl):
+                    break
+                existing_id = await self.redis.get(idem)
+                if existing_id is not None:
+                    existing = await self.find(existing_id.decode())
+                    if existing is not None:
+                        return existing, False
+                    await self.redis.delete(idem)  # its job expired: the key is free again
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(constants.job_key(record.id), encode(record))
+            pipe.zadd(constants.JOBS_INDEX, {record.id: now})
+            self._queue_event(pipe, event_of(record))
+            await pipe.execute()
+        return record, True
+
+    @_mapped
+    async def find_by_key(self, owner: str, idempotency_key: str) -> JobRecord | None:
+        job_id = await self.redis.get(f"{constants.IDEMPOTENCY_PREFIX}{owner}:{idempotency_key}")
+        return None if job_id is None else await self.find(job_id.decode())
+
+    @_mapped
+    async def find(self, job_id: str) -> JobRecord | None:
+        raw = await self.redis.get(constants.job_key(job_id))
+        return None if raw is None else decode(raw, JobRecord)
+
+    async def get(self, job_id: str) -> JobRecord:
+        record = await self.find(job_id)
+        if record is None:
+            raise errors.JobNotFound(f"no job {job_id!r} (unknown id, or its record has expired)")
+        return record
+
+    @_mapped
+    async def list_ids(self, limit: int = 50) -> list[str]:
+        """Newest first."""
+        return [i.decode() for i in await self.redis.zrevrange(constants.JOBS_INDEX, 0, limit - 1)]
+
+    async def _update(
+        self, job_id: str, change: Callable[[JobRecord], JobRecord | None], *, message: str = ""
+    ) -> JobRecord | None:
+        """Apply ``change`` atomically (WATCH/MULTI, retried on conflict) and publish the result.
+
+        ``change`` returns the new record, or None to leave it as it is (then None is returned).
+        """
+        key = constants.job_key(job_id)
+
+        async def attempt(pipe) -> JobRecord | None:
+            raw = await pipe.get(key)
+            if raw is None:
+                raise errors.JobNotFound(f"no job {job_id!r} (unknown id, or its record has expired)")
+            new = change(decode(raw, JobRecord))
+            if new is None:
+                return None
+            new = msgspec.structs.replace(new, updated_at=time.time())
+            pipe.multi()
+            pipe.set(key, encode(new))
+            self._queue_event(pipe, event_of(new, message))
+            if new.terminal:
+                self._queue_expiry(pipe, new)
+            return new
+
+        return await self.redis.transaction(attempt, key, value_from_callable=True)
+
+    def _queue_event(self, pipe, event: ProgressEvent) -> None:
+        key = constants.events_key(event.job_id)
+        pipe.xadd(key, {_EVENT_FIELD: encode(event)}, maxlen=_STREAM_MAXLEN, approximate=True)
+        pipe.expire(key, self.result_ttl)
+
+    def _queue_expiry(self, pipe, record: JobRecord) -> None:
+        """A finished job's keys live ``result_ttl`` more seconds, then Redis drops them."""
+        pipe.expire(constants.job_key(record.id), self.result_ttl)
+        for part in DAG_PARTS:
+            pipe.expire(constants.dag_key(record.id, part), self.result_ttl)
+        if record.idempotency_key:
+            pipe.expire(f"{constants.IDEMPOTENCY_PREFIX}{record.owner}:{record.idempotency_key}", self.result_ttl)
+
+    @_mapped
+    async def transition(
+        self, job_id: str, to: Stage, *, expect: Stage | None = None, message: str = "", **changes: Any
+    ) -> JobRecord | None:
+        """Move the job to state ``to`` (validated), setting ``changes`` on the record too.
+
+        Time spent in the state being left is added to ``timings``. With ``expect``, the
+        transition only happens if the job is in that state right now (None is returned
+        otherwise, and nothing changes): for moves that another worker may already have made.
+        """
+
+        def change(rec: JobRecord) -> JobRecord | None:
+            if expect is not None and rec.state != expect:
+                return None
+            check_transition(job_id, rec.state, to)
+            now = time.time()
+            if to == rec.state:
+                return msgspec.structs.replace(rec, **changes) if changes else rec
+            timings = dict(rec.timings)
+            label = LABEL.get(rec.state)
+            if label:
+                timings[label] = round(timings.get(label, 0.0) + now - rec.state_since, 3)
+            extra: dict[str, Any] = {}
+            if to in TERMINAL_STATES:
+                extra["finished_at"] = now
+            return msgspec.structs.replace(rec, state=to, state_since=now, timings=timings, **extra, **changes)
+
+        return await self._update(job_id, change, message=message)
+
+    @_mapped
+    async def note(self, job_id: str, **changes: Any) -> JobRecord | None:
+        """Set fields that are not the state (duration, waits...) on a job that is not final."""
+
+        def change(rec: JobRecord) -> JobRecord | None:
+            return None if rec.terminal else msgspec.structs.replace(rec, **changes)
+
+        return await self._update(job_id, change)
+
+    @_mapped
+    async def note_wait(self, job_id: str, stage: str, seconds: float) -> None:
+        """Remember how long a stage's job waited in its queue (the longest, for the fan-out)."""
+
+        def change(rec: JobRecord) -> JobRecord | None:
+            if rec.terminal or rec.waits.get(stage, -1.0) >= seconds:
+                return None
+            return msgspec.structs.replace(rec, waits={**rec.waits, stage: round(seconds, 4)})
+
+        await self._update(job_id, change)
+
+    @_mapped
+    async def progress(self, job_id: str, *, chunks_done: int, audio_done: float) -> JobRecord | None:
+        """Record absolute progress; it only moves forward (two GPU workers may report out of order)."""
+
+        def change(rec: JobRecord) -> JobRecord | None:
+            if rec.terminal or (chunks_done <= rec.chunks_done and audio_done <= rec.audio_done):
+                return None
+            return msgspec.structs.replace(
+                rec,
+                chunks_done=max(rec.chunks_done, chunks_done),
+                audio_done=round(max(rec.audio_done, audio_done), 3),
+            )
+
+        return await self._update(job_id, change)
+
+    @_mapped
+    async def fail(self, job_id: str, reason: str) -> bool:
+        """End the job ``failed`` with a one-line reason; False if it had already ended."""
+
+        def change(rec: JobRecord) -> JobRecord | None:
+            if rec.terminal:
+                return None
+            return msgspec.structs.replace(
+                rec, state="failed", error=reason, finished_at=time.time(), timings=_closed_timings(rec)
+            )
+
+        return await self._update(job_id, change, message=reason) is not None
+
+    @_mapped
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job that has not ended: every stage that starts after this returns at once."""
+
+        def change(rec: JobRecord) -> JobRecord | None:
+            check_transition(job_id, rec.state, "cancelled")
+            return msgspec.structs.replace(
+                rec, state="cancelled", error="cancelled", finished_at=time.time(), timings=_closed_timings(rec)
+            )
+
+        record = await self._update(job_id, change, message="cancelled")
+        assert record is not None
+        return record
+
+    # -- identical media ----------------------------------------------------------------------
+
+    def _sha_key(self, owner: str, sha256: str, options: TranscribeOptions) -> str:
+        return f"{constants.SHA_PREFIX}{owner}:{sha256}:{options_digest(options)}"
+
+    @_mapped
+    async def find_reusable(self, owner: str, sha256: str, options: TranscribeOptions) -> JobRecord | None:
+        """A ``done`` job of the same owner with the same media bytes and the same options."""
+        job_id = await self.redis.get(self._sha_key(owner, sha256, options))
+        if job_id is None:
+            return None
+        record = await self.find(job_id.decode())
+        return record if record is not None and record.state == "done" else None
+
+    @_mapped
+    async def remember_done(self, record: JobRecord) -> None:
+        if record.sha256 and record.state == "done":
+            key = self._sha_key(record.owner, record.sha256, record.options)
+            await self.redis.set(key, record.id, ex=self.result_ttl)
+
+    # -- events ---------------------------------------------------------------------------
+
+    @_mapped
+    async def publish(self, event: ProgressEvent) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._queue_event(pipe, event)
+            await pipe.execute()
+
+    async def events(
+        self, job_id: str, *, since: str = "0-0", poll_s: float = 1.0, reconnect_s: float = 90.0
+    ) -> AsyncIterator[ProgressEvent]:
+        """The job's events from ``since`` (all of them by default), ending with its final one.
+
+        Survives Redis going away for up to ``reconnect_s`` seconds (it reads on from the last
+        event it saw); raises ``QueueError`` after that, ``JobNotFound`` for an unknown job.
+        """
+        key = constants.events_key(job_id)
+        last: str | bytes = since
+        lost_at: float | None = None
+        while True:
+            try:
+                reply = await self.redis.xread({key: last}, count=200, block=max(int(poll_s * 1000), 1))
+                record = None if reply else await self.find(job_id)
+                lost_at = None
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError, errors.QueueError) as exc:
+                now = time.monotonic()
+                lost_at = lost_at or now
+                if now - lost_at > reconnect_s:
+                    raise errors.QueueError(f"cannot reach Redis at {self.where}: {exc}") from exc
+                await anyio.sleep(0.5)
+                continue
+            for _stream, entries in reply or ():
+                for entry_id, fields in entries:
+                    last = entry_id
+                    event = decode(fields[_EVENT_FIELD], ProgressEvent)
+                    yield event
+                    if event.state in TERMINAL_STATES:
+                        return
+            if not reply:
+                if record is None:
+                    raise errors.JobNotFound(f"no job {job_id!r} (unknown id, or its record has expired)")
+                if record.terminal:  # its final event was trimmed or expired: the record says it all
+                    yield event_of(record)
+                    return
+
+    async def wait(self, job_id: str, on_event: Callable[[ProgressEvent], None] | None = None) -> JobRecord:
+        """Follow the job's events until it ends; its final record."""
+        async for event in self.events(job_id):
+            if on_event is not None:
+                on_event(event)
+        return await self.get(job_id)
+
+    # -- DAG scratch state (used by workers/arq_runner.py) ----------------------------------
+
+    @_mapped
+    async def put_part(self, job_id: str, part: str, message: msgspec.Struct) -> None:
+        await self.redis.set(constants.dag_key(job_id, part), encode(message))
+
+    @_mapped
+    async def get_part(self, job_id: str, part: str, type_: type) -> Any:
+        raw = await self.redis.get(constants.dag_key(job_id, part))
+        if raw is None:
+            raise errors.JobError(f"job {job_id}: its {part} is missing from Redis (expired or flushed)")
+        return decode(raw, type_)
+
+    @_mapped
+    async def start_fan_out(self, job_id: str, batches: int) -> None:
+        """Set the count of batches to wait for; a second call (a retried segment) keeps the first."""
+        await self.redis.set(constants.dag_key(job_id, "pending"), batches, nx=True)
+
+    @_mapped
+    async def record_batch(self, job_id: str, part: BatchTranscript, chunks: int) -> FanIn:
+        """Store one batch's result and count it down, exactly once per batch index."""
+        keys = [constants.dag_key(job_id, p) for p in ("finished", "parts", "pending", "done")]
+        left, chunks_done, audio_done = await self._fan_in(
+            keys=keys, args=[part.batch_index, encode(part), chunks, part.audio_seconds]
+        )
+        if left < 0:
+            raise errors.JobError(f"job {job_id}: its fan-out state is missing from Redis (expired or flushed)")
+        return FanIn(int(left), int(chunks_done), float(audio_done))
+
+    @_mapped
+    async def batch_parts(self, job_id: str) -> list[BatchTranscript]:
+        raw = await self.redis.hgetall(constants.dag_key(job_id, "parts"))
+        return sorted((decode(v, BatchTranscript) for v in raw.values()), key=lambda p: p.batch_index)
+
+    @_mapped
+    async def count_run(self, job_id: str, stage: str) -> None:
+        """Count a stage that ran to completion (tests check nothing ran twice to completion)."""
+        await self.redis.hincrby(constants.dag_key(job_id, "runs"), stage, 1)
+
+    @_mapped
+    async def runs(self, job_id: str) -> dict[str, int]:
+        raw = await self.redis.hgetall(constants.dag_key(job_id, "runs"))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def _closed_timings(rec: JobRecord) -> dict[str, float]:
+    timings = dict(rec.timings)
+    label = LABEL.get(rec.state)
+    if label:
+        timings[label] = round(timings.get(label, 0.0) + time.time() - rec.state_since, 3)
+    return timings

@@ -1,0 +1,474 @@
+"""The distributed runner: the DAG's stages as arq jobs on Redis, on two queues.
+
+This is the only module that imports arq. Each task decodes its message, checks the job's
+state, calls the *same* ``workers.stages`` function the local runner calls, stores what the
+next stage needs, updates the job record and enqueues the next stage::
+
+    vtp:cpu   extract -> segment ─┐                 ┌─> merge -> render -> notify
+    vtp:gpu                       └─> transcribe ×N ┘
+
+**Fan-out / fan-in.** ``segment`` stores the segmentation, sets a counter of batches left
+(SET NX, so a retried segment keeps it) and enqueues one ``transcribe`` per batch. Each
+``transcribe`` records its result with one Lua script (``JobStore.record_batch``): the batch
+index goes into a set of finished batches, and only if it was not there already is the result
+stored and the counter decremented. Whoever then reads 0 batches left enqueues ``merge``
+under the deterministic arq id ``<job>:merge``, which arq refuses to enqueue twice, so merge
+runs once however often a batch is retried or duplicated. Every stage's arq id is
+deterministic the same way (``<job>:<stage>[:<batch>]``).
+
+**State first.** Every task reads the job record before doing anything: a job that ended
+(done, failed, cancelled: that is how cancel works) or that is already past this stage (a
+stale duplicate) makes the task return at once.
+
+**Retries.** A permanent error (``err.permanent``: bad media, bad options) fails the job at
+once with its one-line reason. Anything else is retried by raising arq's ``Retry`` with
+exponential backoff (``VTP_RETRY_DELAY``, doubling, capped at 60 s) until ``VTP_JOB_TRIES``
+tries; the last failure fails the job. arq's own ``max_tries`` is one more than ours, so that a
+try that arq starts after its worker was killed (arq counts that try too) still reaches this
+code and fails the job cleanly instead of arq dropping it and leaving the record stuck.
+
+**Timeouts and dead workers.** arq marks a running job with ``arq:in-progress:<id>``, whose TTL
+is the largest ``timeout`` of the functions the worker serves plus 10 s, set once at start and
+never refreshed; if the worker dies, the job stays in the queue and another worker reruns it
+when that key expires. So the GPU worker serves ``transcribe`` alone, with a timeout sized to
+one batch (``VTP_TRANSCRIBE_TIMEOUT``): a dead GPU worker's batch is rerun within that plus
+~11 s, whatever the CPU stages' timeout (``VTP_CPU_TIMEOUT``). Each stage runs under its own
+deadline (those settings); arq's function timeout is one second longer, a backstop only, so a
+slow stage is reported and retried here rather than killed by arq without a word.
+
+**Redis outages.** The workers' Redis client retries commands for about half a minute
+(``app.jobs.redis_retry``), so a Redis restart does not fail the stage in flight; if Redis stays
+away longer, arq's worker loop raises and ``run_worker`` builds a new worker once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from arq import Retry
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import job_key_prefix, result_key_prefix
+from arq.worker import Worker, func
+from redis import exceptions as redis_errors
+
+from app import constants, errors
+from app.config import Settings
+from app.jobs import ORDER, JobStore, connect as connect_plain, redis_location, redis_retry
+from app.messages import (
+    ExtractedAudio,
+    ExtractRequest,
+    JobRecord,
+    MergeRequest,
+    Rendered,
+    RenderRequest,
+    Segmentation,
+    SegmentRequest,
+    Stage,
+    TranscribeRequest,
+    decode,
+    encode,
+)
+from app.storage import open_storage
+from workers import stages
+from workers.engines.base import EnginePool
+from workers.local_runner import with_timings
+
+log = logging.getLogger("vtp.worker")
+
+QueueName = Literal["cpu", "gpu"]
+
+#: How often a worker refreshes its health key; the key lives one second longer.
+HEALTH_INTERVAL_S = 5
+#: arq keeps each finished stage's result this long: while it exists, enqueueing the same
+#: deterministic id again is a no-op (the job record's state guards the stages beyond that).
+KEEP_RESULT_S = 3600
+#: arq's function timeout is the stage's own deadline plus this, so the stage's fires first.
+BACKSTOP_S = 1.0
+#: Seconds between checks of the queue: the floor of each stage transition's latency.
+POLL_DELAY_S = 0.05
+
+
+# -- connecting and enqueueing ------------------------------------------------------------
+
+
+def redis_settings(settings: Settings, *, conn_retries: int = 5) -> RedisSettings:
+    try:
+        base = RedisSettings.from_dsn(settings.redis_url)
+    except (RuntimeError, ValueError) as exc:
+        raise errors.OptionsError(f"REDIS_URL {settings.redis_url!r} is not a redis:// URL: {exc}") from None
+    return dataclasses.replace(
+        base,
+        conn_retries=conn_retries,
+        conn_timeout=2,
+        retry=redis_retry(),
+        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+    )
+
+
+async def connect(settings: Settings, *, conn_retries: int = 0) -> ArqRedis:
+    """An arq-capable Redis client (it can enqueue); ``QueueError`` if Redis cannot be reached."""
+    rs = redis_settings(settings, conn_retries=conn_retries)
+    rs = dataclasses.replace(rs, retry=redis_retry(3))  # a CLI says "cannot reach" in seconds, not minutes
+    try:
+        return await create_pool(rs, default_queue_name=constants.QUEUE_CPU)
+    except (redis_errors.RedisError, OSError, asyncio.TimeoutError) as exc:
+        raise errors.QueueError(f"cannot reach Redis at {redis_location(settings.redis_url)}: {exc}") from exc
+
+
+async def _enqueue(redis: ArqRedis, settings: Settings, function: str, *args: Any, queue: str, arq_id: str) -> None:
+    job = await redis.enqueue_job(
+        function, *args, _job_id=arq_id, _queue_name=queue, _expires=max(settings.result_ttl, 86400)
+    )
+    if job is None:
+        # Normal: the same deterministic id is already queued, running or finished. But arq
+        # also returns None when its WATCH broke on a lost connection: make sure it is there.
+        if not await redis.exists(job_key_prefix + arq_id, result_key_prefix + arq_id):
+            raise errors.QueueError(f"could not enqueue {arq_id} (Redis connection lost)")
+
+
+async def enqueue_first_stage(redis: ArqRedis, record: JobRecord, *, settings: Settings) -> None:
+    """What ``submit`` calls once the job record exists: queue its extraction."""
+    req = ExtractRequest(job_id=record.id, media_key=record.media_key, source_name=record.input_name)
+    await _enqueue(
+        redis,
+        settings,
+        constants.FN_EXTRACT,
+        encode(req),
+        queue=constants.QUEUE_CPU,
+        arq_id=constants.arq_job_id(record.id, "extract"),
+    )
+
+
+# -- the task wrapper -----------------------------------------------------------------------
+
+
+Body = Callable[[JobRecord], Awaitable[str]]
+
+
+async def _run_stage(ctx: dict, job_id: str, label: str, state: Stage, body: Body, *, enter: bool = True) -> str:
+    """Run one stage of one job: check state, enter ``state``, run ``body`` under its deadline,
+    and turn failures into a failed job or an arq retry."""
+    try:
+        return await _checked_run(ctx, job_id, label, state, body, enter=enter)
+    except errors.QueueError as exc:
+        # Redis itself failed beyond the client's retries, so nothing can be recorded now.
+        # Let arq run this stage again later (if Redis is still away, arq cannot even record
+        # that, and the job reruns when its in-progress key expires).
+        delay = min(ctx["settings"].retry_delay * 2 ** (ctx["job_try"] - 1), 60.0)
+        log.warning("%s of job %s: %s; retrying in %.1f s", label, job_id, exc, delay)
+        raise Retry(defer=delay) from exc
+
+
+async def _checked_run(ctx: dict, job_id: str, label: str, state: Stage, body: Body, *, enter: bool) -> str:
+    store: JobStore = ctx["store"]
+    settings: Settings = ctx["settings"]
+    tries: int = ctx["job_try"]
+    record = await store.find(job_id)
+    if record is None:
+        log.warning("%s: job %s has no record (expired?); dropping", label, job_id)
+        return "no such job"
+    if record.terminal:
+        return f"skipped: job is {record.state}"
+    if ORDER[record.state] > ORDER[state]:
+        return f"skipped: job is already {record.state}"
+    if tries > settings.job_tries:  # the previous try's worker died (or arq's backstop fired)
+        reason = f"{label} gave up after {settings.job_tries} tries (worker lost or timed out)"
+        await store.fail(job_id, reason)
+        return reason
+    if tries == 1:
+        await store.note_wait(job_id, label, max(time.time() - ctx["enqueue_time"].timestamp(), 0.0))
+    timeout = settings.transcribe_timeout if label == "transcribe" else settings.cpu_timeout
+    try:
+        if enter:
+            entered = await store.transition(job_id, state)
+            record = entered or record
+        async with asyncio.timeout(timeout):
+            delay = settings.stage_delay(label)  # TEST-ONLY hook (VTP_TEST_STAGE_DELAY)
+            if delay:
+                await asyncio.sleep(delay)
+            result = await body(record)
+        await store.count_run(job_id, label)
+        return result
+    except Exception as exc:  # noqa: BLE001 - every failure is classified below
+        if isinstance(exc, TimeoutError):
+            exc = errors.EngineError(f"{label} took longer than {timeout:g} s")
+        return await _handle_failure(ctx, job_id, label, exc)
+
+
+async def _handle_failure(ctx: dict, job_id: str, label: str, exc: Exception) -> str:
+    store: JobStore = ctx["store"]
+    settings: Settings = ctx["settings"]
+    tries: int = ctx["job_try"]
+    current = await store.find(job_id)
+    if current is None or current.terminal:  # cancelled (or failed elsewhere) meanwhile: not an error
+        return f"stopped: job is {current.state if current else 'gone'}"
+    if isinstance(exc, errors.VtpError):
+        reason = str(exc)
+    else:
+        log.exception("%s of job %s raised an unexpected error", label, job_id)
+        reason = f"{label} failed: {type(exc).__name__}: {exc}"
+    permanent = isinstance(exc, errors.VtpError) and exc.permanent
+    if permanent or tries >= settings.job_tries:
+        if not permanent:
+            reason = f"{reason} (gave up after {tries} tries)"
+        await store.fail(job_id, reason)
+        log.warning("job %s failed in %s: %s", job_id, label, reason)
+        return f"failed: {reason}"
+    delay = min(settings.retry_delay * 2 ** (tries - 1), 60.0)
+    log.warning("%s of job %s failed (try %d of %d), retrying in %.1f s: %s", label, job_id, tries, settings.job_tries, delay, reason)
+    raise Retry(defer=delay)
+
+
+def _stage_ctx(ctx: dict) -> stages.StageContext:
+    return ctx["stage_ctx"]
+
+
+# -- the tasks: one per stage -----------------------------------------------------------------
+
+
+async def extract_task(ctx: dict, data: bytes) -> str:
+    req = decode(data, ExtractRequest)
+    store: JobStore = ctx["store"]
+
+    async def body(record: JobRecord) -> str:
+        extracted = await stages.extract_audio(_stage_ctx(ctx), req)
+        await store.put_part(req.job_id, "audio", extracted)
+        await store.note(req.job_id, duration=extracted.duration)
+        nxt = SegmentRequest(job_id=req.job_id, audio=extracted, options=record.options)
+        await _enqueue(
+            ctx["redis"], ctx["settings"], constants.FN_SEGMENT, encode(nxt),
+            queue=constants.QUEUE_CPU, arq_id=constants.arq_job_id(req.job_id, "segment"),
+        )
+        return f"{extracted.duration:.1f} s of audio"
+
+    return await _run_stage(ctx, req.job_id, "extract", "extracting", body)
+
+
+async def segment_task(ctx: dict, data: bytes) -> str:
+    req = decode(data, SegmentRequest)
+    store: JobStore = ctx["store"]
+    job_id = req.job_id
+
+    async def body(record: JobRecord) -> str:
+        seg = await stages.segment(_stage_ctx(ctx), req)
+        await store.put_part(job_id, "segmentation", seg)
+        await store.start_fan_out(job_id, len(seg.batches))
+        await store.note(job_id, chunks_total=len(seg.chunks), audio_total=seg.speech_seconds)
+        if not seg.batches:  # no speech: nothing to transcribe, straight to an empty transcript
+            await _enqueue_merge(ctx, job_id)
+            return "no speech"
+        for batch in seg.batches:
+            nxt = TranscribeRequest(job_id=job_id, batch=batch, options=req.options)
+            await _enqueue(
+                ctx["redis"], ctx["settings"], constants.FN_TRANSCRIBE, encode(nxt),
+                queue=constants.QUEUE_GPU, arq_id=constants.arq_job_id(job_id, "transcribe", batch.index),
+            )
+        # Only now, with every batch queued: a segment rerun after a crash mid-fan-out still
+        # sees "segmenting" and queues the rest. (The batches may already have finished and
+        # moved the job on to merging: then there is nothing to do.)
+        await store.transition(job_id, "transcribing", expect="segmenting")
+        return f"{len(seg.chunks)} chunks in {len(seg.batches)} batches"
+
+    return await _run_stage(ctx, job_id, "segment", "segmenting", body)
+
+
+async def transcribe_task(ctx: dict, data: bytes) -> str:
+    req = decode(data, TranscribeRequest)
+    store: JobStore = ctx["store"]
+    job_id = req.job_id
+
+    async def body(record: JobRecord) -> str:
+        part = await stages.transcribe(_stage_ctx(ctx), req)
+        fan = await store.record_batch(job_id, part, len(req.batch.chunks))
+        await store.progress(job_id, chunks_done=fan.chunks_done, audio_done=fan.audio_done)
+        if fan.batches_left == 0:
+            await _enqueue_merge(ctx, job_id)
+        return f"batch {req.batch.index}: {len(part.segments)} segments, {fan.batches_left} batches left"
+
+    # No state change here: segment moves the job to "transcribing" once every batch is queued.
+    return await _run_stage(ctx, job_id, "transcribe", "transcribing", body, enter=False)
+
+
+async def _enqueue_merge(ctx: dict, job_id: str) -> None:
+    await _enqueue(
+        ctx["redis"], ctx["settings"], constants.FN_MERGE, job_id,
+        queue=constants.QUEUE_CPU, arq_id=constants.arq_job_id(job_id, "merge"),
+    )
+
+
+async def merge_task(ctx: dict, job_id: str) -> str:
+    store: JobStore = ctx["store"]
+
+    async def body(record: JobRecord) -> str:
+        started = time.perf_counter()
+        audio = await store.get_part(job_id, "audio", ExtractedAudio)
+        seg = await store.get_part(job_id, "segmentation", Segmentation)
+        parts = await store.batch_parts(job_id)
+        req = MergeRequest(job_id=job_id, audio=audio, segmentation=seg, parts=parts, options=record.options)
+        transcript = await stages.merge(_stage_ctx(ctx), req)
+        timings = {**record.timings, "merge": round(time.perf_counter() - started, 3)}
+        transcript = with_timings(transcript, timings, time.time() - record.created_at)
+        nxt = RenderRequest(job_id=job_id, transcript=transcript, formats=record.options.formats, basename=record.basename)
+        await _enqueue(
+            ctx["redis"], ctx["settings"], constants.FN_RENDER, encode(nxt),
+            queue=constants.QUEUE_CPU, arq_id=constants.arq_job_id(job_id, "render"),
+        )
+        return f"{len(transcript.segments)} segments from {len(parts)} batches"
+
+    return await _run_stage(ctx, job_id, "merge", "merging", body)
+
+
+async def render_task(ctx: dict, data: bytes) -> str:
+    req = decode(data, RenderRequest)
+
+    async def body(record: JobRecord) -> str:
+        rendered = await stages.render(_stage_ctx(ctx), req)
+        await _enqueue(
+            ctx["redis"], ctx["settings"], constants.FN_NOTIFY, req.job_id, encode(rendered),
+            queue=constants.QUEUE_CPU, arq_id=constants.arq_job_id(req.job_id, "notify"),
+        )
+        return ", ".join(rendered.outputs)
+
+    return await _run_stage(ctx, req.job_id, "render", "rendering", body)
+
+
+async def notify_task(ctx: dict, job_id: str, data: bytes) -> str:
+    """The last stage: the job becomes ``done`` with its outputs, and its final event goes out."""
+    rendered = decode(data, Rendered)
+    store: JobStore = ctx["store"]
+
+    async def body(record: JobRecord) -> str:
+        done = await store.transition(job_id, "done", expect="rendering", outputs=rendered.outputs)
+        if done is None:
+            return "already done"
+        await store.remember_done(done)
+        try:  # the batches' audio is only needed while transcribing
+            await _stage_ctx(ctx).storage.delete_prefix(f"{stages.job_prefix(job_id)}/batches")
+        except errors.VtpError as exc:
+            log.warning("job %s: could not delete its batch audio: %s", job_id, exc)
+        return f"done in {done.wall_seconds:.1f} s"
+
+    return await _run_stage(ctx, job_id, "notify", "done", body, enter=False)
+
+
+# -- worker settings: one per queue -----------------------------------------------------------
+
+
+def default_name() -> str:
+    return socket.gethostname()
+
+
+def worker_settings(
+    queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None,
+    engines: EnginePool | None = None,
+) -> dict[str, Any]:
+    """arq ``Worker`` keyword arguments for the ``cpu`` or the ``gpu`` queue."""
+    cpu_timeout = settings.cpu_timeout + BACKSTOP_S
+    if queue == "cpu":
+        functions = [
+            func(extract_task, name=constants.FN_EXTRACT, timeout=cpu_timeout),
+            func(segment_task, name=constants.FN_SEGMENT, timeout=cpu_timeout),
+            func(merge_task, name=constants.FN_MERGE, timeout=cpu_timeout),
+            func(render_task, name=constants.FN_RENDER, timeout=cpu_timeout),
+            func(notify_task, name=constants.FN_NOTIFY, timeout=cpu_timeout),
+        ]
+        default_concurrency = os.cpu_count() or 2
+    elif queue == "gpu":
+        # transcribe alone: the in-progress TTL (largest timeout + 10 s) stays one batch long.
+        functions = [func(transcribe_task, name=constants.FN_TRANSCRIBE, timeout=settings.transcribe_timeout + BACKSTOP_S)]
+        default_concurrency = 1  # one model on one device
+    else:
+        raise errors.OptionsError(f"unknown queue {queue!r}: use cpu or gpu")
+    return {
+        "functions": functions,
+        "queue_name": constants.QUEUES[queue],
+        "redis_settings": redis_settings(settings),
+        "max_jobs": concurrency or default_concurrency,
+        "keep_result": KEEP_RESULT_S,
+        "max_tries": settings.job_tries + 1,  # one more than ours: see the module docstring
+        "retry_jobs": True,  # Retry and a SIGTERM'd worker's cancelled jobs run again
+        "allow_abort_jobs": False,  # cancel is the job record's state, checked by every task
+        "health_check_interval": HEALTH_INTERVAL_S,
+        "health_check_key": constants.health_key(queue, name or default_name()),
+        "poll_delay": POLL_DELAY_S,
+        "expires_extra_ms": max(settings.result_ttl, 86400) * 1000,
+        "ctx": {"settings": settings, "engines": engines or EnginePool()},
+        "on_startup": _startup,
+        "log_results": True,
+    }
+
+
+async def _startup(ctx: dict) -> None:
+    settings: Settings = ctx["settings"]
+    ctx["store"] = JobStore(ctx["redis"], result_ttl=settings.result_ttl, where=redis_location(settings.redis_url))
+    ctx["stage_ctx"] = stages.StageContext(
+        storage=open_storage(settings.storage_url), settings=settings, engines=ctx["engines"]
+    )
+
+
+async def run_worker(
+    queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None, burst: bool = False
+) -> None:
+    """Run a worker until SIGINT/SIGTERM (or, with ``burst``, until its queue is empty).
+
+    arq's worker loop ends with an exception when Redis stays unreachable longer than the
+    client's retries; then a new worker is built (same loaded models) and connects again as
+    soon as Redis answers. Jobs that were running are rerun by arq once their in-progress keys
+    expire.
+    """
+    engines = EnginePool()
+    where = redis_location(settings.redis_url)
+    pause = 1.0
+    while True:
+        kwargs = worker_settings(queue, settings, concurrency=concurrency, name=name, engines=engines)
+        worker = Worker(**kwargs, burst=burst)
+        started = time.monotonic()
+        try:
+            await worker.async_run()
+            await worker.close()
+            return
+        except asyncio.CancelledError:  # arq's SIGINT/SIGTERM handler cancelled its main task
+            await worker.close()
+            return
+        except (redis_errors.RedisError, OSError, asyncio.TimeoutError) as exc:
+            if time.monotonic() - started > 60:
+                pause = 1.0  # it had been up a while: this is a new outage
+            log.warning("lost Redis at %s (%s: %s); reconnecting in %.0f s", where, type(exc).__name__, exc, pause)
+            await _abandon(worker)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 10.0)
+
+
+async def _abandon(worker: Worker) -> None:
+    """Drop a worker whose Redis went away: cancel its jobs (arq reruns them) and its pool."""
+    for task in list(worker.tasks.values()):
+        task.cancel()
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    if worker._pool is not None:  # noqa: SLF001 - arq has no public "close without Redis"
+        try:
+            await worker._pool.aclose(close_connection_pool=True)  # noqa: SLF001
+        except Exception:  # noqa: BLE001 - it is already broken
+            pass
+        worker._pool = None  # noqa: SLF001
+
+
+async def check_health(queue: QueueName, settings: Settings, *, name: str | None = None) -> tuple[bool, str]:
+    """Is the worker named ``name`` on ``queue`` alive? Its health key exists only while it runs."""
+    redis = connect_plain(settings.redis_url, retries=1)
+    key = constants.health_key(queue, name or default_name())
+    try:
+        value = await redis.get(key)
+    except (redis_errors.RedisError, OSError) as exc:
+        return False, f"cannot reach Redis at {redis_location(settings.redis_url)}: {exc}"
+    finally:
+        await redis.aclose()
+    if value is None:
+        return False, f"no live worker: {key} is not set"
+    return True, value.decode(errors="replace")

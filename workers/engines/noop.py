@@ -1,0 +1,20 @@
+"""An engine that hears nothing, instantly: measures the pipeline and the queue without a model
+(``bench/queue_overhead.py``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from app.messages import Chunk, Segment, TranscribeOptions
+
+
+class NoopEngine:
+    name = "noop"
+
+    def __init__(self, options: TranscribeOptions) -> None:
+        self.model_name = options.model
+
+    def transcribe_batch(
+        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions
+    ) -> tuple[list[Segment], str]:
+        return [], options.language or "en"
