@@ -19,7 +19,7 @@ install: $(BIN)/.installed
 demo: install
 	@test -f "$(SAMPLE)" || { echo "no sample video at $(SAMPLE): run 'make demo SAMPLE=path/to/video'"; exit 2; }
 	$(BIN)/vtp transcribe "$(SAMPLE)" -o $(OUT)/
-	@echo; head -n 5 $(OUT)/$$(basename "$(SAMPLE)" | sed 's/\.[^.]*$$//').srt
+	@echo; head -n 12 $(OUT)/$$(basename "$(SAMPLE)" | sed 's/\.[^.]*$$//').srt
 
 test: install
 	$(BIN)/python -m pytest
