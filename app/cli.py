@@ -94,7 +94,7 @@ def unique_basenames(paths: list[Path]) -> list[str]:
 
 
 def error(message: str) -> None:
-    print(f"vtp: error: {message}", file=sys.stderr, flush=True)
+    print(f"vtp: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def summary_line(name: str, duration: float, wall: float, outputs: dict[str, Path]) -> str:
@@ -120,9 +120,10 @@ def cmd_transcribe(args: argparse.Namespace, settings: Settings) -> int:
             except errors.VtpError as exc:
                 bar.close()
                 failed += 1
-                error(str(exc) if str(exc).startswith(path.name) or str(path) in str(exc) else f"{path}: {exc}")
                 if isinstance(exc, errors.OptionsError):
+                    error(str(exc))
                     raise  # the same options would fail every other input too
+                error(str(exc) if str(exc).startswith(path.name) or str(path) in str(exc) else f"{path}: {exc}")
                 continue
             bar.close()
             stats = result.transcript.stats

@@ -78,9 +78,10 @@ class FasterWhisperEngine:
                 num_workers=workers,
             )
         except ValueError as exc:  # CTranslate2 rejects an unsupported compute type/device this way
-            raise errors.OptionsError(f"cannot load {options.model} on {device}/{compute_type}: {exc}") from exc
+            raise errors.OptionsError(f"cannot load {options.model} on {device}/{compute_type}: {_one_line(exc)}") from exc
         except Exception as exc:  # hub errors, corrupt model files, missing CUDA: all mean "no model"
-            raise errors.ModelNotFound(f"cannot load model {options.model!r}: {exc}") from exc
+            hint = "" if Path(source).is_dir() else " (not bundled: it is downloaded from the Hugging Face hub on first use)"
+            raise errors.ModelNotFound(f"cannot load model {options.model!r}{hint}: {_one_line(exc)}") from exc
         return cls(model, options.model, workers)
 
     def _tokenizer(self, language: str):
@@ -212,6 +213,11 @@ class FasterWhisperEngine:
                 0.0,
             )
         return [s[0] for s in subs]
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _word(w: dict, chunk: Chunk) -> Word:
