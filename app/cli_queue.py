@@ -172,7 +172,7 @@ def _status_line(r: JobRecord) -> str:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> int:
-        store = JobStore.open(settings.redis_url, result_ttl=settings.result_ttl, retries=3)
+        store = JobStore.open(settings.redis_url, result_ttl=settings.result_ttl, outage_s=3)
         missing = 0
         try:
             ids = args.job_ids or await store.list_ids(20)
@@ -194,7 +194,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> int:
-        store = JobStore.open(settings.redis_url, result_ttl=settings.result_ttl, retries=3)
+        store = JobStore.open(settings.redis_url, result_ttl=settings.result_ttl, outage_s=3)
         bad = 0
         try:
             for job_id in args.job_ids:

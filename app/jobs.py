@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import anyio
@@ -80,14 +80,23 @@ DAG_PARTS = ("audio", "segmentation", "pending", "finished", "parts", "done", "r
 _EVENT_FIELD = b"e"
 _STREAM_MAXLEN = 2000
 
-#: Redis commands retry through short outages (a restart, a failover) instead of failing the
-#: stage: exponential backoff from 50 ms, capped at 1 s, about half a minute in all.
-REDIS_RETRIES = 30
+#: A command whose connection drops mid-flight is retried a few times at once (redis-py's own
+#: retry). That does not cover a *new* connection to a Redis that is down (redis-py does not
+#: retry those), so every JobStore operation is also retried as a whole (``retrying``) for
+#: as long as an outage may last: a Redis restart, or the load of its append-only file.
+REDIS_RETRIES = 5
+#: Seconds an operation keeps trying while Redis is unreachable before it raises QueueError.
+OUTAGE_S = 60.0
 _RETRY_ON = [redis_errors.ConnectionError, redis_errors.TimeoutError]
+#: What "Redis is unreachable" looks like (BusyLoadingError, "Redis is loading the dataset in
+#: memory", is a ConnectionError).
+UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+T = TypeVar("T")
 
 
 def redis_retry(retries: int = REDIS_RETRIES) -> Retry:
-    return Retry(ExponentialBackoff(cap=1.0, base=0.05), retries)
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), retries)
 
 
 def redis_location(url: str) -> str:
@@ -101,6 +110,24 @@ def connect(url: str, *, retries: int = REDIS_RETRIES) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url, retry=redis_retry(retries), retry_on_error=list(_RETRY_ON), socket_connect_timeout=2
     )
+
+
+async def retrying(op: Callable[[], Awaitable[T]], *, where: str, outage_s: float = OUTAGE_S) -> T:
+    """Run a Redis operation, trying again with backoff while Redis is unreachable, for up to
+    ``outage_s`` seconds; then ``QueueError("cannot reach Redis at ...")``. Any other Redis
+    error is a ``QueueError`` at once. Operations must be safe to repeat (JobStore's are)."""
+    started = time.monotonic()
+    pause = 0.05
+    while True:
+        try:
+            return await op()
+        except UNREACHABLE as exc:
+            if time.monotonic() - started >= outage_s:
+                raise errors.QueueError(f"cannot reach Redis at {where}: {exc}") from exc
+            await anyio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+        except redis_errors.RedisError as exc:
+            raise errors.QueueError(f"Redis at {where} failed: {exc}") from exc
 
 
 def check_transition(job_id: str, current: str, to: str) -> None:
@@ -133,16 +160,11 @@ def event_of(record: JobRecord, message: str = "") -> ProgressEvent:
 
 
 def _mapped(fn):
-    """Redis failures become ``QueueError`` naming the server (no redis-py traceback for users)."""
+    """Retry through Redis outages; Redis failures become ``QueueError`` naming the server."""
 
     @wraps(fn)
     async def wrapper(self: JobStore, *args, **kwargs):
-        try:
-            return await fn(self, *args, **kwargs)
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-            raise errors.QueueError(f"cannot reach Redis at {self.where}: {exc}") from exc
-        except redis_errors.RedisError as exc:
-            raise errors.QueueError(f"Redis at {self.where} failed: {exc}") from exc
+        return await retrying(lambda: fn(self, *args, **kwargs), where=self.where, outage_s=self.outage_s)
 
     return wrapper
 
@@ -174,9 +196,12 @@ class FanIn:
 
 
 class JobStore:
-    def __init__(self, redis: aioredis.Redis, *, result_ttl: int = 7 * 24 * 3600, where: str = "") -> None:
+    def __init__(
+        self, redis: aioredis.Redis, *, result_ttl: int = 7 * 24 * 3600, where: str = "", outage_s: float = OUTAGE_S
+    ) -> None:
         self.redis = redis
         self.result_ttl = result_ttl
+        self.outage_s = outage_s
         if not where:
             kw = redis.connection_pool.connection_kwargs
             where = f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
@@ -184,8 +209,8 @@ class JobStore:
         self._fan_in = redis.register_script(_FAN_IN)
 
     @classmethod
-    def open(cls, url: str, *, result_ttl: int = 7 * 24 * 3600, retries: int = REDIS_RETRIES) -> JobStore:
-        return cls(connect(url, retries=retries), result_ttl=result_ttl, where=redis_location(url))
+    def open(cls, url: str, *, result_ttl: int = 7 * 24 * 3600, outage_s: float = OUTAGE_S) -> JobStore:
+        return cls(connect(url), result_ttl=result_ttl, where=redis_location(url), outage_s=outage_s)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -212,6 +237,8 @@ class JobStore:
                 if await self.redis.set(idem, record.id, nx=True, ex=self.result_ttl):
                     break
                 existing_id = await self.redis.get(idem)
+                if existing_id is not None and existing_id.decode() == record.id:
+                    break  # ours: this is a repeat of a SET whose reply was lost
                 if existing_id is not None:
                     existing = await self.find(existing_id.decode())
                     if existing is not None:
@@ -246,11 +273,17 @@ class JobStore:
         return [i.decode() for i in await self.redis.zrevrange(constants.JOBS_INDEX, 0, limit - 1)]
 
     async def _update(
-        self, job_id: str, change: Callable[[JobRecord], JobRecord | None], *, message: str = ""
+        self,
+        job_id: str,
+        change: Callable[[JobRecord], JobRecord | None],
+        *,
+        message: str = "",
+        publish: bool = True,
     ) -> JobRecord | None:
         """Apply ``change`` atomically (WATCH/MULTI, retried on conflict) and publish the result.
 
-        ``change`` returns the new record, or None to leave it as it is (then None is returned).
+        ``change`` returns the new record; the very record it was given to write nothing and
+        return it; or None to write nothing and return None.
         """
         key = constants.job_key(job_id)
 
@@ -258,13 +291,15 @@ class JobStore:
             raw = await pipe.get(key)
             if raw is None:
                 raise errors.JobNotFound(f"no job {job_id!r} (unknown id, or its record has expired)")
-            new = change(decode(raw, JobRecord))
-            if new is None:
-                return None
+            old = decode(raw, JobRecord)
+            new = change(old)
+            if new is None or new is old:
+                return new
             new = msgspec.structs.replace(new, updated_at=time.time())
             pipe.multi()
             pipe.set(key, encode(new))
-            self._queue_event(pipe, event_of(new, message))
+            if publish:
+                self._queue_event(pipe, event_of(new, message))
             if new.terminal:
                 self._queue_expiry(pipe, new)
             return new
@@ -331,7 +366,7 @@ class JobStore:
                 return None
             return msgspec.structs.replace(rec, waits={**rec.waits, stage: round(seconds, 4)})
 
-        await self._update(job_id, change)
+        await self._update(job_id, change, publish=False)
 
     @_mapped
     async def progress(self, job_id: str, *, chunks_done: int, audio_done: float) -> JobRecord | None:
@@ -483,7 +518,9 @@ class JobStore:
 
     @_mapped
     async def count_run(self, job_id: str, stage: str) -> None:
-        """Count a stage that ran to completion (tests check nothing ran twice to completion)."""
+        """Count a stage whose work is complete, just before it hands on to the next stage (so
+        the count is in before the job can be seen ``done``); tests check that nothing ran
+        twice to completion."""
         await self.redis.hincrby(constants.dag_key(job_id, "runs"), stage, 1)
 
     @_mapped

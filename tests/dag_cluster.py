@@ -144,3 +144,23 @@ def transcript_view(out_dir: Path, basename: str) -> dict:
         "segments": doc["segments"],
         "language": doc["language"],
     }
+
+
+_REFERENCE: dict[str, dict] = {}
+
+
+def local_reference(engines, source: Path, out_dir: Path) -> dict:
+    """``transcript_view`` of an undisturbed local run of ``source`` (the runner ``vtp
+    transcribe`` uses), with the workers' batch size; computed once per test session."""
+    if source.name not in _REFERENCE:
+        import anyio
+
+        from app.config import Settings
+        from app.messages import TranscribeOptions
+        from workers.local_runner import LocalRunner
+
+        runner = LocalRunner(Settings.from_env({}), engines=engines)
+        options = TranscribeOptions(batch_size=int(BASE_ENV["VTP_BATCH_SIZE"]))
+        anyio.run(runner.run, source, options, out_dir)
+        _REFERENCE[source.name] = transcript_view(out_dir, source.stem)
+    return _REFERENCE[source.name]

@@ -36,9 +36,11 @@ one batch (``VTP_TRANSCRIBE_TIMEOUT``): a dead GPU worker's batch is rerun withi
 deadline (those settings); arq's function timeout is one second longer, a backstop only, so a
 slow stage is reported and retried here rather than killed by arq without a word.
 
-**Redis outages.** The workers' Redis client retries commands for about half a minute
-(``app.jobs.redis_retry``), so a Redis restart does not fail the stage in flight; if Redis stays
-away longer, arq's worker loop raises and ``run_worker`` builds a new worker once Redis is back.
+**Redis outages.** Every Redis operation of a stage waits through an outage of up to a minute
+(``app.jobs.retrying``), and the worker's polling loop pauses instead of dying (``_Worker``),
+so a Redis restart fails nothing: the stages in flight finish once Redis is back. (A Redis
+that persists with ``appendonly yes`` has lost nothing meanwhile.) Should arq's loop end
+anyway, ``run_worker`` builds a new worker and connects again as soon as Redis answers.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from redis import exceptions as redis_errors
 
 from app import constants, errors
 from app.config import Settings
-from app.jobs import ORDER, JobStore, connect as connect_plain, redis_location, redis_retry
+from app.jobs import ORDER, UNREACHABLE, JobStore, connect as connect_plain, redis_location, redis_retry, retrying
 from app.messages import (
     ExtractedAudio,
     ExtractRequest,
@@ -113,9 +115,9 @@ def redis_settings(settings: Settings, *, conn_retries: int = 5) -> RedisSetting
 
 
 async def connect(settings: Settings, *, conn_retries: int = 0) -> ArqRedis:
-    """An arq-capable Redis client (it can enqueue); ``QueueError`` if Redis cannot be reached."""
+    """An arq-capable Redis client (it can enqueue); ``QueueError`` at once if Redis cannot be
+    reached (a CLI says so in a second rather than after a minute of retries)."""
     rs = redis_settings(settings, conn_retries=conn_retries)
-    rs = dataclasses.replace(rs, retry=redis_retry(3))  # a CLI says "cannot reach" in seconds, not minutes
     try:
         return await create_pool(rs, default_queue_name=constants.QUEUE_CPU)
     except (redis_errors.RedisError, OSError, asyncio.TimeoutError) as exc:
@@ -123,14 +125,16 @@ async def connect(settings: Settings, *, conn_retries: int = 0) -> ArqRedis:
 
 
 async def _enqueue(redis: ArqRedis, settings: Settings, function: str, *args: Any, queue: str, arq_id: str) -> None:
-    job = await redis.enqueue_job(
-        function, *args, _job_id=arq_id, _queue_name=queue, _expires=max(settings.result_ttl, 86400)
-    )
-    if job is None:
-        # Normal: the same deterministic id is already queued, running or finished. But arq
-        # also returns None when its WATCH broke on a lost connection: make sure it is there.
-        if not await redis.exists(job_key_prefix + arq_id, result_key_prefix + arq_id):
-            raise errors.QueueError(f"could not enqueue {arq_id} (Redis connection lost)")
+    async def attempt() -> None:
+        job = await redis.enqueue_job(
+            function, *args, _job_id=arq_id, _queue_name=queue, _expires=max(settings.result_ttl, 86400)
+        )
+        # None is normal: the same deterministic id is already queued, running or finished.
+        # But arq also returns None when its WATCH broke on a lost connection: check.
+        if job is None and not await redis.exists(job_key_prefix + arq_id, result_key_prefix + arq_id):
+            raise redis_errors.ConnectionError(f"enqueueing {arq_id} was interrupted")
+
+    await retrying(attempt, where=redis_location(settings.redis_url))
 
 
 async def enqueue_first_stage(redis: ArqRedis, record: JobRecord, *, settings: Settings) -> None:
@@ -193,9 +197,7 @@ async def _checked_run(ctx: dict, job_id: str, label: str, state: Stage, body: B
             delay = settings.stage_delay(label)  # TEST-ONLY hook (VTP_TEST_STAGE_DELAY)
             if delay:
                 await asyncio.sleep(delay)
-            result = await body(record)
-        await store.count_run(job_id, label)
-        return result
+            return await body(record)
     except Exception as exc:  # noqa: BLE001 - every failure is classified below
         if isinstance(exc, TimeoutError):
             exc = errors.EngineError(f"{label} took longer than {timeout:g} s")
@@ -241,6 +243,7 @@ async def extract_task(ctx: dict, data: bytes) -> str:
         extracted = await stages.extract_audio(_stage_ctx(ctx), req)
         await store.put_part(req.job_id, "audio", extracted)
         await store.note(req.job_id, duration=extracted.duration)
+        await store.count_run(req.job_id, "extract")
         nxt = SegmentRequest(job_id=req.job_id, audio=extracted, options=record.options)
         await _enqueue(
             ctx["redis"], ctx["settings"], constants.FN_SEGMENT, encode(nxt),
@@ -261,6 +264,7 @@ async def segment_task(ctx: dict, data: bytes) -> str:
         await store.put_part(job_id, "segmentation", seg)
         await store.start_fan_out(job_id, len(seg.batches))
         await store.note(job_id, chunks_total=len(seg.chunks), audio_total=seg.speech_seconds)
+        await store.count_run(job_id, "segment")
         if not seg.batches:  # no speech: nothing to transcribe, straight to an empty transcript
             await _enqueue_merge(ctx, job_id)
             return "no speech"
@@ -286,6 +290,7 @@ async def transcribe_task(ctx: dict, data: bytes) -> str:
 
     async def body(record: JobRecord) -> str:
         part = await stages.transcribe(_stage_ctx(ctx), req)
+        await store.count_run(job_id, "transcribe")
         fan = await store.record_batch(job_id, part, len(req.batch.chunks))
         await store.progress(job_id, chunks_done=fan.chunks_done, audio_done=fan.audio_done)
         if fan.batches_left == 0:
@@ -315,6 +320,7 @@ async def merge_task(ctx: dict, job_id: str) -> str:
         transcript = await stages.merge(_stage_ctx(ctx), req)
         timings = {**record.timings, "merge": round(time.perf_counter() - started, 3)}
         transcript = with_timings(transcript, timings, time.time() - record.created_at)
+        await store.count_run(job_id, "merge")
         nxt = RenderRequest(job_id=job_id, transcript=transcript, formats=record.options.formats, basename=record.basename)
         await _enqueue(
             ctx["redis"], ctx["settings"], constants.FN_RENDER, encode(nxt),
@@ -327,9 +333,11 @@ async def merge_task(ctx: dict, job_id: str) -> str:
 
 async def render_task(ctx: dict, data: bytes) -> str:
     req = decode(data, RenderRequest)
+    store: JobStore = ctx["store"]
 
     async def body(record: JobRecord) -> str:
         rendered = await stages.render(_stage_ctx(ctx), req)
+        await store.count_run(req.job_id, "render")
         await _enqueue(
             ctx["redis"], ctx["settings"], constants.FN_NOTIFY, req.job_id, encode(rendered),
             queue=constants.QUEUE_CPU, arq_id=constants.arq_job_id(req.job_id, "notify"),
@@ -345,6 +353,7 @@ async def notify_task(ctx: dict, job_id: str, data: bytes) -> str:
     store: JobStore = ctx["store"]
 
     async def body(record: JobRecord) -> str:
+        await store.count_run(job_id, "notify")
         done = await store.transition(job_id, "done", expect="rendering", outputs=rendered.outputs)
         if done is None:
             return "already done"
@@ -413,22 +422,46 @@ async def _startup(ctx: dict) -> None:
     )
 
 
+class _Worker(Worker):
+    """arq's worker, but a Redis outage pauses its polling instead of ending it.
+
+    arq's loop raises out of ``main()`` on the first failed Redis call; here a failed poll is
+    logged and retried a second later, while the jobs in flight keep running (their own Redis
+    calls wait for Redis through ``app.jobs.retrying``), so a Redis restart costs no rerun.
+    """
+
+    _outage_since: float | None = None
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except UNREACHABLE as exc:
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.warning("Redis unreachable (%s: %s); polling again every second", type(exc).__name__, exc)
+            await asyncio.sleep(1.0)
+        else:
+            if self._outage_since is not None:
+                log.warning("Redis is back after %.1f s", time.monotonic() - self._outage_since)
+                self._outage_since = None
+
+
 async def run_worker(
     queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None, burst: bool = False
 ) -> None:
     """Run a worker until SIGINT/SIGTERM (or, with ``burst``, until its queue is empty).
 
-    arq's worker loop ends with an exception when Redis stays unreachable longer than the
-    client's retries; then a new worker is built (same loaded models) and connects again as
-    soon as Redis answers. Jobs that were running are rerun by arq once their in-progress keys
-    expire.
+    If arq's worker ends with a Redis error anyway (Redis unreachable at start-up, past arq's
+    ``conn_retries``), a new worker is built (same loaded models) and connects again as soon
+    as Redis answers; jobs the old one was running are rerun by arq once their in-progress
+    keys expire.
     """
     engines = EnginePool()
     where = redis_location(settings.redis_url)
     pause = 1.0
     while True:
         kwargs = worker_settings(queue, settings, concurrency=concurrency, name=name, engines=engines)
-        worker = Worker(**kwargs, burst=burst)
+        worker = _Worker(**kwargs, burst=burst)
         started = time.monotonic()
         try:
             await worker.async_run()
