@@ -7,6 +7,7 @@ The S3 test runs its own Redis and workers against moto's S3 server.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -286,3 +287,42 @@ def test_s3_storage_end_to_end(redis_server_factory, data_dir, reference, tmp_pa
         assert not (c.data_dir / "jobs").exists()  # nothing went to the local disk
     finally:
         moto.stop()
+
+
+# -- the task wrapper in-process (no worker): the paths that are hard to reach from outside --
+
+
+async def test_a_try_beyond_the_last_fails_the_job_instead_of_leaving_it_stuck(redis_url):
+    """arq starts one more try than VTP_JOB_TRIES (its max_tries) when the previous try's worker
+    died; that try must end the job ``failed``, because arq would drop the next one silently."""
+    from datetime import datetime, timezone
+
+    from app.config import Settings
+    from app.messages import ExtractRequest, JobRecord, encode
+    from workers import arq_runner
+
+    store = JobStore.open(redis_url)
+    try:
+        await store.create(JobRecord(id="lost", input_name="a.mp4", media_key="jobs/lost/media"))
+        await store.transition("lost", "extracting")
+        settings = Settings.from_env({"REDIS_URL": redis_url, "VTP_JOB_TRIES": "3"})
+        ctx = {"store": store, "settings": settings, "job_try": 4, "enqueue_time": datetime.now(timezone.utc)}
+        req = ExtractRequest(job_id="lost", media_key="jobs/lost/media", source_name="a.mp4")
+        result = await arq_runner.extract_task(ctx, encode(req))
+        record = await store.get("lost")
+        assert record.state == "failed" and result == record.error
+        assert record.error == "extract gave up after 3 tries (worker lost or timed out)"
+    finally:
+        await store.aclose()
+
+
+async def test_a_deadline_abandons_work_stuck_in_a_thread():
+    """The engine runs in a thread that cancellation cannot interrupt; the stage deadline must
+    still fire on time (else arq's own timeout would record a failure behind vtp's back)."""
+    from workers import arq_runner
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await arq_runner._within(0.2, anyio.to_thread.run_sync(time.sleep, 1.5))
+    assert time.monotonic() - started < 1.0
+    assert await arq_runner._within(1.0, asyncio.sleep(0.01, result="ok")) == "ok"

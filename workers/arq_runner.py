@@ -193,15 +193,34 @@ async def _checked_run(ctx: dict, job_id: str, label: str, state: Stage, body: B
         if enter:
             entered = await store.transition(job_id, state)
             record = entered or record
-        async with asyncio.timeout(timeout):
-            delay = settings.stage_delay(label)  # TEST-ONLY hook (VTP_TEST_STAGE_DELAY)
-            if delay:
-                await asyncio.sleep(delay)
-            return await body(record)
+        return await _within(timeout, _delayed(settings.stage_delay(label), body, record))
     except Exception as exc:  # noqa: BLE001 - every failure is classified below
         if isinstance(exc, TimeoutError):
             exc = errors.EngineError(f"{label} took longer than {timeout:g} s")
         return await _handle_failure(ctx, job_id, label, exc)
+
+
+async def _delayed(delay: float, body: Body, record: JobRecord) -> str:
+    if delay:  # TEST-ONLY hook (VTP_TEST_STAGE_DELAY): a window to kill the worker mid-stage
+        await asyncio.sleep(delay)
+    return await body(record)
+
+
+async def _within(timeout: float, work: Awaitable[str]) -> str:
+    """``work`` under a deadline that fires on time even when the work sits in a thread.
+
+    A plain ``asyncio.timeout`` cannot interrupt the engine's native code: the cancellation
+    waits for the thread, arq's own (backstop) timeout fires meanwhile, and arq records a plain
+    failure behind our back, leaving the job stuck. Here the overrunning work is abandoned
+    instead (cancelled: it stops at its next await, once its thread returns, so it hands
+    nothing on) and TimeoutError is raised at once, to be retried like any transient error.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout)
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 async def _handle_failure(ctx: dict, job_id: str, label: str, exc: Exception) -> str:
