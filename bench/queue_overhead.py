@@ -55,6 +55,12 @@ from workers.local_runner import LocalRunner  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"
 MARK_BEGIN = "<!-- queue_overhead:begin -->"
 MARK_END = "<!-- queue_overhead:end -->"
+NOTE = (
+    "The pipeline difference is mostly the six stage transitions (each waits for a worker's next poll of "
+    f"its queue, every {arq_runner.POLL_DELAY_S * 1000:.0f} ms) and the job record/event writes; the command "
+    "wall favours `submit --wait` because the workers already hold the model, which `vtp transcribe` loads "
+    "on every run."
+)
 HOPS = ("extract", "segment", "transcribe", "merge", "render", "notify")
 
 
@@ -303,7 +309,7 @@ def main() -> None:
             f"(concurrency 1, on the CPU) on that same machine. Model: bundled tiny.en (CTranslate2 int8), batch 8, beam 5. "
             f"Command: `python bench/queue_overhead.py --write docs/benchmarks.md`.\n\n"
             f"**{duration / 60:.0f}-minute file** ({duration:.0f} s: talk_tts.mp4 x5 + jfk.flac x3, concatenated), "
-            f"median of {args.repeat} runs after a warm-up:\n\n{table}\n\n"
+            f"median of {args.repeat} runs after a warm-up:\n\n{table}\n\n{NOTE}\n\n"
             f"**Stage-transition latency**: {args.jobs} jobs of a 3 s clip with the `noop` engine per column, "
             f"submitted so that 1 (or 4) are in flight; each hop is the time a stage's arq job waited between being enqueued "
             f"and a worker starting it (`JobRecord.waits`; workers poll every {arq_runner.POLL_DELAY_S * 1000:.0f} ms):\n\n"
