@@ -26,7 +26,7 @@ from app.cli import add_transcribe_options, error, options_from_args, summary_li
 from app.config import Settings
 from app.jobs import JobStore, redis_location
 from app.messages import JobRecord
-from app.storage import Storage, open_storage
+from app.storage import Storage, download_outputs, open_storage
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -89,13 +89,7 @@ def _input_error(path: Path, exc: Exception) -> str:
 
 
 async def write_outputs(storage: Storage, record: JobRecord, output_dir: Path, basename: str) -> dict[str, Path]:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    for fmt, key in record.outputs.items():
-        dest = output_dir / f"{basename}.{fmt}"
-        dest.write_bytes(await storage.get_bytes(key))
-        written[fmt] = dest
-    return written
+    return await download_outputs(storage, record.outputs, output_dir, basename)
 
 
 def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:

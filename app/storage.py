@@ -208,6 +208,17 @@ class S3Storage:
             await self.put_file(key, path)
 
 
+async def download_outputs(storage: Storage, outputs: dict[str, str], output_dir: Path, basename: str) -> dict[str, Path]:
+    """Copy rendered outputs (format -> key) to ``output_dir/basename.<format>``."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    for fmt, key in outputs.items():
+        dest = output_dir / f"{basename}.{fmt}"
+        dest.write_bytes(await storage.get_bytes(key))
+        written[fmt] = dest
+    return written
+
+
 def open_storage(url: str) -> LocalStorage | S3Storage:
     """``file:///dir``, a plain directory path, or ``s3://bucket[/prefix]``."""
     parsed = urlparse(url)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import Settings  # noqa: E402
+from bench.report import machine, write_section  # noqa: E402
 from app.messages import TranscribeOptions  # noqa: E402
 from workers.engines.base import EnginePool  # noqa: E402
 from workers.engines.ctranslate2 import FasterWhisperEngine, bundled_model_path  # noqa: E402
@@ -38,8 +38,6 @@ from workers.local_runner import LocalRunner  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 DEFAULT_FILES = ["talk_tts.mp4", "ivr_prompts.mp4", "jfk.flac"]
-MARK_BEGIN = "<!-- cpu_vs_peers:begin -->"
-MARK_END = "<!-- cpu_vs_peers:end -->"
 
 normalize = EnglishTextNormalizer()
 
@@ -71,18 +69,6 @@ def best_of(repeat: int, fn):
         text = fn()
         best = min(best, time.perf_counter() - t0)
     return best, text
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def main() -> None:
@@ -145,18 +131,14 @@ def main() -> None:
     print()
     print(table)
     if args.write:
-        block = (
-            f"{MARK_BEGIN}\nMachine: {machine()}. Model: bundled tiny.en (CTranslate2 int8). "
+        write_section(
+            args.write,
+            "cpu_vs_peers",
+            "CPU: vtp vs faster-whisper",
+            f"Machine: {machine()}. Model: bundled tiny.en (CTranslate2 int8). "
             f"Best of {args.repeat} after a warm-up, end to end from the media file. "
-            f"Command: `python bench/cpu_vs_peers.py --write docs/benchmarks.md`.\n\n{table}\n{MARK_END}"
+            f"Command: `python bench/cpu_vs_peers.py --write docs/benchmarks.md`.\n\n{table}",
         )
-        text = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        if MARK_BEGIN in text:
-            head, rest = text.split(MARK_BEGIN, 1)
-            text = head + block + rest.split(MARK_END, 1)[1]
-        else:
-            text = text.rstrip() + "\n\n## CPU: vtp vs faster-whisper\n\n" + block + "\n"
-        args.write.write_text(text)
 
 
 if __name__ == "__main__":

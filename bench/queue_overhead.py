@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app import constants  # noqa: E402
+from bench.report import machine, write_section  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.jobs import JobStore  # noqa: E402
 from app.messages import TranscribeOptions  # noqa: E402
@@ -53,8 +53,6 @@ from workers.engines.base import EnginePool  # noqa: E402
 from workers.local_runner import LocalRunner  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-MARK_BEGIN = "<!-- queue_overhead:begin -->"
-MARK_END = "<!-- queue_overhead:end -->"
 NOTE = (
     "The pipeline difference is mostly the six stage transitions (each waits for a worker's next poll of "
     f"its queue, every {arq_runner.POLL_DELAY_S * 1000:.0f} ms) and the job record/event writes; the command "
@@ -62,18 +60,6 @@ NOTE = (
     "on every run."
 )
 HOPS = ("extract", "segment", "transcribe", "merge", "render", "notify")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def ffmpeg(*args: str) -> None:
@@ -305,7 +291,7 @@ def main() -> None:
     print(hops)
     if args.write:
         block = (
-            f"{MARK_BEGIN}\nMachine: {machine()}; Redis, one CPU worker (concurrency 2) and one GPU-queue worker "
+            f"Machine: {machine()}; Redis, one CPU worker (concurrency 2) and one GPU-queue worker "
             f"(concurrency 1, on the CPU) on that same machine. Model: bundled tiny.en (CTranslate2 int8), batch 8, beam 5. "
             f"Command: `python bench/queue_overhead.py --write docs/benchmarks.md`.\n\n"
             f"**{duration / 60:.0f}-minute file** ({duration:.0f} s: talk_tts.mp4 x5 + jfk.flac x3, concatenated), "
@@ -313,15 +299,9 @@ def main() -> None:
             f"**Stage-transition latency**: {args.jobs} jobs of a 3 s clip with the `noop` engine per column, "
             f"submitted so that 1 (or 4) are in flight; each hop is the time a stage's arq job waited between being enqueued "
             f"and a worker starting it (`JobRecord.waits`; workers poll every {arq_runner.POLL_DELAY_S * 1000:.0f} ms):\n\n"
-            f"{hops}\n{MARK_END}"
+            f"{hops}"
         )
-        text = args.write.read_text() if args.write.exists() else "# Benchmarks\n"
-        if MARK_BEGIN in text:
-            head, rest = text.split(MARK_BEGIN, 1)
-            text = head + block + rest.split(MARK_END, 1)[1]
-        else:
-            text = text.rstrip() + "\n\n## Distributed DAG: queue overhead\n\n" + block + "\n"
-        args.write.write_text(text)
+        write_section(args.write, "queue_overhead", "Distributed DAG: queue overhead", block)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from app.messages import (
     TranscribeOptions,
     TranscribeRequest,
 )
-from app.storage import LocalStorage
+from app.storage import LocalStorage, download_outputs
 from workers import audio, stages
 from workers.engines.base import EnginePool
 
@@ -121,12 +121,7 @@ class LocalRunner:
             rendered = await stages.render(
                 ctx, RenderRequest(job_id=job_id, transcript=transcript, formats=options.formats, basename=name)
             )
-            output_dir.mkdir(parents=True, exist_ok=True)
-            outputs: dict[str, Path] = {}
-            for fmt, key in rendered.outputs.items():
-                dest = output_dir / f"{name}.{fmt}"
-                dest.write_bytes(await storage.get_bytes(key))
-                outputs[fmt] = dest
+            outputs = await download_outputs(storage, rendered.outputs, output_dir, name)
         report(ProgressEvent(job_id=job_id, state="done", audio_done=seg.speech_seconds, audio_total=seg.speech_seconds))
         return LocalResult(transcript=transcript, outputs=outputs)
 
