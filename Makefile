@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-SAMPLE ?= ../shared/data/talk_tts.mp4
+SAMPLE ?= examples/sample.mp4
 OUT ?= out
 
 .PHONY: demo test install bench clean

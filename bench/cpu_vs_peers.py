@@ -36,7 +36,7 @@ from workers.engines.base import EnginePool  # noqa: E402
 from workers.engines.ctranslate2 import FasterWhisperEngine, bundled_model_path  # noqa: E402
 from workers.local_runner import LocalRunner  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"
 DEFAULT_FILES = ["talk_tts.mp4", "ivr_prompts.mp4", "jfk.flac"]
 
 normalize = EnglishTextNormalizer()

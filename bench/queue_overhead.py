@@ -52,7 +52,7 @@ from workers.audio import ffmpeg_exe  # noqa: E402
 from workers.engines.base import EnginePool  # noqa: E402
 from workers.local_runner import LocalRunner  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"
 NOTE = (
     "The pipeline difference is mostly the six stage transitions (each waits for a worker's next poll of "
     f"its queue, every {arq_runner.POLL_DELAY_S * 1000:.0f} ms) and the job record/event writes; the command "

@@ -1,4 +1,4 @@
-"""Shared fixtures: real media from ../shared/data, real redis-server processes, the real model.
+"""Shared fixtures: real media from tests/data, real redis-server processes, the real model.
 
 Redis: each test session starts its own ``redis-server`` on a free port (never the machine's
 6379), and every test gets a flushed database. Tests that need to kill or restart Redis use
@@ -18,21 +18,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-
-
-def pytest_collection_modifyitems(config, items):
-    if not DATA.is_dir():
-        skip = pytest.mark.skip(reason=f"test media not found at {DATA}")
-        for item in items:
-            if "needs_data" in item.keywords:
-                item.add_marker(skip)
+#: The repository's own test media (sources and licences in its README): a clone works alone.
+DATA = ROOT / "tests" / "data"
+#: What the suite needs; a missing file *fails* the tests that use it, it never skips them.
+MEDIA = ("talk_tts.mp4", "ivr_prompts.mp4", "jfk.flac", "silence.mp4", "no_audio.mp4")
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"test media not found at {DATA}")
+    missing = [name for name in MEDIA if not (DATA / name).is_file()]
+    if missing:
+        pytest.fail(f"test media missing from {DATA}: {', '.join(missing)}", pytrace=False)
     return DATA
 
 
@@ -92,7 +88,7 @@ class RedisServer:
 def redis_server_factory(tmp_path_factory) -> Iterator:
     """Start private redis-servers; every one is killed when the test ends."""
     if not shutil.which("redis-server"):
-        pytest.skip("redis-server is not installed")
+        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)", pytrace=False)
     servers: list[RedisServer] = []
 
     def start(*, appendonly: bool = False) -> RedisServer:
@@ -109,7 +105,7 @@ def redis_server_factory(tmp_path_factory) -> Iterator:
 @pytest.fixture(scope="session")
 def redis_session_server(tmp_path_factory) -> Iterator[RedisServer]:
     if not shutil.which("redis-server"):
-        pytest.skip("redis-server is not installed")
+        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)", pytrace=False)
     server = RedisServer(free_port(), tmp_path_factory.mktemp("redis-session"), appendonly=False)
     server.start()
     yield server
@@ -133,3 +129,20 @@ def engines():
     from workers.engines.base import EnginePool
 
     return EnginePool()
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are the only ones that may skip: when this machine has no CUDA GPU."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items and not _has_cuda():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (none here)")
+        for item in gpu_items:
+            item.add_marker(skip)

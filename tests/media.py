@@ -1,4 +1,4 @@
-"""Test media made on the fly from ../shared/data with the bundled ffmpeg (never committed)."""
+"""Test media made on the fly from tests/data with the bundled ffmpeg (never committed)."""
 
 from __future__ import annotations
 

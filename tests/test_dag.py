@@ -36,7 +36,7 @@ def anyio_backend():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, data_dir):
     if not shutil.which("redis-server"):
-        pytest.skip("redis-server is not installed")
+        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)", pytrace=False)
     server = RedisServer(free_port(), tmp_path_factory.mktemp("dag-redis"), appendonly=False)
     server.start()
     c = Cluster(server.url, tmp_path_factory.mktemp("dag"))
