@@ -28,8 +28,9 @@ import anyio
 from app import errors
 from app.jobs import JobStore
 from app.messages import JobRecord, TranscribeOptions
+from app import keys
+from app.media import check_input_file
 from app.storage import Storage
-from workers import audio, stages
 
 Enqueue = Callable[[JobRecord], Awaitable[None]]
 
@@ -62,7 +63,7 @@ async def submit_file(
     max_bytes: int | None = None,
     reuse: bool = True,
 ) -> Submitted:
-    audio.check_input_file(path, max_bytes=max_bytes)  # missing/empty/too large: no job at all
+    check_input_file(path, max_bytes=max_bytes)  # missing/empty/too large: no job at all
     if idempotency_key:
         earlier = await store.find_by_key(owner, idempotency_key)
         if earlier is not None:
@@ -74,21 +75,21 @@ async def submit_file(
             return Submitted(done, "reused")
 
     job_id = uuid.uuid4().hex
-    await storage.put_file(stages.media_key(job_id), path)
+    await storage.put_file(keys.media_key(job_id), path)
     record, created = await store.create(
         JobRecord(
             id=job_id,
             owner=owner,
             input_name=path.name,
             basename=basename,
-            media_key=stages.media_key(job_id),
+            media_key=keys.media_key(job_id),
             sha256=sha,
             idempotency_key=idempotency_key,
             options=options,
         )
     )
     if not created:  # lost a race for the idempotency key: drop our upload, report the winner
-        await storage.delete_prefix(stages.job_prefix(job_id))
+        await storage.delete_prefix(keys.job_prefix(job_id))
         return Submitted(record, "idempotent")
     try:
         await enqueue(record)

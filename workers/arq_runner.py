@@ -60,7 +60,7 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 
-from app import constants, errors
+from app import constants, errors, keys
 from app.config import Settings
 from app.jobs import ORDER, UNREACHABLE, JobStore, connect as connect_plain, redis_location, redis_retry, retrying
 from app.messages import (
@@ -378,7 +378,7 @@ async def notify_task(ctx: dict, job_id: str, data: bytes) -> str:
             return "already done"
         await store.remember_done(done)
         try:  # the batches' audio is only needed while transcribing
-            await _stage_ctx(ctx).storage.delete_prefix(f"{stages.job_prefix(job_id)}/batches")
+            await _stage_ctx(ctx).storage.delete_prefix(f"{keys.job_prefix(job_id)}/batches")
         except errors.VtpError as exc:
             log.warning("job %s: could not delete its batch audio: %s", job_id, exc)
         return f"done in {done.wall_seconds:.1f} s"

@@ -1,7 +1,6 @@
 """Audio extraction: any container ffmpeg reads -> 16 kHz mono s16le PCM.
 
-The ffmpeg binary is ``$VTP_FFMPEG`` if set, else the one inside the ``imageio-ffmpeg``
-wheel (so a bare ``pip install`` is enough), else ``ffmpeg`` on PATH. ffmpeg-python builds
+The ffmpeg binary and the demuxer whitelist come from ``app.media``. ffmpeg-python builds
 the command line; ffmpeg's stderr is mapped onto ``app.errors`` so users read a reason,
 not an exit code.
 
@@ -12,9 +11,6 @@ Hostile input: the path is passed as ``file:<path>`` with ``protocol_whitelist=f
 
 from __future__ import annotations
 
-import functools
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,14 +19,10 @@ import ffmpeg
 import numpy as np
 
 from app import errors
+from app.media import DEMUXERS, check_input_file, ffmpeg_exe
 from app.messages import SAMPLE_RATE
 
-#: Demuxers vtp accepts: media containers and raw audio formats, never playlists or devices.
-DEMUXERS = (
-    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,asf,mpegts,mpeg,mpegps,ogg,mp3,wav,w64,flac,"
-    "aac,ac3,eac3,dts,aiff,caf,amr,amrnb,amrwb,au,wv,ape,mpc,mpc8,tta,tak,dsf,rm,nut,mxf,gxf,"
-    "dv,ivf,voc,sox,xwma,wsaud,truehd,mlp,opus"
-)
+__all__ = ["DEMUXERS", "check_input_file", "ffmpeg_exe", "extract_pcm", "pcm_to_float"]
 
 #: ffmpeg's own words -> the reason a user reads.
 _STDERR_REASONS: tuple[tuple[str, type[errors.InputError], str], ...] = (
@@ -43,37 +35,6 @@ _STDERR_REASONS: tuple[tuple[str, type[errors.InputError], str], ...] = (
     ("Invalid data found when processing input", errors.CorruptMedia, "not a media file ffmpeg can read (corrupt, truncated or not audio/video)"),
     ("EBML header parsing failed", errors.CorruptMedia, "not a readable Matroska/WebM file (corrupt or truncated)"),
 )
-
-
-@functools.cache
-def ffmpeg_exe() -> str:
-    if exe := os.environ.get("VTP_FFMPEG"):
-        return exe
-    try:
-        import imageio_ffmpeg
-
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except (ImportError, RuntimeError):
-        pass
-    if exe := shutil.which("ffmpeg"):
-        return exe
-    raise errors.OptionsError("no ffmpeg found: install the imageio-ffmpeg wheel or set VTP_FFMPEG")
-
-
-def check_input_file(path: Path, *, max_bytes: int | None = None) -> int:
-    """Cheap checks before ffmpeg runs; returns the size in bytes."""
-    if not path.exists():
-        raise errors.InputNotFound(f"{path}: file not found")
-    if path.is_dir():
-        raise errors.InputNotFound(f"{path}: is a directory, not a media file")
-    if not path.is_file():
-        raise errors.UnsupportedFormat(f"{path}: not a regular file")
-    size = path.stat().st_size
-    if size == 0:
-        raise errors.EmptyMedia(f"{path.name}: the file is empty (0 bytes)")
-    if max_bytes is not None and size > max_bytes:
-        raise errors.MediaTooLarge(f"{path.name}: {size / 1e6:.0f} MB is over the {max_bytes / 1e6:.0f} MB limit")
-    return size
 
 
 def ffmpeg_command(source: Path, dest: Path) -> list[str]:

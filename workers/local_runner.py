@@ -28,6 +28,7 @@ from app.messages import (
     TranscribeOptions,
     TranscribeRequest,
 )
+from app import keys
 from app.storage import LocalStorage, download_outputs
 from workers import audio, stages
 from workers.engines.base import EnginePool
@@ -69,7 +70,7 @@ class LocalRunner:
         timings: dict[str, float] = {}
         with tempfile.TemporaryDirectory(prefix="vtp-") as tmp:
             storage = LocalStorage(tmp)
-            storage.adopt(stages.media_key(job_id), source)
+            storage.adopt(keys.media_key(job_id), source)
             ctx = stages.StageContext(storage=storage, settings=self.settings, engines=self.engines)
 
             def clock(stage: str, t0: float) -> None:
@@ -78,7 +79,7 @@ class LocalRunner:
             report(ProgressEvent(job_id=job_id, state="extracting"))
             t0 = time.perf_counter()
             extracted = await stages.extract_audio(
-                ctx, ExtractRequest(job_id=job_id, media_key=stages.media_key(job_id), source_name=source.name)
+                ctx, ExtractRequest(job_id=job_id, media_key=keys.media_key(job_id), source_name=source.name)
             )
             clock("extract", t0)
 

@@ -33,6 +33,7 @@ from app.messages import (
     Transcript,
     TranscribeRequest,
 )
+from app.keys import audio_key, batch_audio_key, job_prefix, media_key, output_key
 from app.storage import Storage
 from workers import audio, merge as merging, vad
 from workers.engines.base import EnginePool
@@ -44,27 +45,6 @@ class StageContext:
     settings: Settings
     engines: EnginePool = field(default_factory=EnginePool)
     chunking: vad.ChunkingOptions = field(default_factory=vad.ChunkingOptions)
-
-
-# Artifact key layout: every stage reads and writes only under its job's prefix.
-def job_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}"
-
-
-def media_key(job_id: str) -> str:
-    return f"jobs/{job_id}/media"
-
-
-def audio_key(job_id: str) -> str:
-    return f"jobs/{job_id}/audio.pcm"
-
-
-def batch_audio_key(job_id: str, index: int) -> str:
-    return f"jobs/{job_id}/batches/{index:05d}.pcm"
-
-
-def output_key(job_id: str, basename: str, fmt: str) -> str:
-    return f"jobs/{job_id}/out/{basename}.{fmt}"
 
 
 async def extract_audio(ctx: StageContext, req: ExtractRequest) -> ExtractedAudio:
