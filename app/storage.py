@@ -36,12 +36,25 @@ def check_key(key: str) -> str:
     return key
 
 
+def _check_range(start: int, length: int) -> None:
+    if start < 0 or length < 0:
+        raise errors.StorageError(f"invalid byte range: start {start}, length {length}")
+
+
 class Storage(Protocol):
     url: str
 
     async def put_bytes(self, key: str, data: bytes) -> None: ...
 
     async def get_bytes(self, key: str) -> bytes: ...
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes from offset ``start`` (fewer at the end of the object, none past it)."""
+        ...
+
+    async def size(self, key: str) -> int:
+        """The object's length in bytes."""
+        ...
 
     async def put_file(self, key: str, path: Path) -> None: ...
 
@@ -90,6 +103,26 @@ class LocalStorage:
     async def get_bytes(self, key: str) -> bytes:
         try:
             return await anyio.to_thread.run_sync(self.path(key).read_bytes)
+        except FileNotFoundError as exc:
+            raise errors.StorageError(f"missing artifact {key!r}") from exc
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        _check_range(start, length)
+        path = self.path(key)
+
+        def read() -> bytes:
+            with path.open("rb") as f:
+                f.seek(start)
+                return f.read(length)
+
+        try:
+            return await anyio.to_thread.run_sync(read) if length else b""
+        except FileNotFoundError as exc:
+            raise errors.StorageError(f"missing artifact {key!r}") from exc
+
+    async def size(self, key: str) -> int:
+        try:
+            return self.path(key).stat().st_size
         except FileNotFoundError as exc:
             raise errors.StorageError(f"missing artifact {key!r}") from exc
 
@@ -170,6 +203,32 @@ class S3Storage:
     async def get_bytes(self, key: str) -> bytes:
         resp = await self._call(self._client.get_object, Bucket=self.bucket, Key=self._name(key))
         return await anyio.to_thread.run_sync(resp["Body"].read)
+
+    async def get_range(self, key: str, start: int, length: int) -> bytes:
+        _check_range(start, length)
+        if not length:
+            return b""
+        name = self._name(key)
+        byte_range = f"bytes={start}-{start + length - 1}"
+
+        def fetch() -> bytes:
+            from botocore.exceptions import ClientError
+
+            try:
+                resp = self._client.get_object(Bucket=self.bucket, Key=name, Range=byte_range)
+            except ClientError as exc:
+                # S3 answers a range that starts past the end with 416 InvalidRange; like a read
+                # past the end of a file, that is simply no bytes.
+                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                    return b""
+                raise
+            return resp["Body"].read()
+
+        return await self._call(fetch)
+
+    async def size(self, key: str) -> int:
+        resp = await self._call(self._client.head_object, Bucket=self.bucket, Key=self._name(key))
+        return int(resp["ContentLength"])
 
     async def put_file(self, key: str, path: Path) -> None:
         await self._call(self._client.upload_file, str(path), self.bucket, self._name(key))
