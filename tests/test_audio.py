@@ -101,8 +101,9 @@ async def test_hostile_file_names_are_read_as_files(data_dir, tmp_path):
 
 
 async def test_oversized_input_is_refused_before_decoding(data_dir, tmp_path):
+    big = put(tmp_path / "big.mp4", (data_dir / "talk_tts.mp4").read_bytes() * 3)  # 1.5 MB
     with pytest.raises(errors.MediaTooLarge, match="limit"):
-        await extract(data_dir / "talk_tts.mp4", tmp_path, max_input_mb=1)
+        await extract(big, tmp_path, max_input_mb=1)
 
 
 async def test_ffmpeg_timeout_is_an_input_error(data_dir, tmp_path):
