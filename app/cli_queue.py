@@ -120,7 +120,8 @@ async def _submit(args: argparse.Namespace, settings: Settings, options) -> int:
                 sub = await submit_file(
                     store, storage, enqueue, path, options,
                     basename=base, owner=args.owner, idempotency_key=key,
-                    max_bytes=settings.max_input_bytes, reuse=not args.no_reuse,
+                    max_bytes=settings.max_input_bytes, max_seconds=settings.max_duration_seconds,
+                    reuse=not args.no_reuse,
                 )
             except errors.InputError as exc:  # this file is unusable; the others may be fine
                 failed += 1

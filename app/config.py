@@ -34,6 +34,9 @@ class Settings:
     ffmpeg_timeout: float = 3600.0
     #: ``VTP_MAX_INPUT_MB``: inputs larger than this are refused (0: no limit).
     max_input_mb: int = 0
+    #: ``VTP_MAX_DURATION``: seconds of audio an input may hold (0: no limit); checked against the
+    #: container's declared duration before extraction and on what is decoded during it.
+    max_duration: float = 21600.0
     #: ``VTP_JOB_TRIES``: attempts per stage job before the job is failed.
     job_tries: int = 4
     #: ``VTP_TRANSCRIBE_TIMEOUT``: seconds one transcribe batch may take (sizes the GPU worker's
@@ -58,6 +61,7 @@ class Settings:
         "batch_size": "VTP_BATCH_SIZE",
         "ffmpeg_timeout": "VTP_FFMPEG_TIMEOUT",
         "max_input_mb": "VTP_MAX_INPUT_MB",
+        "max_duration": "VTP_MAX_DURATION",
         "job_tries": "VTP_JOB_TRIES",
         "transcribe_timeout": "VTP_TRANSCRIBE_TIMEOUT",
         "cpu_timeout": "VTP_CPU_TIMEOUT",
@@ -89,6 +93,10 @@ class Settings:
     @property
     def max_input_bytes(self) -> int | None:
         return self.max_input_mb * 1024 * 1024 if self.max_input_mb > 0 else None
+
+    @property
+    def max_duration_seconds(self) -> float | None:
+        return self.max_duration if self.max_duration > 0 else None
 
     def stage_delay(self, stage: str) -> float:
         """TEST-ONLY: the extra seconds ``VTP_TEST_STAGE_DELAY`` puts into ``stage`` (0: none)."""

@@ -12,6 +12,7 @@ traceback::
     │   ├── CorruptMedia         ffmpeg cannot read it (truncated, random bytes, wrong name)
     │   ├── NoAudioStream        a video with no audio track
     │   ├── MediaTooLarge        over the configured size limit
+    │   ├── MediaTooLong         more audio than the configured duration limit (declared or decoded)
     │   └── UnsupportedFormat    a container ffmpeg reads but vtp refuses (playlists, devices, ...)
     ├── OptionsError             bad engine/model/format options
     │   └── ModelNotFound        --model names neither a directory nor a loadable model
@@ -56,6 +57,10 @@ class NoAudioStream(InputError):
 
 
 class MediaTooLarge(InputError):
+    pass
+
+
+class MediaTooLong(InputError):
     pass
 
 

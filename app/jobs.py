@@ -384,6 +384,21 @@ class JobStore:
         return await self._update(job_id, change)
 
     @_mapped
+    async def stage_progress(self, job_id: str, state: Stage, *, audio_done: float, audio_total: float) -> bool:
+        """Publish how far a long stage (extract, segment) has got in seconds of the input's
+        audio. Only an event: the record's ``audio_done``/``audio_total`` count *speech* and
+        only move forward. False, and nothing published, once the job has ended (cancelled:
+        the stage can stop early)."""
+        raw = await self.redis.get(constants.job_key(job_id))
+        if raw is None or decode(raw, JobRecord).terminal:
+            return False
+        event = ProgressEvent(job_id=job_id, state=state, audio_done=round(audio_done, 3), audio_total=round(audio_total, 3))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._queue_event(pipe, event)
+            await pipe.execute()
+        return True
+
+    @_mapped
     async def fail(self, job_id: str, reason: str) -> bool:
         """End the job ``failed`` with a one-line reason; False if it had already ended."""
 

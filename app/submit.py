@@ -29,7 +29,7 @@ from app import errors
 from app.jobs import JobStore
 from app.messages import JobRecord, TranscribeOptions
 from app import keys
-from app.media import check_input_file
+from app.media import check_media
 from app.storage import Storage
 
 Enqueue = Callable[[JobRecord], Awaitable[None]]
@@ -61,9 +61,11 @@ async def submit_file(
     owner: str = "",
     idempotency_key: str = "",
     max_bytes: int | None = None,
+    max_seconds: float | None = None,
     reuse: bool = True,
 ) -> Submitted:
-    check_input_file(path, max_bytes=max_bytes)  # missing/empty/too large: no job at all
+    # missing, empty, too large, or declaring more audio than allowed: no job at all
+    await check_media(path, max_bytes=max_bytes, max_seconds=max_seconds)
     if idempotency_key:
         earlier = await store.find_by_key(owner, idempotency_key)
         if earlier is not None:

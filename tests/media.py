@@ -31,3 +31,19 @@ def make_variant(source: Path, dest: Path, seconds: float = 6.0) -> Path:
     cmd += [*FORMATS[ext], str(dest)]
     subprocess.run(cmd, check=True, timeout=120)
     return dest
+
+
+def make_silence(dest: Path, seconds: float, *, declared: bool = True) -> Path:
+    """FLAC of ``seconds`` of silence, tiny however long (ten hours: ~70 kB in ~2 s): the
+    "decompression bomb" of audio. ``declared=False`` writes it through a pipe, so its header
+    holds no length (ffmpeg shows ``Duration: N/A``) and only decoding can tell how long it is."""
+    cmd = [
+        ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono:nb_samples=65535",
+        "-t", str(seconds), "-c:a", "flac", "-frame_size", "65535", "-compression_level", "0", "-f", "flac",
+    ]
+    if declared:
+        subprocess.run([*cmd, str(dest)], check=True, timeout=120)
+    else:
+        with dest.open("wb") as out:
+            subprocess.run([*cmd, "pipe:1"], check=True, timeout=120, stdout=out)
+    return dest

@@ -95,6 +95,8 @@ KEEP_RESULT_S = 3600
 BACKSTOP_S = 1.0
 #: Seconds between checks of the queue: the floor of each stage transition's latency.
 POLL_DELAY_S = 0.05
+#: Seconds between progress events of a long stage (extract): the bar moves, Redis is not flooded.
+PROGRESS_INTERVAL_S = 1.0
 
 
 # -- connecting and enqueueing ------------------------------------------------------------
@@ -251,6 +253,24 @@ def _stage_ctx(ctx: dict) -> stages.StageContext:
     return ctx["stage_ctx"]
 
 
+def _progress_events(ctx: dict, job_id: str, state: Stage) -> stages.Progress:
+    """A stage's progress as job events, at most one per ``PROGRESS_INTERVAL_S`` (and the last
+    one, when all is done); a job that ended meanwhile (cancelled) stops the stage."""
+    store: JobStore = ctx["store"]
+    last = -PROGRESS_INTERVAL_S
+
+    async def progress(done: float, total: float) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < PROGRESS_INTERVAL_S and not (total and done >= total):
+            return
+        last = now
+        if not await store.stage_progress(job_id, state, audio_done=done, audio_total=total):
+            raise errors.JobCancelled(f"job {job_id} ended while {state}")
+
+    return progress
+
+
 # -- the tasks: one per stage -----------------------------------------------------------------
 
 
@@ -259,7 +279,9 @@ async def extract_task(ctx: dict, data: bytes) -> str:
     store: JobStore = ctx["store"]
 
     async def body(record: JobRecord) -> str:
-        extracted = await stages.extract_audio(_stage_ctx(ctx), req)
+        extracted = await stages.extract_audio(
+            _stage_ctx(ctx), req, progress=_progress_events(ctx, req.job_id, "extracting")
+        )
         await store.put_part(req.job_id, "audio", extracted)
         await store.note(req.job_id, duration=extracted.duration)
         await store.count_run(req.job_id, "extract")

@@ -76,10 +76,14 @@ class LocalRunner:
             def clock(stage: str, t0: float) -> None:
                 timings[stage] = round(time.perf_counter() - t0, 3)
 
-            report(ProgressEvent(job_id=job_id, state="extracting"))
+            async def extracting(done: float, total: float) -> None:
+                report(ProgressEvent(job_id=job_id, state="extracting", audio_done=round(done, 3), audio_total=round(total, 3)))
+
             t0 = time.perf_counter()
             extracted = await stages.extract_audio(
-                ctx, ExtractRequest(job_id=job_id, media_key=keys.media_key(job_id), source_name=source.name)
+                ctx,
+                ExtractRequest(job_id=job_id, media_key=keys.media_key(job_id), source_name=source.name),
+                progress=extracting,
             )
             clock("extract", t0)
 

@@ -13,6 +13,7 @@ storage keys inside its return message, so consecutive stages may run on differe
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -47,14 +48,26 @@ class StageContext:
     chunking: vad.ChunkingOptions = field(default_factory=vad.ChunkingOptions)
 
 
-async def extract_audio(ctx: StageContext, req: ExtractRequest) -> ExtractedAudio:
-    """ffmpeg: the first audio stream of the media -> 16 kHz mono PCM in storage."""
+#: A stage's progress sink: ``(seconds of audio done, seconds in all or 0 if unknown)``. Stages
+#: that take long on long media (extract, segment) take one as an optional ``progress``; the
+#: runner decides what a report becomes (an event for the bar, a throttled Redis update).
+Progress = Callable[[float, float], Awaitable[None]]
+
+
+async def extract_audio(ctx: StageContext, req: ExtractRequest, progress: Progress | None = None) -> ExtractedAudio:
+    """ffmpeg: the first audio stream of the media -> 16 kHz mono PCM in storage.
+
+    More audio than ``VTP_MAX_DURATION`` is refused (``MediaTooLong``): from the declared
+    duration before decoding, else once decoding passes the limit."""
     name = req.source_name or "input"
     key = audio_key(req.job_id)
     async with ctx.storage.local_path(req.media_key) as source:
         audio.check_input_file(source, max_bytes=ctx.settings.max_input_bytes)
         async with ctx.storage.new_local_file(key, suffix=".pcm") as dest:
-            duration = await audio.extract_pcm(source, dest, name=name, timeout=ctx.settings.ffmpeg_timeout)
+            duration = await audio.extract_pcm(
+                source, dest, name=name, timeout=ctx.settings.ffmpeg_timeout,
+                max_seconds=ctx.settings.max_duration_seconds, progress=progress,
+            )
     return ExtractedAudio(audio_key=key, duration=round(duration, 3))
 
 
