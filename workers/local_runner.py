@@ -85,7 +85,12 @@ class LocalRunner:
 
             report(ProgressEvent(job_id=job_id, state="segmenting", audio_total=extracted.duration))
             t0 = time.perf_counter()
-            seg = await stages.segment(ctx, SegmentRequest(job_id=job_id, audio=extracted, options=options))
+            async def segmenting(done: float, total: float) -> None:
+                report(ProgressEvent(job_id=job_id, state="segmenting", audio_done=round(done, 3), audio_total=round(total, 3)))
+
+            seg = await stages.segment(
+                ctx, SegmentRequest(job_id=job_id, audio=extracted, options=options), progress=segmenting
+            )
             clock("segment", t0)
 
             total, done_chunks, done_audio = len(seg.chunks), 0, 0.0
