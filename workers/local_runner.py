@@ -30,7 +30,8 @@ from app.messages import (
 )
 from app import keys
 from app.storage import LocalStorage, download_outputs
-from workers import audio, stages
+from workers import audio, stages, vad
+from workers.coverage import CoverageOptions
 from workers.engines.base import EnginePool
 
 ProgressSink = Callable[[ProgressEvent], None]
@@ -50,9 +51,18 @@ class LocalResult:
 
 
 class LocalRunner:
-    def __init__(self, settings: Settings, engines: EnginePool | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engines: EnginePool | None = None,
+        *,
+        chunking: vad.ChunkingOptions | None = None,
+        coverage: CoverageOptions | None = None,
+    ) -> None:
         self.settings = settings
         self.engines = engines or EnginePool()
+        self.chunking = chunking or vad.ChunkingOptions()
+        self.coverage = coverage or CoverageOptions()
 
     async def run(
         self,
@@ -71,7 +81,9 @@ class LocalRunner:
         with tempfile.TemporaryDirectory(prefix="vtp-") as tmp:
             storage = LocalStorage(tmp)
             storage.adopt(keys.media_key(job_id), source)
-            ctx = stages.StageContext(storage=storage, settings=self.settings, engines=self.engines)
+            ctx = stages.StageContext(
+                storage=storage, settings=self.settings, engines=self.engines, chunking=self.chunking, coverage=self.coverage
+            )
 
             def clock(stage: str, t0: float) -> None:
                 timings[stage] = round(time.perf_counter() - t0, 3)
