@@ -95,7 +95,7 @@ KEEP_RESULT_S = 3600
 BACKSTOP_S = 1.0
 #: Seconds between checks of the queue: the floor of each stage transition's latency.
 POLL_DELAY_S = 0.05
-#: Seconds between progress events of a long stage (extract): the bar moves, Redis is not flooded.
+#: Seconds between progress events of a long stage (extract, segment): the bar moves, Redis is not flooded.
 PROGRESS_INTERVAL_S = 1.0
 
 
@@ -301,7 +301,7 @@ async def segment_task(ctx: dict, data: bytes) -> str:
     job_id = req.job_id
 
     async def body(record: JobRecord) -> str:
-        seg = await stages.segment(_stage_ctx(ctx), req)
+        seg = await stages.segment(_stage_ctx(ctx), req, progress=_progress_events(ctx, job_id, "segmenting"))
         await store.put_part(job_id, "segmentation", seg)
         await store.start_fan_out(job_id, len(seg.batches))
         await store.note(job_id, chunks_total=len(seg.chunks), audio_total=seg.speech_seconds)
