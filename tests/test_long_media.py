@@ -201,11 +201,11 @@ def test_submit_refuses_a_bomb_before_uploading(redis_url, media, tmp_path):
 # -- the distributed path -------------------------------------------------------------------------
 
 
-def test_a_job_past_submit_fails_in_extract_and_extraction_reports_progress(redis_server_factory, media, tmp_path):
+def test_a_job_past_submit_fails_in_extract_and_long_stages_report_progress(redis_server_factory, media, tmp_path):
     """Submitted with no limit (as an older or misconfigured submitter would), the CPU worker's
     own limit still holds: the job fails with the one-line reason. A silent file within the limit
     runs to ``done`` on a CPU worker alone (no speech: nothing to transcribe) and its event
-    stream shows the extraction's progress."""
+    stream shows the progress of extraction and segmentation."""
     server = redis_server_factory()
     c = Cluster(server.url, tmp_path / "cluster")
     try:
@@ -228,8 +228,9 @@ def test_a_job_past_submit_fails_in_extract_and_extraction_reports_progress(redi
                 assert bomb.state == "failed" and bomb.error == "bomb.flac: 10.0 h of audio is over the 60 s limit (VTP_MAX_DURATION)"
                 assert stream.state == "failed" and "decodes to more audio than the 60 s limit" in stream.error
                 assert quiet.state == "done", quiet.error + c.logs()
-                extracting = [(e.audio_done, e.audio_total) async for e in store.events(quiet.id) if e.state == "extracting"]
-                assert (0.0, 50.0) in extracting and (50.0, 50.0) in extracting, extracting
+                events = [(e.state, e.audio_done, e.audio_total) async for e in store.events(quiet.id)]
+                assert ("extracting", 0.0, 50.0) in events and ("extracting", 50.0, 50.0) in events, events
+                assert ("segmenting", 50.0, 50.0) in events, events
             finally:
                 await store.aclose()
 
