@@ -237,3 +237,22 @@ def test_a_job_past_submit_fails_in_extract_and_long_stages_report_progress(redi
         anyio.run(check)
     finally:
         c.close()
+
+
+def test_progress_bar_counts_audio_then_speech(capsys):
+    """The events of a distributed job as `submit --wait` sees them, including a header that
+    understated the length (more done than declared) and states that bring no count."""
+    from app.progress import ProgressBar
+
+    bar = ProgressBar("talk.mp4")
+    for state, done, total in [
+        ("queued", 0, 0), ("extracting", 0, 0), ("extracting", 0, 60), ("extracting", 65, 60), ("extracting", 0, 0),
+        ("segmenting", 0, 0), ("segmenting", 30, 65), ("segmenting", 65, 65), ("transcribing", 0, 40),
+        ("transcribing", 20, 40), ("merging", 20, 40), ("rendering", 20, 40), ("done", 40, 40),
+    ]:
+        bar(ProgressEvent(job_id="j", state=state, audio_done=done, audio_total=total))
+    bar.close()
+    shown = capsys.readouterr().err.replace("\r", "\n")
+    assert "talk.mp4 [extracting] 100%" in shown and "65/65 s audio" in shown
+    assert "30/65 s audio" in shown and "20/40 s speech" in shown
+    assert "talk.mp4 [merging]  50%" in shown and "talk.mp4 [done] 100%" in shown
