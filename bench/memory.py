@@ -286,38 +286,39 @@ def main() -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
 
-    first = {p: mb for d, p, mb in rows if d == durations[0]}
-    lines = [
-        f"| input | process | peak RSS MB | vs {label(durations[0])} |",
-        "|---|---|---|---|",
-    ]
-    for d, process, mb in rows:
-        lines.append(f"| {label(d)} | {process} | {mb:.0f} | {mb / first[process]:.2f}x |")
-    table = "\n".join(lines)
-    longest = [(p, mb) for d, p, mb in rows if d == durations[-1]]
-    verdict = ", ".join(
-        f"{p} {'meets' if mb < TARGET_MB and mb / first[p] <= TARGET_RATIO else 'misses'}"
-        for p, mb in longest if not p.startswith("`vtp submit")
-    )
+    table, verdict, body = report(rows, durations, args.engine)
     print()
     print(table)
     print()
     print(f"target at {label(durations[-1])}: < {TARGET_MB} MB and <= {TARGET_RATIO}x the {label(durations[0])} peak: {verdict}")
     if args.write:
-        body = (
-            f"Machine: {machine()}. Engine: `{args.engine}`"
-            + (" (no model: the audio handling alone)" if args.engine == "noop" else " (bundled tiny.en, int8)")
-            + f". Command: `python bench/memory.py --durations {','.join(map(str, durations))} --engine {args.engine}"
-            f" --write docs/benchmarks.md`.\n\n"
-            "Inputs: the test media's speech (talk_tts + ivr_prompts + jfk, 4 min) looped to each length, Opus 16 kb/s. "
-            "Peak RSS of each process with its children (ffmpeg), sampled every 20 ms, or the Python process's own "
-            "high-water mark if larger; each worker is started fresh for each input and handles that one job.\n\n"
-            f"{table}\n\n"
-            f"Target: at {label(durations[-1])} under {TARGET_MB} MB and within {TARGET_RATIO}x of the "
-            f"{label(durations[0])} peak, for `vtp transcribe` and each worker: {verdict}."
-        )
         write_section(args.write, "memory", "Memory against input length", body)
 
+
+def report(rows: list[tuple[int, str, float]], durations: list[int], engine: str) -> tuple[str, str, str]:
+    """The table, the verdict against the target, and the docs/benchmarks.md section."""
+    first = {p: mb for d, p, mb in rows if d == durations[0]}
+    lines = [f"| input | process | peak RSS MB | vs {label(durations[0])} |", "|---|---|---|---|"]
+    for d, process, mb in rows:
+        lines.append(f"| {label(d)} | {process} | {mb:.0f} | {mb / first[process]:.2f}x |")
+    table = "\n".join(lines)
+    verdict = ", ".join(
+        f"{p} {'meets' if mb < TARGET_MB and mb / first[p] <= TARGET_RATIO else 'misses'}"
+        for d, p, mb in rows if d == durations[-1] and not p.startswith("`vtp submit")
+    )
+    body = (
+        f"Machine: {machine()}. Engine: `{engine}`"
+        + (" (no model: the audio handling alone)" if engine == "noop" else " (bundled tiny.en, int8)")
+        + f". Command: `python bench/memory.py --durations {','.join(map(str, durations))} --engine {engine}"
+        " --write docs/benchmarks.md`.\n\n"
+        "Inputs: the test media's speech (talk_tts + ivr_prompts + jfk, 4 min) looped to each length, Opus 16 kb/s. "
+        "Peak RSS of each process with its children (ffmpeg), sampled every 20 ms, or the Python process's own "
+        "high-water mark if larger; each worker is started fresh for each input and handles that one job.\n\n"
+        f"{table}\n\n"
+        f"Target: at {label(durations[-1])} under {TARGET_MB} MB and within {TARGET_RATIO}x of the "
+        f"{label(durations[0])} peak, for `vtp transcribe` and each worker: {verdict}."
+    )
+    return table, verdict, body
 
 if __name__ == "__main__":
     main()
