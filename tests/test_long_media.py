@@ -108,9 +108,21 @@ async def test_extraction_reports_seconds_decoded(data_dir, tmp_path):
 
     _, extracted = await extract(data_dir / "jfk.flac", tmp_path, Settings(), progress)
     assert seen[0] == (0.0, pytest.approx(11.0, abs=0.1))  # the declared length, before decoding
-    assert len(seen) >= 2 and seen[-1][0] == pytest.approx(extracted.duration, abs=0.05)
+    assert len(seen) >= 3 and seen[-1][0] == seen[-1][1] == pytest.approx(extracted.duration, abs=0.001)  # the true one
     dones = [d for d, _ in seen]
-    assert dones == sorted(dones) and all(t == seen[0][1] for _, t in seen)
+    assert dones == sorted(dones) and all(t == seen[0][1] for _, t in seen[:-1])
+
+
+async def test_the_last_report_gives_the_true_length(data_dir, tmp_path):
+    seen: list[tuple[float, float]] = []
+
+    async def progress(done: float, total: float) -> None:
+        seen.append((done, total))
+
+    _, extracted = await extract(data_dir / "talk_tts.mp4", tmp_path, Settings(), progress)
+    assert seen[0][1] == pytest.approx(70.0, abs=1)  # the container's (its video is longer)
+    assert seen[-1][0] == seen[-1][1] == pytest.approx(extracted.duration, abs=0.001)
+    assert extracted.duration == pytest.approx(65.0, abs=0.1)
 
 
 async def test_a_bomb_is_refused_before_decoding(media, tmp_path):

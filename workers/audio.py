@@ -113,6 +113,8 @@ async def extract_pcm(
     duration = samples / SAMPLE_RATE
     if max_seconds and duration > max_seconds:
         raise too_long(name, None, max_seconds)  # cut at the cap: how much more is unknown
+    if progress is not None:  # all done, and now the true length (a container may declare more)
+        await progress(duration, duration)
     return duration
 
 
