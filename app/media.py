@@ -66,7 +66,9 @@ def check_input_file(path: Path, *, max_bytes: int | None = None) -> int:
 #: Seconds a probe (headers only) may take; a file that outlasts it is probed no further and its
 #: length is enforced while it is extracted instead.
 PROBE_TIMEOUT_S = 30.0
-_DURATION_RE = re.compile(r"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.MULTILINE)
+#: The input's own line is indented exactly two spaces; metadata (which a file chooses) is
+#: indented four or more, so a tag cannot pose as the duration.
+_DURATION_RE = re.compile(r"^  Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.MULTILINE)
 
 
 def input_args(path: Path) -> list[str]:
@@ -97,10 +99,11 @@ async def probe_duration(path: Path, *, timeout: float = PROBE_TIMEOUT_S) -> flo
                 await process.wait()
             return None
     # ffmpeg exits 1 here ("At least one output file must be specified"): the header is what counts.
-    m = _DURATION_RE.search(tail.decode("utf-8", "replace"))
-    if m is None:
+    # The last match: the file's name, printed before it, could hold a line like it.
+    found = _DURATION_RE.findall(tail.decode("utf-8", "replace"))
+    if not found:
         return None
-    hours, minutes, seconds = m.groups()
+    hours, minutes, seconds = found[-1]
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 

@@ -19,7 +19,7 @@ import pytest
 from app import errors
 from app.config import Settings
 from app.jobs import JobStore
-from app.media import check_media, probe_duration
+from app.media import check_media, ffmpeg_exe, probe_duration
 from app.messages import ExtractRequest, ProgressEvent, TranscribeOptions
 from app.storage import LocalStorage
 from conftest import ROOT
@@ -67,6 +67,20 @@ async def test_probe_reads_the_declared_duration(data_dir, media, tmp_path):
     junk = tmp_path / "notes.mp4"
     junk.write_text("not a video\n" * 100)
     assert await probe_duration(junk) is None  # extraction says why
+
+
+async def test_tags_and_names_cannot_pose_as_the_duration(media, tmp_path):
+    """ffmpeg prints the file's name and its metadata around the real ``Duration:`` line."""
+    tagged = tmp_path / "tagged.flac"
+    subprocess.run(
+        [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-i", str(media["bomb"]), "-c", "copy",
+         "-metadata", "Duration: 00:00:01.00 x=1", "-metadata", "title=a\n  Duration: 00:00:02.00", str(tagged)],
+        check=True, timeout=60,
+    )
+    assert await probe_duration(tagged) == 36000.0
+    named = tmp_path / "x\n  Duration: 00:00:03.00, .flac"
+    named.write_bytes(media["bomb"].read_bytes())
+    assert await probe_duration(named) == 36000.0
 
 
 async def test_check_media_refuses_what_declares_too_much(data_dir, media):
