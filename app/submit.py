@@ -62,6 +62,8 @@ async def submit_file(
     idempotency_key: str = "",
     max_bytes: int | None = None,
     reuse: bool = True,
+    input_name: str = "",
+    webhook_url: str = "",
 ) -> Submitted:
     check_input_file(path, max_bytes=max_bytes)  # missing/empty/too large: no job at all
     if idempotency_key:
@@ -80,12 +82,13 @@ async def submit_file(
         JobRecord(
             id=job_id,
             owner=owner,
-            input_name=path.name,
+            input_name=input_name or path.name,
             basename=basename,
             media_key=keys.media_key(job_id),
             sha256=sha,
             idempotency_key=idempotency_key,
             options=options,
+            webhook_url=webhook_url,
         )
     )
     if not created:  # lost a race for the idempotency key: drop our upload, report the winner

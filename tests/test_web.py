@@ -1,0 +1,258 @@
+"""The web process end to end: a real ``vtp web`` subprocess in front of real workers on a
+private redis-server, real ffmpeg and the bundled model on the repository's test media.
+
+One cluster (CPU + GPU worker) and one web process serve the whole module; tests that need
+other settings (limits, a dead Redis) start a second web process of their own, which takes
+about a second (it loads no model). Webhook receivers and URL-ingest sources are aiohttp
+servers on 127.0.0.2, the one address the module's ``VTP_PRIVATE_ALLOWLIST`` lets through, so
+every other loopback spelling can be shown refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import anyio
+import pytest
+from aiohttp import web
+
+from conftest import RedisServer, free_port
+from dag_cluster import ROOT, Cluster
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
+
+TOKEN_A = "token-a-" + "x" * 24
+TOKEN_B = "token-b-" + "y" * 24
+SECRET = "whsec_" + base64.b64encode(b"vtp test webhook secret, 32 byte").decode()
+RECEIVER_HOST = "127.0.0.2"
+WEB_ENV = {
+    "VTP_API_TOKENS": f"{TOKEN_A},{TOKEN_B}",
+    "VTP_WEBHOOK_SECRET": SECRET,
+    "VTP_WEBHOOK_RETRY_DELAY": "0.3",
+    "VTP_WEBHOOK_TRIES": "5",
+    "VTP_PRIVATE_ALLOWLIST": f"{RECEIVER_HOST}/32",
+}
+JFK = "ask not what your country can do for you"
+SPEECH_STACK = ("faster_whisper", "ctranslate2", "onnxruntime", "torch", "transformers")
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+class WebProcess:
+    def __init__(self, env: dict[str, str], log: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "web", "--port", str(self.port), *extra],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        import socket
+
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vtp web exited with {self.proc.returncode}:\n{log.read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"vtp web did not start:\n{log.read_text()}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, data_dir):
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("web-redis"), appendonly=False)
+    server.start()
+    c = Cluster(server.url, tmp_path_factory.mktemp("web"), env=dict(WEB_ENV))
+    try:
+        c.start_worker("cpu", "cpu-1", concurrency=4)
+        c.start_worker("gpu", "gpu-1")
+        c.wait_ready(("cpu-1", "cpu"), ("gpu-1", "gpu"))
+        yield c
+    finally:
+        c.close()
+        server.kill()
+
+
+@pytest.fixture(scope="module")
+def web_server(cluster):
+    w = WebProcess(cluster.env, cluster.work_dir / "web.log")
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def flat(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def auth(token: str = TOKEN_A) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def form(path: Path | None = None, *, filename: str | None = None, data: bytes | None = None, **fields: str) -> aiohttp.FormData:
+    f = aiohttp.FormData()
+    for k, v in fields.items():
+        f.add_field(k, v)
+    body = data if data is not None else path.read_bytes()
+    f.add_field("file", body, filename=filename or (path.name if path else "upload.bin"), content_type="application/octet-stream")
+    return f
+
+
+async def wait_done(session: aiohttp.ClientSession, base: str, job_id: str, token: str = TOKEN_A, timeout: float = 90) -> dict:
+    with anyio.fail_after(timeout):
+        while True:
+            async with session.get(f"{base}/v1/jobs/{job_id}", headers=auth(token)) as r:
+                job = await r.json()
+            if job["status"] in ("done", "failed", "cancelled"):
+                return job
+            await anyio.sleep(0.1)
+
+
+# -- light --------------------------------------------------------------------------------------
+
+
+def test_web_process_imports_no_speech_stack(tmp_path):
+    """The app is built and started (which imports the enqueue side of workers.arq_runner),
+    and none of the speech stack is loaded."""
+    code = f"""
+import asyncio, sys
+from aiohttp import web
+from app.config import Settings
+from app.web.server import create_app
+
+async def main():
+    app = create_app(Settings.from_env({{"VTP_DATA_DIR": {str(tmp_path)!r}}}))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await runner.cleanup()
+
+asyncio.run(main())
+bad = [m for m in {SPEECH_STACK!r} if m in sys.modules]
+assert "workers.arq_runner" in sys.modules, "the enqueue side was not imported"
+print("LOADED", bad)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VTP_")}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "LOADED []" in res.stdout, res.stdout
+
+
+# -- API round trip ---------------------------------------------------------------------------
+
+
+async def test_api_round_trip(web_server, data_dir):
+    base = web_server.url
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/healthz") as r:
+            assert r.status == 200
+        async with s.post(f"{base}/v1/jobs", data=form(data_dir / "jfk.flac", formats="txt,srt,vtt,json"), headers=auth()) as r:
+            assert r.status == 202, await r.text()
+            job = await r.json()
+            assert r.headers["Location"] == f"/v1/jobs/{job['id']}"
+        assert job["status"] == "queued" and job["input_name"] == "jfk.flac"
+
+        # progress as Server-Sent Events, ending with the final state
+        states = []
+        async with s.get(f"{base}/v1/jobs/{job['id']}/events", headers=auth()) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            async for line in r.content:
+                if line.startswith(b"data: "):
+                    states.append(json.loads(line[6:])["state"])
+        assert states[-1] == "done" and "transcribing" in states
+
+        done = await wait_done(s, base, job["id"])
+        assert done["status"] == "done" and done["error"] is None
+        assert done["duration"] == pytest.approx(11.0, abs=0.1)
+        assert done["realtime_factor"] > 0 and set(done["timings"]) >= {"queue", "extract", "transcribe"}
+        assert done["progress"]["fraction"] == 1.0 and done["formats"] == ["json", "srt", "txt", "vtt"]
+
+        async with s.get(f"{base}/v1/jobs/{job['id']}/transcript.txt", headers=auth()) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+            assert JFK in flat(await r.text())
+        async with s.get(f"{base}/v1/jobs/{job['id']}/transcript.srt", headers=auth()) as r:
+            assert r.status == 200 and "-->" in await r.text()
+        async with s.get(f"{base}/v1/jobs/{job['id']}/transcript.json", headers=auth()) as r:
+            assert (await r.json())["segments"]
+
+        async with s.get(f"{base}/v1/jobs?limit=5", headers=auth()) as r:
+            page = await r.json()
+            assert job["id"] in [j["id"] for j in page["jobs"]]
+        async with s.get(f"{base}/metrics", headers=auth()) as r:
+            text = await r.text()
+            assert 'vtp_jobs{state="done"}' in text and "vtp_queue_depth" in text and "vtp_stage_seconds_sum" in text
+
+        async with s.delete(f"{base}/v1/jobs/{job['id']}", headers=auth()) as r:
+            assert r.status == 204
+        async with s.get(f"{base}/v1/jobs/{job['id']}", headers=auth()) as r:
+            assert r.status == 404
+
+
+async def test_tokens_isolate_jobs(web_server, data_dir):
+    base = web_server.url
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{base}/v1/jobs", data=form(data_dir / "jfk.flac", formats="txt"), headers=auth(TOKEN_A)) as r:
+            assert r.status in (200, 202)
+            job_id = (await r.json())["id"]
+        for method, path in [("GET", ""), ("GET", "/transcript.txt"), ("GET", "/events"), ("DELETE", "")]:
+            async with s.request(method, f"{base}/v1/jobs/{job_id}{path}", headers=auth(TOKEN_B)) as r:
+                assert r.status == 404, (method, path)
+                assert (await r.json())["error"]["type"] == "JobNotFound"
+        async with s.get(f"{base}/v1/jobs", headers=auth(TOKEN_B)) as r:
+            assert job_id not in [j["id"] for j in (await r.json())["jobs"]]
+        async with s.get(f"{base}/v1/jobs/{job_id}") as r:  # no token at all
+            assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+        async with s.get(f"{base}/v1/jobs/{job_id}", headers=auth("not-a-token")) as r:
+            assert r.status == 401
+        # the same media under token B is B's own job, never A's transcript
+        async with s.post(f"{base}/v1/jobs", data=form(data_dir / "jfk.flac", formats="txt"), headers=auth(TOKEN_B)) as r:
+            assert (await r.json())["id"] != job_id
+        assert (await wait_done(s, base, job_id))["status"] == "done"
+
+
+async def test_openai_client(web_server, data_dir):
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{web_server.url}/v1", api_key=TOKEN_A, max_retries=0, timeout=120)
+    with (data_dir / "jfk.flac").open("rb") as f:
+        result = await client.audio.transcriptions.create(model="whisper-1", file=f)
+    assert JFK in flat(result.text)
+    with (data_dir / "jfk.flac").open("rb") as f:
+        srt = await client.audio.transcriptions.create(model="tiny.en", file=f, response_format="srt")
+    assert "00:00:0" in srt and "-->" in srt
+    with (data_dir / "jfk.flac").open("rb") as f:
+        verbose = await client.audio.transcriptions.create(
+            model="whisper-1", file=f, response_format="verbose_json", timestamp_granularities=["word", "segment"]
+        )
+    assert verbose.duration == pytest.approx(11.0, abs=0.1) and verbose.segments
+    assert any(w.word.lower().startswith("country") for w in verbose.words)
+    with (data_dir / "jfk.flac").open("rb") as f, pytest.raises(openai.BadRequestError, match="not offered here"):
+        await client.audio.transcriptions.create(model="large-v3", file=f)
+    bad = openai.AsyncOpenAI(base_url=f"{web_server.url}/v1", api_key="wrong", max_retries=0)
+    with (data_dir / "jfk.flac").open("rb") as f, pytest.raises(openai.AuthenticationError):
+        await bad.audio.transcriptions.create(model="whisper-1", file=f)
+    await client.close()
+    await bad.close()
