@@ -256,3 +256,131 @@ async def test_openai_client(web_server, data_dir):
         await bad.audio.transcriptions.create(model="whisper-1", file=f)
     await client.close()
     await bad.close()
+
+
+# -- webhooks ---------------------------------------------------------------------------------
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.2 answering from a script: (status, headers) per request,
+    the last one repeated; every request is kept with its arrival time."""
+
+    def __init__(self, script: list[tuple[int, dict[str, str]]]) -> None:
+        self.script = script
+        self.seen: list[tuple[float, dict[str, str], bytes]] = []
+        self.strays: list[str] = []
+        self.port = free_port()
+        self.url = f"http://{RECEIVER_HOST}:{self.port}/hook"
+
+    async def hook(self, request: web.Request) -> web.Response:
+        self.seen.append((time.monotonic(), dict(request.headers), await request.read()))
+        status, headers = self.script[min(len(self.seen), len(self.script)) - 1]
+        return web.Response(status=status, headers=headers, text="ok")
+
+    async def stray(self, request: web.Request) -> web.Response:
+        self.strays.append(request.path)
+        return web.Response(text="should never be reached")
+
+    async def wait_for(self, n: int, timeout: float = 60) -> None:
+        with anyio.fail_after(timeout):
+            while len(self.seen) < n:
+                await anyio.sleep(0.05)
+
+
+@pytest.fixture
+async def receiver_factory():
+    runners = []
+
+    async def start(script, extra_routes=()) -> Receiver:
+        rec = Receiver(script)
+        app = web.Application()
+        app.router.add_post("/hook", rec.hook)
+        app.router.add_route("*", "/elsewhere", rec.stray)
+        for method, path, handler in extra_routes:
+            app.router.add_route(method, path, handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, RECEIVER_HOST, rec.port).start()
+        runners.append(runner)
+        return rec
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def verify(headers: dict[str, str], body: bytes) -> dict:
+    from standardwebhooks.webhooks import Webhook
+
+    return Webhook(SECRET).verify(body, {k.lower(): v for k, v in headers.items()})
+
+
+async def test_webhook_signed_and_verified(web_server, data_dir, receiver_factory):
+    rec = await receiver_factory([(200, {})])
+    base = web_server.url
+    async with aiohttp.ClientSession() as s:
+        data = form(data_dir / "jfk.flac", formats="txt", webhook_url=rec.url)
+        async with s.post(f"{base}/v1/jobs", data=data, headers=auth()) as r:
+            assert r.status == 202, await r.text()
+            job_id = (await r.json())["id"]
+        await rec.wait_for(1)
+        _, headers, body = rec.seen[0]
+        event = verify(headers, body)  # raises unless the signature and timestamp are right
+        assert event["type"] == "job.completed" and event["data"]["id"] == job_id
+        assert event["data"]["status"] == "done" and headers["webhook-id"] == f"msg_{job_id}"
+        with anyio.fail_after(10):
+            while (job := await (await s.get(f"{base}/v1/jobs/{job_id}", headers=auth())).json())["webhook"]["state"] != "delivered":
+                await anyio.sleep(0.05)
+        assert [a["status"] for a in job["webhook"]["attempts"]] == [200]
+        tampered = body.replace(b"job.completed", b"job.completes")
+        with pytest.raises(Exception, match="(?i)signature"):
+            verify(headers, tampered)
+
+
+async def test_webhook_retries_with_backoff_and_retry_after(web_server, data_dir, receiver_factory):
+    rec = await receiver_factory(
+        [(302, {"Location": "/elsewhere"}), (500, {}), (429, {"Retry-After": "1"}), (200, {})]
+    )
+    base = web_server.url
+    async with aiohttp.ClientSession() as s:
+        data = form(data_dir / "jfk.flac", formats="txt", webhook_url=rec.url)
+        async with s.post(f"{base}/v1/jobs", data=data, headers=auth()) as r:
+            job_id = (await r.json())["id"]
+        await rec.wait_for(4)
+        await anyio.sleep(0.3)
+        async with s.get(f"{base}/v1/jobs/{job_id}", headers=auth()) as r:
+            delivery = (await r.json())["webhook"]
+    assert rec.strays == []  # the 302 was not followed
+    ids = {h["webhook-id"] for _, h, _ in rec.seen}
+    assert ids == {f"msg_{job_id}"}  # the same id on every attempt
+    bodies = {b for _, _, b in rec.seen}
+    assert len(bodies) == 1  # and the same event
+    for _, headers, body in rec.seen:
+        verify(headers, body)
+    times = [t for t, _, _ in rec.seen]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # base 0.3 s, doubling, "equal jitter" (half to all of it); then the receiver's Retry-After: 1
+    assert 0.14 <= gaps[0] and 0.29 <= gaps[1], gaps
+    assert gaps[2] >= 0.95, gaps
+    assert delivery["state"] == "delivered"
+    assert [a["status"] for a in delivery["attempts"]] == [302, 500, 429, 200]
+    assert delivery["attempts"][2]["retry_in"] == 1.0 and delivery["attempts"][3]["retry_in"] == 0
+
+
+async def test_webhook_of_cancelled_job_given_up_after_tries(web_server, data_dir, receiver_factory):
+    rec = await receiver_factory([(503, {})])
+    base = web_server.url
+    async with aiohttp.ClientSession() as s:
+        data = form(data_dir / "ivr_prompts.mp4", formats="txt", webhook_url=rec.url)
+        async with s.post(f"{base}/v1/jobs", data=data, headers=auth()) as r:
+            job_id = (await r.json())["id"]
+        async with s.delete(f"{base}/v1/jobs/{job_id}", headers=auth()) as r:
+            assert r.status == 200 and (await r.json())["status"] == "cancelled"
+        await rec.wait_for(5, timeout=30)
+        with anyio.fail_after(10):
+            while (job := await (await s.get(f"{base}/v1/jobs/{job_id}", headers=auth())).json())["webhook"]["state"] == "pending":
+                await anyio.sleep(0.05)
+    assert verify(rec.seen[0][1], rec.seen[0][2])["type"] == "job.cancelled"
+    assert job["webhook"]["state"] == "failed" and len(job["webhook"]["attempts"]) == 5
+    await anyio.sleep(1.0)
+    assert len(rec.seen) == 5  # no attempt after giving up
