@@ -11,6 +11,7 @@ every other loopback spelling can be shown refused.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import subprocess
@@ -117,7 +118,7 @@ def form(path: Path | None = None, *, filename: str | None = None, data: bytes |
     f = aiohttp.FormData()
     for k, v in fields.items():
         f.add_field(k, v)
-    body = data if data is not None else path.read_bytes()
+    body = io.BytesIO(data if data is not None else path.read_bytes())
     f.add_field("file", body, filename=filename or (path.name if path else "upload.bin"), content_type="application/octet-stream")
     return f
 
@@ -384,3 +385,163 @@ async def test_webhook_of_cancelled_job_given_up_after_tries(web_server, data_di
     assert job["webhook"]["state"] == "failed" and len(job["webhook"]["attempts"]) == 5
     await anyio.sleep(1.0)
     assert len(rec.seen) == 5  # no attempt after giving up
+
+
+# -- limits and hostile input -----------------------------------------------------------------
+
+TOKEN_C = "token-c-" + "z" * 24
+
+
+@pytest.fixture(scope="module")
+def strict_server(cluster):
+    """A second web process with tight limits (1 MB, 12 s of media) and its own token."""
+    env = {**cluster.env, "VTP_API_TOKENS": TOKEN_C, "VTP_MAX_UPLOAD_MB": "1", "VTP_MAX_DURATION": "12"}
+    w = WebProcess(env, cluster.work_dir / "web-strict.log")
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+async def _post(s, base, data, token=TOKEN_C, **kw):
+    async with s.post(f"{base}/v1/jobs", data=data, headers=auth(token), **kw) as r:
+        body = await r.json()
+        return r.status, body
+
+
+async def test_limits_and_bad_uploads(strict_server, data_dir, tmp_path):
+    base = strict_server.url
+    async with aiohttp.ClientSession() as s:
+        # over the size limit: refused while streaming
+        status, body = await _post(s, base, form(data=os.urandom(3 << 20), filename="big.mp4"))
+        assert status == 413 and "VTP_MAX_UPLOAD_MB" in body["error"]["message"]
+        # over the duration limit (silence.mp4 is 15 s)
+        status, body = await _post(s, base, form(data_dir / "silence.mp4"))
+        assert status == 413 and body["error"]["type"] == "MediaTooLong"
+        assert body["error"]["message"] == "silence.mp4: 15 s of media is over the 12 s limit (VTP_MAX_DURATION)"
+        # not media, and media without audio: 415 with a reason
+        status, body = await _post(s, base, form(data=b"just some notes, not a video\n" * 20, filename="notes.mp4"))
+        assert status == 415 and "not a media file" in body["error"]["message"]
+        status, body = await _post(s, base, form(data_dir / "no_audio.mp4"))
+        assert status == 415 and "no audio stream" in body["error"]["message"]
+        status, body = await _post(s, base, form(data=b"", filename="empty.mp4"))
+        assert status == 400 and "empty" in body["error"]["message"]
+        # what a client may not choose
+        for fields, needle in [
+            ({"device": "cuda"}, "unknown field"),
+            ({"compute_type": "float16"}, "unknown field"),
+            ({"model": "/etc/passwd"}, "not offered"),
+            ({"model": "large-v3"}, "not offered"),
+            ({"formats": "txt,exe"}, "unknown format"),
+            ({"language": "../../x"}, "invalid option"),
+        ]:
+            status, body = await _post(s, base, form(data_dir / "jfk.flac", **fields))
+            assert status == 400 and needle in body["error"]["message"], (fields, body)
+        async with s.post(f"{base}/v1/jobs", data=b"raw", headers={**auth(TOKEN_C), "Content-Type": "text/plain"}) as r:
+            assert r.status == 415
+        # a hostile filename names the job, nothing else
+        for raw_name, shown in [
+            (b"../../../../tmp/evil.flac", "evil.flac"),
+            (rb"..\\..\\windows\\win.ini", "win.ini"),  # escaped in the quoted-string: backslashes arrive
+            (b"..%2f..%2fetc%2fx%00%0a.flac", "x_.flac"),
+        ]:
+            raw = (
+                b'--BOUNDARY\r\nContent-Disposition: form-data; name="formats"\r\n\r\ntxt\r\n'
+                b'--BOUNDARY\r\nContent-Disposition: form-data; name="file"; filename="' + raw_name + b'"\r\n'
+                b"Content-Type: application/octet-stream\r\n\r\n" + (data_dir / "jfk.flac").read_bytes() + b"\r\n--BOUNDARY--\r\n"
+            )
+            headers = {**auth(TOKEN_C), "Content-Type": "multipart/form-data; boundary=BOUNDARY"}
+            async with s.post(f"{base}/v1/jobs", data=raw, headers=headers) as r:
+                body = await r.json()
+                assert r.status in (200, 202) and body["input_name"] == shown, (raw_name, body)
+        assert not Path("/tmp/evil.flac").exists()
+        done = await wait_done(s, base, body["id"], token=TOKEN_C)
+        async with s.get(f"{base}/v1/jobs/{done['id']}/transcript.txt", headers=auth(TOKEN_C)) as r:
+            assert r.headers["Content-Disposition"] == 'attachment; filename="x.txt"'
+
+
+async def test_ssrf_refused(web_server, data_dir, receiver_factory):
+    jfk = (data_dir / "jfk.flac").read_bytes()
+    loop_port = free_port()
+
+    async def media(request):
+        return web.Response(body=jfk, headers={"Content-Disposition": 'attachment; filename="speech.flac"'})
+
+    async def bounce(request):
+        raise web.HTTPFound(f"http://127.1:{loop_port}/secret")
+
+    rec = await receiver_factory([(200, {})], [("GET", "/jfk.flac", media), ("GET", "/bounce", bounce)])
+    source = f"http://{RECEIVER_HOST}:{rec.port}"
+    refused = [
+        f"http://127.1:{loop_port}/x",
+        f"http://2130706433:{loop_port}/x",
+        f"http://0x7f.1:{loop_port}/x",
+        f"http://[::ffff:127.0.0.1]:{loop_port}/x",
+        f"http://[::1]:{loop_port}/x",
+        f"http://localhost:{loop_port}/x",  # a name that resolves to loopback
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "http://10.1.2.3/x",
+        "http://172.16.0.1/x",
+        "http://192.168.1.1/x",
+        "http://100.100.100.200/x",
+        "http://0.0.0.0:80/x",
+        f"{source}/bounce",  # an allowed host redirecting to a refused one
+    ]
+    base = web_server.url
+    async with aiohttp.ClientSession() as s:
+        for url in refused:
+            async with s.post(f"{base}/v1/jobs", json={"url": url}, headers=auth()) as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"]["type"] == "Forbidden", (url, body)
+            if url.endswith("/bounce"):
+                continue
+            data = form(data_dir / "jfk.flac", webhook_url=url.replace("/x", "/hook"))
+            async with s.post(f"{base}/v1/jobs", data=data, headers=auth()) as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"]["type"] == "Forbidden", (url, body)
+        for url in ["file:///etc/passwd", "gopher://127.0.0.2/", "http:///nohost"]:
+            async with s.post(f"{base}/v1/jobs", json={"url": url}, headers=auth()) as r:
+                assert r.status == 400, url
+        # the allow-listed address works, for ingest and webhooks alike
+        async with s.post(f"{base}/v1/jobs", json={"url": f"{source}/jfk.flac", "formats": ["txt"], "language": "en"}, headers=auth()) as r:
+            body = await r.json()
+            assert r.status == 202 and body["input_name"] == "speech.flac", body
+        done = await wait_done(s, base, body["id"])
+        assert done["status"] == "done"
+
+
+async def test_redis_unreachable_answers_503_fast(tmp_path, data_dir):
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("VTP_", "REDIS_"))},
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "VTP_DATA_DIR": str(tmp_path / "data"),
+    }
+    w = WebProcess(env, tmp_path / "web.log")
+    try:
+        async with aiohttp.ClientSession() as s:
+            for method, path, kw in [
+                ("POST", "/v1/jobs", {"data": form(data_dir / "jfk.flac")}),
+                ("GET", "/v1/jobs", {}),
+                ("GET", "/v1/jobs/" + "0" * 32, {}),
+                ("GET", "/healthz", {}),
+            ]:
+                started = time.monotonic()
+                async with s.request(method, w.url + path, **kw) as r:
+                    assert r.status == 503, (path, await r.text())
+                    assert r.headers["Retry-After"] == "5"
+                    assert "Redis" in (await r.json())["error"]["message"]
+                assert time.monotonic() - started < 3.0, path
+    finally:
+        w.close()
+    assert "serving loopback only" in (tmp_path / "web.log").read_text()
+
+
+def test_public_bind_without_tokens_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VTP_", "REDIS_"))}
+    res = subprocess.run(
+        [sys.executable, "-m", "app.cli", "web", "--host", "0.0.0.0", "--port", str(free_port())],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert res.returncode == 2
+    assert "without VTP_API_TOKENS" in res.stderr and "--insecure" in res.stderr

@@ -101,7 +101,11 @@ async def errors_middleware(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400 or not request.path.startswith("/v1/"):
             raise
-        response = error_response(exc.status, exc.reason, "HTTPError", headers=dict(exc.headers))
+        kept = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+        response = error_response(exc.status, exc.reason, "HTTPError", headers=kept)
+    except Exception:  # a bug: logged with its traceback, answered in one line
+        log.exception("%s %s failed", request.method, request.path)
+        response = error_response(500, "internal error (logged by the server)", "InternalError")
     key = (request.method, route, response.status)
     st.requests[key] = st.requests.get(key, 0) + 1
     return response

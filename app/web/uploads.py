@@ -43,8 +43,8 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]+")
 
 def safe_filename(raw: str | None) -> str:
     """The last path component of a client-supplied name, as harmless display text."""
-    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = _UNSAFE.sub("_", unquote(name)).strip(" .")
+    name = unquote(raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE.sub("_", name).strip(" .")
     return name[:200] or "upload"
 
 
