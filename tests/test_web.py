@@ -545,3 +545,44 @@ def test_public_bind_without_tokens_refused(tmp_path):
     )
     assert res.returncode == 2
     assert "without VTP_API_TOKENS" in res.stderr and "--insecure" in res.stderr
+
+
+# -- the browser --------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_browser_upload_shows_transcript(web_server, data_dir):
+    """Headless Debian Chromium, driven by Playwright: pick a video in the form, upload it,
+    follow the job page's live progress, and read the transcript and the download links."""
+    from playwright.sync_api import expect, sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium; .ci/run does it)", pytrace=False)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(web_server.url + "/")
+            # the API answers 401 without a token: the page opens its token box by itself
+            expect(page.locator("#token-box")).to_have_attribute("open", "")
+            page.fill("#token", TOKEN_A)
+            page.press("#token", "Tab")  # "change": the page keeps the token in localStorage
+            page.reload()
+            expect(page.locator("#model option")).to_have_count(1)
+            page.set_input_files("#file", str(data_dir / "talk_tts.mp4"))
+            expect(page.locator("#drop-text")).to_have_text("talk_tts.mp4")
+            page.click("#submit")
+            page.wait_for_url("**/jobs/*", timeout=30_000)
+            expect(page.locator("#state")).to_have_text("done", timeout=120_000)
+            expect(page.locator("#transcript")).to_contain_text("vacuum tubes", timeout=10_000)
+            assert page.locator("#progress").evaluate("e => e.value") == 1
+            expect(page.locator("#downloads a")).to_have_count(4)
+            with page.expect_download() as download:
+                page.click("#downloads a[data-format=srt]")
+            assert download.value.suggested_filename == "talk_tts.srt"
+            assert errors == []
+        finally:
+            browser.close()
