@@ -64,13 +64,15 @@ async def submit_file(
     reuse: bool = True,
     input_name: str = "",
     webhook_url: str = "",
+    sha256: str = "",
 ) -> Submitted:
     check_input_file(path, max_bytes=max_bytes)  # missing/empty/too large: no job at all
     if idempotency_key:
         earlier = await store.find_by_key(owner, idempotency_key)
         if earlier is not None:
             return Submitted(earlier, "idempotent")
-    sha = await anyio.to_thread.run_sync(sha256_of, path)
+    # The web process hashes uploads while they stream in: no second read of the file.
+    sha = sha256 or await anyio.to_thread.run_sync(sha256_of, path)
     if reuse:
         done = await store.find_reusable(owner, sha, options)
         if done is not None:

@@ -102,7 +102,7 @@ async def accept(
         st.store, st.storage, st.enqueue, upload.path, options,
         basename=safe_basename(upload.name), owner=owner, idempotency_key=idempotency_key,
         max_bytes=st.settings.max_upload_bytes, reuse=not webhook_url, input_name=upload.name,
-        webhook_url=webhook_url,
+        webhook_url=webhook_url, sha256=upload.sha256,
     )
 
 

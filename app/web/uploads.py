@@ -15,6 +15,7 @@ without control characters, so ``../../etc/passwd`` can name nothing but a job.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import tempfile
@@ -53,6 +54,8 @@ class Upload:
     path: Path
     name: str
     size: int
+    #: Of the bytes received, computed while they streamed in.
+    sha256: str = ""
     #: Text fields of the form (each may repeat, e.g. ``timestamp_granularities[]``).
     fields: dict[str, list[str]] = field(default_factory=dict)
 
@@ -84,15 +87,18 @@ class Spool:
                 path.unlink()
 
 
-async def _write_stream(chunks: AsyncIterator[bytes], path: Path, max_bytes: int | None) -> int:
+async def _write_stream(chunks: AsyncIterator[bytes], path: Path, max_bytes: int | None) -> tuple[int, str]:
+    """Write to ``path``, counting and hashing as it goes; (size, sha256)."""
     size = 0
+    digest = hashlib.sha256()
     with path.open("wb") as out:
         async for chunk in chunks:
             size += len(chunk)
             if max_bytes is not None and size > max_bytes:
                 raise too_large(size, max_bytes)
+            digest.update(chunk)
             out.write(chunk)  # 64 KiB into the page cache: cheaper than a thread hop
-    return size
+    return size, digest.hexdigest()
 
 
 async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
@@ -111,6 +117,7 @@ async def receive_multipart(request: web.Request, path: Path, *, max_bytes: int 
     fields: dict[str, list[str]] = {}
     name: str | None = None
     size = 0
+    sha = ""
     count = 0
     while (part := await reader.next()) is not None:
         count += 1
@@ -120,7 +127,7 @@ async def receive_multipart(request: web.Request, path: Path, *, max_bytes: int 
             if name is not None:
                 raise errors.OptionsError("one file per request")
             name = safe_filename(part.filename)
-            size = await _write_stream(_part_chunks(part), path, max_bytes)
+            size, sha = await _write_stream(_part_chunks(part), path, max_bytes)
         elif part.name:
             data = await part.read_chunk(MAX_FIELD_BYTES + 1)
             if len(data) > MAX_FIELD_BYTES or await part.read_chunk(1):
@@ -130,7 +137,7 @@ async def receive_multipart(request: web.Request, path: Path, *, max_bytes: int 
         raise errors.OptionsError("no file: send the media as the multipart field 'file'")
     if size == 0:
         raise errors.EmptyMedia(f"{name}: the file is empty (0 bytes)")
-    return Upload(path, name, size, fields)
+    return Upload(path, name, size, sha, fields)
 
 
 def _name_from(resp, url: str) -> str:
@@ -149,12 +156,12 @@ async def receive_url(guard: Guard, url: str, path: Path, *, max_bytes: int | No
             raise too_large(resp.content_length, max_bytes)
         name = _name_from(resp, url)
         try:
-            size = await _write_stream(resp.content.iter_chunked(CHUNK), path, max_bytes)
+            size, sha = await _write_stream(resp.content.iter_chunked(CHUNK), path, max_bytes)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise errors.InputNotFound(f"url: download failed: {exc or type(exc).__name__}") from None
     if size == 0:
         raise errors.EmptyMedia(f"{name}: the download is empty (0 bytes)")
-    return Upload(path, name, size)
+    return Upload(path, name, size, sha)
 
 
 async def check_media(upload: Upload, *, max_duration: float, limiter: anyio.Semaphore) -> float:
