@@ -1,11 +1,11 @@
 """Load on the web process: many concurrent uploads, their latency, and the server's memory.
 
-    python bench/upload_load.py [--uploads 200] [--concurrency 200] [--sizes 0.5,5,50] [--write docs/benchmarks.md]
+    python bench/upload_load.py [--uploads 200] [--concurrency 200] [--sizes 0.5,5,0.5x50,50x50] [--write docs/benchmarks.md]
 
 Starts a private ``redis-server`` and one ``vtp web`` process (both on 127.0.0.1, no workers:
 the jobs stay queued, only the web side is measured), then for each file size sends
 ``--uploads`` multipart ``POST /v1/jobs`` of a real video, ``--concurrency`` at a time, and
-reports p50/p99 latency of the request (first byte sent -> 202 read), errors (anything but
+reports (one fresh web process per size) p50/p99 latency of the request (first byte sent -> 202 read), errors (anything but
 202), and the web process's resident memory: its RSS before the pass and its peak during it
 (``VmHWM`` reset per pass through ``/proc/<pid>/clear_refs``; sampled ``VmRSS`` where that is
 not allowed). Sizes above the shared test video are built at run time by looping it with the
@@ -159,8 +159,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--uploads", type=int, default=200, help="uploads per file size (default: %(default)s)")
     ap.add_argument("--concurrency", type=int, default=200, help="uploads in flight at once (default: %(default)s)")
-    ap.add_argument("--sizes", default="0.5,5,50", help="file sizes in MB (default: %(default)s)")
-    ap.add_argument("--big-uploads", type=int, default=40, help="uploads for sizes over 20 MB (bounds disk use; default: %(default)s)")
+    ap.add_argument(
+        "--sizes", default="0.5,5,0.5x50,50x50",
+        help="file sizes in MB, each SIZE or SIZExUPLOADS (default: %(default)s: 50 MB files 50 at a time bound disk use)",
+    )
     ap.add_argument("--write", type=Path, default=None, help="write the table into this markdown file")
     args = ap.parse_args()
     if not 1 <= args.uploads <= 1000 or not 1 <= args.concurrency <= 1000:
@@ -179,7 +181,6 @@ def main() -> int:
         )
         procs.append(redis)
         wait_port(redis_port, redis, "redis-server")
-        web_port = free_port()
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("VTP_", "REDIS_"))},
             "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
@@ -188,30 +189,38 @@ def main() -> int:
             "VTP_MAX_UPLOAD_MB": "1024",
             "TMPDIR": str(work),
         }
-        log = (work / "web.log").open("wb")
-        web = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "web", "--port", str(web_port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        procs.append(web)
-        wait_port(web_port, web, "vtp web")
-        base = f"http://127.0.0.1:{web_port}"
-        mem = Memory(web.pid)
-        asyncio.run(one_pass(base, SOURCE, 5, 5))  # warm-up: imports, first connections, first ffmpeg
-        for size in (float(s) for s in args.sizes.split(",") if s.strip()):
+        for item in (s.strip() for s in args.sizes.split(",") if s.strip()):
+            size_text, _, count = item.partition("x")
+            size = float(size_text)
             path = build_media(size, work)
-            uploads = args.uploads if size <= 20 else min(args.uploads, args.big_uploads)
+            uploads = min(int(count), 1000) if count else args.uploads
+            # A fresh web process per size: each pass starts from the same baseline RSS.
+            web_port = free_port()
+            with (work / "web.log").open("ab") as log:
+                web = subprocess.Popen(
+                    [sys.executable, "-m", "app.cli", "web", "--port", str(web_port)],
+                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                )
+            procs.append(web)
+            wait_port(web_port, web, "vtp web")
+            base = f"http://127.0.0.1:{web_port}"
+            mem = Memory(web.pid)
+            asyncio.run(one_pass(base, SOURCE, 5, 5))  # warm-up: imports, first connections, first ffmpeg
+            in_flight = min(args.concurrency, uploads)
             before = mem.start()
-            latencies, errors, wall = asyncio.run(one_pass(base, path, uploads, min(args.concurrency, uploads)))
+            latencies, errors, wall = asyncio.run(one_pass(base, path, uploads, in_flight))
             peak = mem.stop()
+            web.send_signal(signal.SIGTERM)
+            web.wait(10)
             mb = path.stat().st_size / 1e6
             row = {
-                "size": mb, "uploads": uploads, "concurrency": min(args.concurrency, uploads), "p50": percentile(latencies, 50),
+                "size": mb, "uploads": uploads, "concurrency": in_flight, "p50": percentile(latencies, 50),
                 "p99": percentile(latencies, 99), "errors": len(errors), "wall": wall, "rss0": before / 2**20, "peak": peak / 2**20,
             }
             rows.append(row)
             print(
-                f"{mb:7.1f} MB x {uploads}: p50 {row['p50']:.2f} s, p99 {row['p99']:.2f} s, errors {len(errors)}, "
-                f"{uploads / wall:.1f} uploads/s, RSS {row['rss0']:.0f} -> peak {row['peak']:.0f} MiB",
+                f"{mb:7.1f} MB x {uploads} ({in_flight} in flight): p50 {row['p50']:.2f} s, p99 {row['p99']:.2f} s, "
+                f"errors {len(errors)}, {uploads / wall:.1f} uploads/s, RSS {row['rss0']:.0f} -> peak {row['peak']:.0f} MiB",
                 flush=True,
             )
             for e in errors[:5]:
