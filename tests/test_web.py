@@ -395,7 +395,11 @@ TOKEN_C = "token-c-" + "z" * 24
 @pytest.fixture(scope="module")
 def strict_server(cluster):
     """A second web process with tight limits (1 MB, 12 s of media) and its own token."""
-    env = {**cluster.env, "VTP_API_TOKENS": TOKEN_C, "VTP_MAX_UPLOAD_MB": "1", "VTP_MAX_DURATION": "12"}
+    env = {
+        **cluster.env, "VTP_API_TOKENS": TOKEN_C, "VTP_MAX_UPLOAD_MB": "1", "VTP_MAX_DURATION": "12",
+        # a model the operator offers but no worker has: its jobs fail in the workers
+        "VTP_MODELS": "tiny.en,/nonexistent/model",
+    }
     w = WebProcess(env, cluster.work_dir / "web-strict.log")
     try:
         yield w
@@ -458,6 +462,19 @@ async def test_limits_and_bad_uploads(strict_server, data_dir, tmp_path):
         done = await wait_done(s, base, body["id"], token=TOKEN_C)
         async with s.get(f"{base}/v1/jobs/{done['id']}/transcript.txt", headers=auth(TOKEN_C)) as r:
             assert r.headers["Content-Disposition"] == 'attachment; filename="x.txt"'
+
+
+async def test_webhook_of_failed_job(strict_server, data_dir, receiver_factory):
+    rec = await receiver_factory([(204, {})])
+    base = strict_server.url
+    async with aiohttp.ClientSession() as s:
+        data = form(data_dir / "jfk.flac", model="/nonexistent/model", webhook_url=rec.url)
+        status, body = await _post(s, base, data)
+        assert status == 202, body
+        await rec.wait_for(1)
+        event = verify(rec.seen[0][1], rec.seen[0][2])
+        assert event["type"] == "job.failed" and event["data"]["id"] == body["id"]
+        assert "no such model directory" in event["data"]["error"]
 
 
 async def test_ssrf_refused(web_server, data_dir, receiver_factory):
