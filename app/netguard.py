@@ -172,8 +172,6 @@ async def fetch(guard: Guard, url: str, *, timeout: float, what: str = "URL") ->
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 resp = await session.get(current, allow_redirects=False)
-            except errors.VtpError:
-                raise
             except (aiohttp.ClientError, TimeoutError) as exc:
                 cause = exc.__cause__ or exc.__context__
                 if isinstance(cause, errors.VtpError):  # the resolver refused it

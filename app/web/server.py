@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+from collections.abc import Awaitable, Callable
+from typing import Any
 import logging
 import sys
 import time
@@ -23,10 +25,11 @@ from aiohttp import web
 from app import errors
 from app.config import Settings
 from app.jobs import JobStore, redis_location
+from app.messages import JobRecord
 from app.netguard import Guard
 from app.storage import Storage, open_storage
 from app.web.auth import Tokens, Unauthorized
-from app.web.uploads import Spool, default_probe_limit
+from app.web.uploads import Spool, UploadStalled, default_probe_limit
 
 log = logging.getLogger("vtp.web")
 
@@ -43,12 +46,13 @@ class WebState:
     storage: Storage
     spool: Spool
     probe_limit: anyio.Semaphore
+    #: Set at start-up (``_start``), over one Redis client that connects on first use.
     store: JobStore | None = None
-    #: ``enqueue(record)``: queue the first stage (workers.arq_runner, imported at start-up).
-    enqueue: object = None
-    #: ``enqueue_webhook(job_id)``.
-    enqueue_webhook: object = None
-    redis: object = None
+    #: ``await enqueue(record)``: queue the first stage (``workers.arq_runner``, imported at start-up).
+    enqueue: Callable[[JobRecord], Awaitable[None]] | None = None
+    #: ``await enqueue_webhook(job_id)``: queue a finished job's webhook.
+    enqueue_webhook: Callable[[str], Awaitable[None]] | None = None
+    redis: Any = None
     started: float = field(default_factory=time.time)
     #: counters for /metrics: (method, route, status) -> n; bytes received in uploads.
     requests: dict[tuple[str, str, int], int] = field(default_factory=dict)
@@ -65,6 +69,7 @@ def state(request: web.Request) -> WebState:
 #: The HTTP status of each kind of error (first match wins).
 STATUS: tuple[tuple[type[Exception], int], ...] = (
     (Unauthorized, 401),
+    (UploadStalled, 408),
     (errors.MediaTooLarge, 413),
     (errors.MediaTooLong, 413),
     (errors.EmptyMedia, 400),

@@ -39,6 +39,9 @@ MAX_FIELDS = 32
 MAX_FIELD_BYTES = 8192
 #: Seconds a URL download may take.
 DOWNLOAD_TIMEOUT_S = 600.0
+#: Seconds an upload may send nothing before it is dropped (a stalled or trickling client
+#: must not hold a connection and a spool file forever).
+IDLE_TIMEOUT_S = 60.0
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\]+")
 
 
@@ -101,8 +104,19 @@ async def _write_stream(chunks: AsyncIterator[bytes], path: Path, max_bytes: int
     return size, digest.hexdigest()
 
 
-async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(CHUNK):
+class UploadStalled(errors.InputError):
+    """The client stopped sending mid-upload (408)."""
+
+
+async def _part_chunks(part: BodyPartReader, idle_s: float = IDLE_TIMEOUT_S) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            with anyio.fail_after(idle_s):
+                chunk = await part.read_chunk(CHUNK)
+        except TimeoutError:
+            raise UploadStalled(f"the upload stalled: nothing received for {idle_s:g} s") from None
+        if not chunk:
+            return
         yield chunk
 
 
