@@ -224,7 +224,7 @@ def options_from(values: dict) -> TranscribeOptions:
 TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 
 
-class WebhookAttempt(Struct, frozen=True, kw_only=True, omit_defaults=True):
+class WebhookAttempt(Struct, frozen=True, kw_only=True):
     """One delivery attempt of a job's webhook (``app.webhooks``)."""
 
     #: Unix seconds when it was made.

@@ -399,6 +399,9 @@ def strict_server(cluster):
         **cluster.env, "VTP_API_TOKENS": TOKEN_C, "VTP_MAX_UPLOAD_MB": "1", "VTP_MAX_DURATION": "12",
         # a model the operator offers but no worker has: its jobs fail in the workers
         "VTP_MODELS": "tiny.en,/nonexistent/model",
+        # this web process lets all of loopback through, the workers only 127.0.0.2: a name
+        # that passed the check at submit time is checked again where it is connected to
+        "VTP_PRIVATE_ALLOWLIST": "127.0.0.0/8",
     }
     w = WebProcess(env, cluster.work_dir / "web-strict.log")
     try:
@@ -475,6 +478,28 @@ async def test_webhook_of_failed_job(strict_server, data_dir, receiver_factory):
         event = verify(rec.seen[0][1], rec.seen[0][2])
         assert event["type"] == "job.failed" and event["data"]["id"] == body["id"]
         assert "no such model directory" in event["data"]["error"]
+
+
+async def test_webhook_target_checked_again_at_delivery(strict_server, data_dir, receiver_factory):
+    """What a DNS-rebinding attacker relies on: a name that was fine when the job was submitted
+    and points somewhere refused when the webhook fires. The worker resolves it itself, checks
+    the answer and connects only to checked addresses, so the delivery is refused, not made."""
+    rec = await receiver_factory([(200, {})])
+    base = strict_server.url
+    async with aiohttp.ClientSession() as s:
+        data = form(data_dir / "jfk.flac", formats="srt", webhook_url=f"http://localhost:{rec.port}/hook")
+        status, body = await _post(s, base, data)
+        assert status == 202, body
+        with anyio.fail_after(60):
+            while (job := await (await s.get(f"{base}/v1/jobs/{body['id']}", headers=auth(TOKEN_C))).json())["webhook"] is None:
+                await anyio.sleep(0.1)
+            while job["webhook"]["state"] == "pending":
+                await anyio.sleep(0.1)
+                job = await (await s.get(f"{base}/v1/jobs/{body['id']}", headers=auth(TOKEN_C))).json()
+    attempts = job["webhook"]["attempts"]
+    assert job["webhook"]["state"] == "failed" and len(attempts) == 1  # refused: never retried
+    assert attempts[0]["status"] == 0 and "localhost -> 127.0.0.1" in attempts[0]["error"]
+    assert rec.seen == []
 
 
 async def test_ssrf_refused(web_server, data_dir, receiver_factory):
