@@ -3,6 +3,7 @@
     vtp transcribe FILE... [-o DIR]   transcribe here, in this process (no Redis, no GPU)
     vtp worker --queue cpu|gpu        run an arq worker on Redis ($REDIS_URL)
     vtp submit FILE... [--wait]       enqueue on Redis; with --wait, show progress and write outputs
+    vtp web [--host H] [--port P]     the web process: upload form, jobs API, OpenAI-compatible endpoint
 
 Errors are one line on stderr (``vtp: error: <file>: <reason>``), never a traceback; the exit
 status is 1 if any input failed, 2 for bad usage.
@@ -78,11 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     from app import cli_queue  # the Redis-backed commands live beside, to keep this module local-only
 
     cli_queue.add_commands(sub)
+    from app import web
+
+    web.add_command(sub)
     return parser
 
 
 def unique_basenames(paths: list[Path]) -> list[str]:
-    from workers.local_runner import safe_basename
+    from app.media import safe_basename
 
     seen: dict[str, int] = {}
     names = []

@@ -120,7 +120,7 @@ async def _submit(args: argparse.Namespace, settings: Settings, options) -> int:
                 sub = await submit_file(
                     store, storage, enqueue, path, options,
                     basename=base, owner=args.owner, idempotency_key=key,
-                    max_bytes=settings.max_input_bytes, max_seconds=settings.max_duration_seconds,
+                    max_bytes=settings.max_input_bytes, max_duration=settings.max_duration,
                     reuse=not args.no_reuse,
                 )
             except errors.InputError as exc:  # this file is unusable; the others may be fine

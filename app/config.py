@@ -53,6 +53,25 @@ class Settings:
     #: sleep that long inside those stages, so crash tests can kill a worker mid-stage without
     #: relying on timing luck. Never set it in production.
     test_stage_delay: str = ""
+    #: ``VTP_MODELS``: comma list of the models a client may ask for; the first is the default.
+    models: str = "tiny.en"
+    #: ``VTP_API_TOKENS``: comma list of bearer tokens of the web API; each owns its jobs. None:
+    #: the web process serves loopback only (or a public address with ``--insecure``).
+    api_tokens: str = ""
+    #: ``VTP_MAX_UPLOAD_MB``: larger uploads (and URL downloads) are cut off with 413.
+    max_upload_mb: int = 1024
+    #: ``PORT``: the web process's port (what Fly and most hosts set).
+    port: int = 8000
+    #: ``VTP_WEBHOOK_SECRET``: ``whsec_<base64>`` key signing webhooks (Standard Webhooks); jobs
+    #: may ask for a webhook only when it is set.
+    webhook_secret: str = ""
+    #: ``VTP_WEBHOOK_TRIES``: delivery attempts per webhook before it is given up.
+    webhook_tries: int = 8
+    #: ``VTP_WEBHOOK_RETRY_DELAY``: seconds before the second attempt; doubles (with jitter) after.
+    webhook_retry_delay: float = 5.0
+    #: ``VTP_PRIVATE_ALLOWLIST``: comma list of CIDRs that URL ingest and webhooks may reach
+    #: although they are loopback, private or link-local (refused otherwise).
+    private_allowlist: str = ""
 
     _ENV = {
         "redis_url": "REDIS_URL",
@@ -68,6 +87,14 @@ class Settings:
         "result_ttl": "VTP_RESULT_TTL",
         "retry_delay": "VTP_RETRY_DELAY",
         "test_stage_delay": "VTP_TEST_STAGE_DELAY",
+        "models": "VTP_MODELS",
+        "api_tokens": "VTP_API_TOKENS",
+        "max_upload_mb": "VTP_MAX_UPLOAD_MB",
+        "port": "PORT",
+        "webhook_secret": "VTP_WEBHOOK_SECRET",
+        "webhook_tries": "VTP_WEBHOOK_TRIES",
+        "webhook_retry_delay": "VTP_WEBHOOK_RETRY_DELAY",
+        "private_allowlist": "VTP_PRIVATE_ALLOWLIST",
     }
 
     @classmethod
@@ -97,6 +124,18 @@ class Settings:
     @property
     def max_duration_seconds(self) -> float | None:
         return self.max_duration if self.max_duration > 0 else None
+
+    @property
+    def model_list(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.models.split(",") if m.strip()) or ("tiny.en",)
+
+    @property
+    def token_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.api_tokens.split(",") if t.strip())
+
+    @property
+    def max_upload_bytes(self) -> int | None:
+        return self.max_upload_mb * 1024 * 1024 if self.max_upload_mb > 0 else None
 
     def stage_delay(self, stage: str) -> float:
         """TEST-ONLY: the extra seconds ``VTP_TEST_STAGE_DELAY`` puts into ``stage`` (0: none)."""

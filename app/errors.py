@@ -12,10 +12,11 @@ traceback::
     │   ├── CorruptMedia         ffmpeg cannot read it (truncated, random bytes, wrong name)
     │   ├── NoAudioStream        a video with no audio track
     │   ├── MediaTooLarge        over the configured size limit
-    │   ├── MediaTooLong         more audio than the configured duration limit (declared or decoded)
+    │   ├── MediaTooLong         more audio than the duration limit (VTP_MAX_DURATION), declared or decoded
     │   └── UnsupportedFormat    a container ffmpeg reads but vtp refuses (playlists, devices, ...)
     ├── OptionsError             bad engine/model/format options
-    │   └── ModelNotFound        --model names neither a directory nor a loadable model
+    │   └── Forbidden            a URL the SSRF guard refuses (private, loopback, metadata)
+    │   ├── ModelNotFound        --model names neither a directory nor a loadable model
     ├── EngineError              the speech model failed while running (may be transient)
     ├── StorageError             artifact storage failed (transient)
     ├── QueueError               Redis / the job queue is unreachable (transient)
@@ -73,6 +74,10 @@ class OptionsError(VtpError):
 
 
 class ModelNotFound(OptionsError):
+    pass
+
+
+class Forbidden(OptionsError):
     pass
 
 

@@ -3,9 +3,10 @@ containers vtp accepts, and the cheap checks on an input file.
 
 Shared by ``workers.audio`` (extraction) and by what accepts uploads (``app.submit``, the web
 process), which must not import the speech stack: this module imports nothing but the standard
-library and anyio. ``check_media`` is the one check an upload goes through before it is
-accepted: the cheap file checks, then the container's declared duration against
-``VTP_MAX_DURATION`` (a few kB of FLAC can declare ten hours of audio).
+library and anyio. Before a file becomes a job it passes the cheap file checks, then ffmpeg's
+header parse (``probe_duration``) and the declared duration against ``VTP_MAX_DURATION``
+(``check_duration``: a few kB of FLAC can declare ten hours of audio); ``check_media_file`` does
+all of it for a local file (``vtp submit``).
 
 The ffmpeg binary is ``$VTP_FFMPEG`` if set, else the one inside the ``imageio-ffmpeg``
 wheel (so a bare ``pip install`` is enough), else ``ffmpeg`` on PATH.
@@ -63,46 +64,66 @@ def check_input_file(path: Path, *, max_bytes: int | None = None) -> int:
     return size
 
 
-#: Seconds a probe (headers only) may take; a file that outlasts it is probed no further and its
-#: length is enforced while it is extracted instead.
+#: ffmpeg's own words -> the reason a user reads.
+_STDERR_REASONS: tuple[tuple[str, type[errors.InputError], str], ...] = (
+    ("matches no streams", errors.NoAudioStream, "no audio stream: the file has no audio track to transcribe"),
+    ("does not contain any stream", errors.NoAudioStream, "no audio stream: the file has no audio track to transcribe"),
+    ("moov atom not found", errors.CorruptMedia, "not a readable MP4/MOV: the file is truncated or is not a video (moov atom not found)"),
+    ("not on whitelist", errors.UnsupportedFormat, "unsupported input format: playlists, devices and network references are refused"),
+    ("No such file or directory", errors.InputNotFound, "file not found"),
+    ("Permission denied", errors.InputNotFound, "permission denied"),
+    ("Invalid data found when processing input", errors.CorruptMedia, "not a media file ffmpeg can read (corrupt, truncated or not audio/video)"),
+    ("EBML header parsing failed", errors.CorruptMedia, "not a readable Matroska/WebM file (corrupt or truncated)"),
+)
+
+
+def reason_from_stderr(stderr: str, name: str) -> errors.InputError:
+    for needle, kind, reason in _STDERR_REASONS:
+        if needle in stderr:
+            return kind(f"{name}: {reason}")
+    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "unknown error")
+    return errors.CorruptMedia(f"{name}: ffmpeg could not decode it ({last})")
+
+
+def safe_basename(name: str) -> str:
+    """A file stem that is safe in any directory: no separators, no dot-files, bounded length."""
+    stem = Path(name).stem if "." in Path(name).name else Path(name).name
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")
+    return stem[:120] or "transcript"
+
+
+#: Seconds a probe (headers only) may take.
 PROBE_TIMEOUT_S = 30.0
 #: The input's own line is indented exactly two spaces; metadata (which a file chooses) is
 #: indented four or more, so a tag cannot pose as the duration.
-_DURATION_RE = re.compile(r"^  Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.MULTILINE)
+_DURATION = re.compile(r"^  Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.MULTILINE)
+_AUDIO_STREAM = re.compile(r"Stream #\d+:\d+.*?: Audio:")
 
 
-def input_args(path: Path) -> list[str]:
-    """ffmpeg's arguments for reading ``path``: the file protocol and media demuxers only, so a
-    file named ``http://...`` or a playlist pointing at other files or URLs is refused, not followed."""
-    return ["-protocol_whitelist", "file", "-format_whitelist", DEMUXERS, "-i", f"file:{path}"]
-
-
-async def probe_duration(path: Path, *, timeout: float = PROBE_TIMEOUT_S) -> float | None:
-    """The duration the container declares, in seconds, read from ffmpeg's ``Duration:`` line;
-    None when it declares none (``N/A``: a piped or raw stream), when ffmpeg cannot read the file
-    (extraction reports why), or when reading the headers takes longer than ``timeout``."""
-    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", *input_args(path)]
-    tail = b""
+async def probe_duration(path: Path, *, name: str, timeout: float = PROBE_TIMEOUT_S) -> float:
+    """What ffmpeg's header parse says of ``path``, before any decoding: its duration in
+    seconds (0.0 when the container does not say), or the ``InputError`` a full decode
+    would end with (not media, refused container, no audio stream). Cheap: reads headers only."""
+    cmd = [
+        ffmpeg_exe(), "-hide_banner", "-nostdin",
+        "-protocol_whitelist", "file", "-format_whitelist", DEMUXERS, "-i", f"file:{path}",
+    ]
     try:
-        process = await anyio.open_process(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        with anyio.fail_after(timeout):
+            done = await anyio.run_process(cmd, stdin=subprocess.DEVNULL, check=False)
+    except TimeoutError:
+        raise errors.CorruptMedia(f"{name}: ffmpeg could not read its headers within {timeout:g} s") from None
     except OSError as exc:
         raise errors.OptionsError(f"cannot run ffmpeg ({cmd[0]}): {exc}") from exc
-    async with process:
-        with anyio.move_on_after(timeout) as scope:
-            assert process.stderr is not None
-            async for data in process.stderr:
-                tail = (tail + data)[-65536:]  # a hostile file can make ffmpeg log a lot
-            await process.wait()
-        if scope.cancelled_caught:
-            process.kill()
-            with anyio.CancelScope(shield=True):
-                await process.wait()
-            return None
-    # ffmpeg exits 1 here ("At least one output file must be specified"): the header is what counts.
+    stderr = done.stderr.decode("utf-8", "replace")[-65536:]
+    if "Input #0" not in stderr:  # ffmpeg found no container it may open
+        raise reason_from_stderr(stderr, name)
+    if not _AUDIO_STREAM.search(stderr):
+        raise errors.NoAudioStream(f"{name}: no audio stream: the file has no audio track to transcribe")
     # The last match: the file's name, printed before it, could hold a line like it.
-    found = _DURATION_RE.findall(tail.decode("utf-8", "replace"))
+    found = _DURATION.findall(stderr)
     if not found:
-        return None
+        return 0.0
     hours, minutes, seconds = found[-1]
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
@@ -116,32 +137,34 @@ def describe_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def too_long(name: str, seconds: float | None, max_seconds: float) -> errors.MediaTooLong:
+def too_long(name: str, seconds: float | None, max_duration: float) -> errors.MediaTooLong:
     """The one-line refusal; ``seconds`` None when decoding was cut at the limit (how much more is unknown)."""
-    limit = describe_seconds(max_seconds)
+    limit = describe_seconds(max_duration)
     if seconds is None:
         return errors.MediaTooLong(f"{name}: it decodes to more audio than the {limit} limit (VTP_MAX_DURATION)")
     if describe_seconds(seconds) == limit:  # just over: show the difference
-        return errors.MediaTooLong(f"{name}: {seconds:.1f} s of audio is over the {max_seconds:.1f} s limit (VTP_MAX_DURATION)")
-    return errors.MediaTooLong(f"{name}: {describe_seconds(seconds)} of audio is over the {limit} limit (VTP_MAX_DURATION)")
+        return errors.MediaTooLong(f"{name}: {seconds:.1f} s of media is over the {max_duration:.1f} s limit (VTP_MAX_DURATION)")
+    return errors.MediaTooLong(f"{name}: {describe_seconds(seconds)} of media is over the {limit} limit (VTP_MAX_DURATION)")
 
 
-async def check_media(
-    path: Path,
-    *,
-    max_bytes: int | None = None,
-    max_seconds: float | None = None,
-    timeout: float = PROBE_TIMEOUT_S,
-) -> float | None:
-    """What an upload must pass before it becomes a job (``vtp submit``, the web process):
-    ``check_input_file``, then, with a duration limit, the declared duration against it
-    (``MediaTooLong``). Returns the declared duration (None: unknown, or no limit to check).
-    A file that declares no duration is accepted here; extraction enforces the limit on what
-    it actually decodes."""
+def check_duration(duration: float, *, name: str, max_duration: float) -> None:
+    """``MediaTooLong`` when ``duration`` is over ``max_duration`` seconds (0: no limit)."""
+    if max_duration > 0 and duration > max_duration:
+        raise too_long(name, duration, max_duration)
+
+
+async def check_media_file(
+    path: Path, *, max_bytes: int | None = None, max_duration: float = 0.0, timeout: float = PROBE_TIMEOUT_S
+) -> float:
+    """What a local file must pass before it becomes a job (``vtp submit``; the web process does
+    the same to its uploads in ``app.web.uploads.check_media``): ``check_input_file``, then, with
+    a duration limit, ffmpeg's header parse (not media or no audio: its ``InputError``) and the
+    declared duration against the limit (``MediaTooLong``). Returns the declared duration (0.0:
+    unknown, or not probed). A file that declares none passes; extraction enforces the limit on
+    what it decodes."""
     check_input_file(path, max_bytes=max_bytes)
-    if not max_seconds:
-        return None
-    declared = await probe_duration(path, timeout=timeout)
-    if declared is not None and declared > max_seconds:
-        raise too_long(path.name, declared, max_seconds)
-    return declared
+    if max_duration <= 0:
+        return 0.0
+    duration = await probe_duration(path, name=path.name, timeout=timeout)
+    check_duration(duration, name=path.name, max_duration=max_duration)
+    return duration

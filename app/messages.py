@@ -256,6 +256,29 @@ def options_from(values: dict) -> TranscribeOptions:
 TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 
 
+class WebhookAttempt(Struct, frozen=True, kw_only=True):
+    """One delivery attempt of a job's webhook (``app.webhooks``)."""
+
+    #: Unix seconds when it was made.
+    at: float
+    #: HTTP status of the receiver's answer (0: no answer: refused, timed out, unreachable).
+    status: int = 0
+    error: str = ""
+    #: Seconds until the next attempt (0: none: delivered or given up).
+    retry_in: float = 0.0
+
+
+class WebhookDelivery(Struct, kw_only=True):
+    """The webhook of a finished job: sent by the CPU workers' ``webhook`` task."""
+
+    #: ``webhook-id``: the same on every attempt, so receivers can deduplicate.
+    id: str
+    #: ``job.completed``, ``job.failed`` or ``job.cancelled``.
+    event: str
+    state: Literal["pending", "delivered", "failed"] = "pending"
+    attempts: list[WebhookAttempt] = []
+
+
 class JobRecord(Struct, kw_only=True):
     """One distributed job, as stored in Redis (``app.jobs.JobStore``) and shown by ``vtp status``.
 
@@ -295,6 +318,10 @@ class JobRecord(Struct, kw_only=True):
     error: str = ""
     #: format -> storage key of the rendered output.
     outputs: dict[str, str] = {}
+    #: Where to POST the Standard Webhooks event when the job ends (checked against the SSRF guard).
+    webhook_url: str = ""
+    #: Its delivery, once the job has ended.
+    webhook: WebhookDelivery | None = None
 
     @property
     def terminal(self) -> bool:
@@ -304,3 +331,74 @@ class JobRecord(Struct, kw_only=True):
     def wall_seconds(self) -> float:
         end = self.finished_at or self.updated_at
         return max(end - self.created_at, 0.0)
+
+
+class JobProgress(Struct, frozen=True, kw_only=True):
+    chunks_done: int
+    chunks_total: int
+    audio_done: float
+    audio_total: float
+    #: 0..1 of the speech transcribed (1 once done).
+    fraction: float
+
+
+class JobView(Struct, frozen=True, kw_only=True):
+    """A job as the web API shows it (``GET /v1/jobs/{id}``) and as webhooks carry it."""
+
+    id: str
+    status: Stage
+    input_name: str
+    created_at: float
+    finished_at: float | None
+    #: Media seconds (known after extraction).
+    duration: float
+    progress: JobProgress
+    #: Seconds in each stage (queue, extract, segment, transcribe, merge, render).
+    timings: dict[str, float]
+    wall_seconds: float
+    #: Media seconds per wall second, once done.
+    realtime_factor: float | None
+    error: str | None
+    model: str
+    language: str | None
+    #: Formats ready to download (``GET /v1/jobs/{id}/transcript.{fmt}``).
+    formats: list[str]
+    webhook: WebhookDelivery | None = None
+
+    @classmethod
+    def of(cls, r: JobRecord) -> JobView:
+        total = r.audio_total
+        fraction = 1.0 if r.state == "done" else (min(r.audio_done / total, 1.0) if total > 0 else 0.0)
+        wall = r.wall_seconds
+        return cls(
+            id=r.id,
+            status=r.state,
+            input_name=r.input_name,
+            created_at=r.created_at,
+            finished_at=r.finished_at or None,
+            duration=round(r.duration, 3),
+            progress=JobProgress(
+                chunks_done=r.chunks_done,
+                chunks_total=r.chunks_total,
+                audio_done=round(r.audio_done, 3),
+                audio_total=round(total, 3),
+                fraction=round(fraction, 4),
+            ),
+            timings=r.timings,
+            wall_seconds=round(wall, 3),
+            realtime_factor=round(r.duration / wall, 2) if r.state == "done" and wall > 0 else None,
+            error=r.error or None,
+            model=r.options.model,
+            language=r.options.language,
+            formats=sorted(r.outputs),
+            webhook=r.webhook,
+        )
+
+
+class WebhookEvent(Struct, frozen=True, kw_only=True):
+    """The body of a webhook (Standard Webhooks' ``type`` / ``timestamp`` / ``data``)."""
+
+    type: str
+    #: ISO 8601, UTC.
+    timestamp: str
+    data: JobView

@@ -29,7 +29,7 @@ from app import errors
 from app.jobs import JobStore
 from app.messages import JobRecord, TranscribeOptions
 from app import keys
-from app.media import check_media
+from app.media import check_media_file
 from app.storage import Storage
 
 Enqueue = Callable[[JobRecord], Awaitable[None]]
@@ -61,16 +61,21 @@ async def submit_file(
     owner: str = "",
     idempotency_key: str = "",
     max_bytes: int | None = None,
-    max_seconds: float | None = None,
+    max_duration: float = 0.0,
     reuse: bool = True,
+    input_name: str = "",
+    webhook_url: str = "",
+    sha256: str = "",
 ) -> Submitted:
-    # missing, empty, too large, or declaring more audio than allowed: no job at all
-    await check_media(path, max_bytes=max_bytes, max_seconds=max_seconds)
+    # missing, empty, too large; with a duration limit also not media, no audio, or declaring
+    # more than the limit: no job at all (the web process checks its uploads the same way first)
+    await check_media_file(path, max_bytes=max_bytes, max_duration=max_duration)
     if idempotency_key:
         earlier = await store.find_by_key(owner, idempotency_key)
         if earlier is not None:
             return Submitted(earlier, "idempotent")
-    sha = await anyio.to_thread.run_sync(sha256_of, path)
+    # The web process hashes uploads while they stream in: no second read of the file.
+    sha = sha256 or await anyio.to_thread.run_sync(sha256_of, path)
     if reuse:
         done = await store.find_reusable(owner, sha, options)
         if done is not None:
@@ -82,12 +87,13 @@ async def submit_file(
         JobRecord(
             id=job_id,
             owner=owner,
-            input_name=path.name,
+            input_name=input_name or path.name,
             basename=basename,
             media_key=keys.media_key(job_id),
             sha256=sha,
             idempotency_key=idempotency_key,
             options=options,
+            webhook_url=webhook_url,
         )
     )
     if not created:  # lost a race for the idempotency key: drop our upload, report the winner

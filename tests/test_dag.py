@@ -189,11 +189,18 @@ async def cluster_busy(cluster: Cluster) -> bool:
 async def test_bad_media_fails_at_once_with_a_readable_reason(cluster, store, tmp_path):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(os.urandom(50_000))
-    res = cluster.cli("submit", "--wait", "-q", "--owner", "bad", "-o", str(tmp_path / "out"), str(broken))
-    assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[-1] == (
-        "vtp: error: broken.mp4: not a media file ffmpeg can read (corrupt, truncated or not audio/video)"
+    reason = "broken.mp4: not a media file ffmpeg can read (corrupt, truncated or not audio/video)"
+    # submit reads the headers before uploading (as the web upload does): no job at all
+    before = await store.list_ids(100)
+    res = cluster.cli("submit", "-q", "--owner", "bad", str(broken))
+    assert res.returncode == 1 and res.stderr.splitlines() == [f"vtp: error: {reason}"]
+    assert await store.list_ids(100) == before
+    # one that gets past it (no duration limit at the submitter: no probe) fails in extract
+    res = cluster.cli(
+        "submit", "--wait", "-q", "--owner", "bad", "-o", str(tmp_path / "out"), str(broken), VTP_MAX_DURATION="0"
     )
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == f"vtp: error: {reason}"
     assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
     (job_id,) = await store.list_ids(1)
     record = await store.get(job_id)

@@ -19,7 +19,7 @@ import pytest
 from app import errors
 from app.config import Settings
 from app.jobs import JobStore
-from app.media import check_media, ffmpeg_exe, probe_duration
+from app.media import check_media_file, ffmpeg_exe, probe_duration
 from app.messages import ExtractRequest, ProgressEvent, TranscribeOptions
 from app.storage import LocalStorage
 from conftest import ROOT
@@ -30,7 +30,7 @@ from workers.local_runner import LocalRunner
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
-BOMB_REASON = "bomb.flac: 10.0 h of audio is over the 6.0 h limit (VTP_MAX_DURATION)"
+BOMB_REASON = "bomb.flac: 10.0 h of media is over the 6.0 h limit (VTP_MAX_DURATION)"
 
 
 @pytest.fixture
@@ -60,13 +60,16 @@ def vtp(*args, env: dict[str, str] | None = None, timeout: float = 120) -> subpr
 
 
 async def test_probe_reads_the_declared_duration(data_dir, media, tmp_path):
-    assert await probe_duration(data_dir / "jfk.flac") == pytest.approx(11.0, abs=0.1)
-    assert await probe_duration(data_dir / "talk_tts.mp4") == pytest.approx(70.0, abs=1)  # the container's
-    assert await probe_duration(media["bomb"]) == 36000.0
-    assert await probe_duration(media["stream"]) is None  # a piped FLAC declares no length
+    assert await probe_duration(data_dir / "jfk.flac", name="jfk.flac") == pytest.approx(11.0, abs=0.1)
+    assert await probe_duration(data_dir / "talk_tts.mp4", name="t") == pytest.approx(70.0, abs=1)  # the container's
+    assert await probe_duration(media["bomb"], name="bomb.flac") == 36000.0
+    assert await probe_duration(media["stream"], name="s") == 0.0  # a piped FLAC declares no length
     junk = tmp_path / "notes.mp4"
     junk.write_text("not a video\n" * 100)
-    assert await probe_duration(junk) is None  # extraction says why
+    with pytest.raises(errors.CorruptMedia, match="notes.mp4: not a readable MP4"):
+        await probe_duration(junk, name="notes.mp4")
+    with pytest.raises(errors.NoAudioStream):
+        await probe_duration(data_dir / "no_audio.mp4", name="no_audio.mp4")
 
 
 async def test_tags_and_names_cannot_pose_as_the_duration(media, tmp_path):
@@ -77,22 +80,24 @@ async def test_tags_and_names_cannot_pose_as_the_duration(media, tmp_path):
          "-metadata", "Duration: 00:00:01.00 x=1", "-metadata", "title=a\n  Duration: 00:00:02.00", str(tagged)],
         check=True, timeout=60,
     )
-    assert await probe_duration(tagged) == 36000.0
+    assert await probe_duration(tagged, name="tagged.flac") == 36000.0
     named = tmp_path / "x\n  Duration: 00:00:03.00, .flac"
     named.write_bytes(media["bomb"].read_bytes())
-    assert await probe_duration(named) == 36000.0
+    assert await probe_duration(named, name="named.flac") == 36000.0
 
 
-async def test_check_media_refuses_what_declares_too_much(data_dir, media):
+async def test_check_media_file_refuses_what_declares_too_much(data_dir, media, tmp_path):
     with pytest.raises(errors.MediaTooLong) as info:
-        await check_media(media["bomb"], max_seconds=21600)
+        await check_media_file(media["bomb"], max_duration=21600)
     assert str(info.value) == BOMB_REASON
     assert info.value.permanent and isinstance(info.value, errors.InputError)
-    assert await check_media(media["bomb"]) is None  # no limit: not even probed
-    assert await check_media(data_dir / "jfk.flac", max_seconds=60) == pytest.approx(11.0, abs=0.1)
-    assert await check_media(media["stream"], max_seconds=60) is None  # unknown here: extraction enforces
+    assert await check_media_file(media["bomb"]) == 0.0  # no limit: not even probed
+    assert await check_media_file(data_dir / "jfk.flac", max_duration=60) == pytest.approx(11.0, abs=0.1)
+    assert await check_media_file(media["stream"], max_duration=60) == 0.0  # unknown here: extraction enforces
     with pytest.raises(errors.InputNotFound):
-        await check_media(data_dir / "missing.flac", max_seconds=60)
+        await check_media_file(data_dir / "missing.flac", max_duration=60)
+    with pytest.raises(errors.NoAudioStream):
+        await check_media_file(data_dir / "no_audio.mp4", max_duration=60)
 
 
 def test_max_duration_setting():
@@ -141,7 +146,7 @@ async def test_the_last_report_gives_the_true_length(data_dir, tmp_path):
 
 async def test_a_bomb_is_refused_before_decoding(media, tmp_path):
     started = time.monotonic()
-    with pytest.raises(errors.MediaTooLong, match="10.0 h of audio is over the 6.0 h limit"):
+    with pytest.raises(errors.MediaTooLong, match="10.0 h of media is over the 6.0 h limit"):
         await extract(media["bomb"], tmp_path, Settings())
     assert time.monotonic() - started < 5
     assert not list((tmp_path / "store" / "jobs" / "j").glob("*audio*"))
@@ -251,7 +256,7 @@ def test_a_job_past_submit_fails_in_extract_and_long_stages_report_progress(redi
             try:
                 with anyio.fail_after(60):
                     bomb, stream, quiet = [await store.wait(i) for i in ids]
-                assert bomb.state == "failed" and bomb.error == "bomb.flac: 10.0 h of audio is over the 60 s limit (VTP_MAX_DURATION)"
+                assert bomb.state == "failed" and bomb.error == "bomb.flac: 10.0 h of media is over the 60 s limit (VTP_MAX_DURATION)"
                 assert stream.state == "failed" and "decodes to more audio than the 60 s limit" in stream.error
                 assert quiet.state == "done", quiet.error + c.logs()
                 events = [(e.state, e.audio_done, e.audio_total) async for e in store.events(quiet.id)]

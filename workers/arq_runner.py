@@ -52,7 +52,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from arq import Retry
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -78,9 +78,24 @@ from app.messages import (
     encode,
 )
 from app.storage import open_storage
-from workers import stages
-from workers.engines.base import EnginePool
-from workers.local_runner import with_timings
+
+if TYPE_CHECKING:
+    from workers import stages
+    from workers.engines.base import EnginePool
+
+
+def _speech():
+    """The stages and the speech stack, imported by workers only: the web process imports this
+    module to enqueue (``enqueue_first_stage``, ``enqueue_webhook``) and must stay light."""
+    from workers import stages
+
+    return stages
+
+
+def _engine_pool() -> EnginePool:
+    from workers.engines.base import EnginePool
+
+    return EnginePool()
 
 log = logging.getLogger("vtp.worker")
 
@@ -126,20 +141,38 @@ async def connect(settings: Settings, *, conn_retries: int = 0) -> ArqRedis:
         raise errors.QueueError(f"cannot reach Redis at {redis_location(settings.redis_url)}: {exc}") from exc
 
 
-async def _enqueue(redis: ArqRedis, settings: Settings, function: str, *args: Any, queue: str, arq_id: str) -> None:
+def client(settings: Settings) -> ArqRedis:
+    """An arq-capable Redis client that connects on first use (the web process starts, and
+    answers 503, while Redis is away; ``connect`` instead fails at once)."""
+    return ArqRedis.from_url(
+        settings.redis_url, socket_connect_timeout=1, socket_timeout=10,
+        retry=redis_retry(1), retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+    )
+
+
+async def _enqueue(
+    redis: ArqRedis, settings: Settings, function: str, *args: Any, queue: str, arq_id: str,
+    defer: float | None = None, outage_s: float | None = None,
+) -> None:
     async def attempt() -> None:
         job = await redis.enqueue_job(
-            function, *args, _job_id=arq_id, _queue_name=queue, _expires=max(settings.result_ttl, 86400)
+            function, *args, _job_id=arq_id, _queue_name=queue, _expires=max(settings.result_ttl, 86400),
+            _defer_by=defer,
         )
         # None is normal: the same deterministic id is already queued, running or finished.
         # But arq also returns None when its WATCH broke on a lost connection: check.
         if job is None and not await redis.exists(job_key_prefix + arq_id, result_key_prefix + arq_id):
             raise redis_errors.ConnectionError(f"enqueueing {arq_id} was interrupted")
 
-    await retrying(attempt, where=redis_location(settings.redis_url))
+    if outage_s is None:
+        await retrying(attempt, where=redis_location(settings.redis_url))
+    else:
+        await retrying(attempt, where=redis_location(settings.redis_url), outage_s=outage_s)
 
 
-async def enqueue_first_stage(redis: ArqRedis, record: JobRecord, *, settings: Settings) -> None:
+async def enqueue_first_stage(
+    redis: ArqRedis, record: JobRecord, *, settings: Settings, outage_s: float | None = None
+) -> None:
     """What ``submit`` calls once the job record exists: queue its extraction."""
     req = ExtractRequest(job_id=record.id, media_key=record.media_key, source_name=record.input_name)
     await _enqueue(
@@ -149,6 +182,15 @@ async def enqueue_first_stage(redis: ArqRedis, record: JobRecord, *, settings: S
         encode(req),
         queue=constants.QUEUE_CPU,
         arq_id=constants.arq_job_id(record.id, "extract"),
+        outage_s=outage_s,
+    )
+
+
+async def enqueue_webhook(redis: ArqRedis, job_id: str, *, settings: Settings, outage_s: float | None = None) -> None:
+    """Queue the webhook of a job that has ended (a no-op while one is queued or running)."""
+    await _enqueue(
+        redis, settings, constants.FN_WEBHOOK, job_id,
+        queue=constants.QUEUE_CPU, arq_id=constants.arq_job_id(job_id, "webhook"), outage_s=outage_s,
     )
 
 
@@ -162,7 +204,9 @@ async def _run_stage(ctx: dict, job_id: str, label: str, state: Stage, body: Bod
     """Run one stage of one job: check state, enter ``state``, run ``body`` under its deadline,
     and turn failures into a failed job or an arq retry."""
     try:
-        return await _checked_run(ctx, job_id, label, state, body, enter=enter)
+        outcome = await _checked_run(ctx, job_id, label, state, body, enter=enter)
+        await _webhook_if_ended(ctx, job_id)
+        return outcome
     except errors.QueueError as exc:
         # Redis itself failed beyond the client's retries, so nothing can be recorded now.
         # Let arq run this stage again later (if Redis is still away, arq cannot even record
@@ -170,6 +214,15 @@ async def _run_stage(ctx: dict, job_id: str, label: str, state: Stage, body: Bod
         delay = min(ctx["settings"].retry_delay * 2 ** (ctx["job_try"] - 1), 60.0)
         log.warning("%s of job %s: %s; retrying in %.1f s", label, job_id, exc, delay)
         raise Retry(defer=delay) from exc
+
+
+async def _webhook_if_ended(ctx: dict, job_id: str) -> None:
+    """Every way a job ends (done, failed, cancelled meanwhile) passes through a stage that
+    returns: queue its webhook there (once: the arq id is deterministic, and the task itself
+    skips a webhook already delivered or given up)."""
+    record = await ctx["store"].find(job_id)
+    if record is not None and record.terminal and record.webhook_url and record.webhook is None:
+        await enqueue_webhook(ctx["redis"], job_id, settings=ctx["settings"])
 
 
 async def _checked_run(ctx: dict, job_id: str, label: str, state: Stage, body: Body, *, enter: bool) -> str:
@@ -279,7 +332,7 @@ async def extract_task(ctx: dict, data: bytes) -> str:
     store: JobStore = ctx["store"]
 
     async def body(record: JobRecord) -> str:
-        extracted = await stages.extract_audio(
+        extracted = await _speech().extract_audio(
             _stage_ctx(ctx), req, progress=_progress_events(ctx, req.job_id, "extracting")
         )
         await store.put_part(req.job_id, "audio", extracted)
@@ -301,7 +354,7 @@ async def segment_task(ctx: dict, data: bytes) -> str:
     job_id = req.job_id
 
     async def body(record: JobRecord) -> str:
-        seg = await stages.segment(_stage_ctx(ctx), req, progress=_progress_events(ctx, job_id, "segmenting"))
+        seg = await _speech().segment(_stage_ctx(ctx), req, progress=_progress_events(ctx, job_id, "segmenting"))
         await store.put_part(job_id, "segmentation", seg)
         await store.start_fan_out(job_id, len(seg.batches))
         await store.note(job_id, chunks_total=len(seg.chunks), audio_total=seg.speech_seconds)
@@ -330,7 +383,7 @@ async def transcribe_task(ctx: dict, data: bytes) -> str:
     job_id = req.job_id
 
     async def body(record: JobRecord) -> str:
-        part = await stages.transcribe(_stage_ctx(ctx), req)
+        part = await _speech().transcribe(_stage_ctx(ctx), req)
         await store.count_run(job_id, "transcribe")
         fan = await store.record_batch(job_id, part, len(req.batch.chunks))
         await store.progress(job_id, chunks_done=fan.chunks_done, audio_done=fan.audio_done)
@@ -358,8 +411,10 @@ async def merge_task(ctx: dict, job_id: str) -> str:
         seg = await store.get_part(job_id, "segmentation", Segmentation)
         parts = await store.batch_parts(job_id)
         req = MergeRequest(job_id=job_id, audio=audio, segmentation=seg, parts=parts, options=record.options)
-        transcript = await stages.merge(_stage_ctx(ctx), req)
+        transcript = await _speech().merge(_stage_ctx(ctx), req)
         timings = {**record.timings, "merge": round(time.perf_counter() - started, 3)}
+        from workers.local_runner import with_timings
+
         transcript = with_timings(transcript, timings, time.time() - record.created_at)
         await store.count_run(job_id, "merge")
         nxt = RenderRequest(job_id=job_id, transcript=transcript, formats=record.options.formats, basename=record.basename)
@@ -377,7 +432,7 @@ async def render_task(ctx: dict, data: bytes) -> str:
     store: JobStore = ctx["store"]
 
     async def body(record: JobRecord) -> str:
-        rendered = await stages.render(_stage_ctx(ctx), req)
+        rendered = await _speech().render(_stage_ctx(ctx), req)
         await store.count_run(req.job_id, "render")
         await _enqueue(
             ctx["redis"], ctx["settings"], constants.FN_NOTIFY, req.job_id, encode(rendered),
@@ -408,6 +463,21 @@ async def notify_task(ctx: dict, job_id: str, data: bytes) -> str:
     return await _run_stage(ctx, job_id, "notify", "done", body, enter=False)
 
 
+async def webhook_task(ctx: dict, job_id: str) -> str:
+    """One delivery attempt of a finished job's webhook (``app.webhooks``); arq runs it again
+    after the backoff until it is delivered or given up."""
+    from app import webhooks
+
+    try:
+        wait = await webhooks.deliver(ctx["store"], ctx["settings"], ctx["guard"], job_id)
+    except errors.QueueError as exc:
+        log.warning("webhook of job %s: %s; retrying", job_id, exc)
+        raise Retry(defer=ctx["settings"].webhook_retry_delay) from exc
+    if wait is None:
+        return "webhook settled"
+    raise Retry(defer=wait)
+
+
 # -- worker settings: one per queue -----------------------------------------------------------
 
 
@@ -428,6 +498,8 @@ def worker_settings(
             func(merge_task, name=constants.FN_MERGE, timeout=cpu_timeout),
             func(render_task, name=constants.FN_RENDER, timeout=cpu_timeout),
             func(notify_task, name=constants.FN_NOTIFY, timeout=cpu_timeout),
+            # Its own tries are counted in the job record; arq's bound is a backstop only.
+            func(webhook_task, name=constants.FN_WEBHOOK, timeout=60, max_tries=settings.webhook_tries + 2),
         ]
         default_concurrency = os.cpu_count() or 2
     elif queue == "gpu":
@@ -449,7 +521,7 @@ def worker_settings(
         "health_check_key": constants.health_key(queue, name or default_name()),
         "poll_delay": POLL_DELAY_S,
         "expires_extra_ms": max(settings.result_ttl, 86400) * 1000,
-        "ctx": {"settings": settings, "engines": engines or EnginePool()},
+        "ctx": {"settings": settings, "engines": engines or _engine_pool()},
         "on_startup": _startup,
         "log_results": True,
     }
@@ -458,7 +530,10 @@ def worker_settings(
 async def _startup(ctx: dict) -> None:
     settings: Settings = ctx["settings"]
     ctx["store"] = JobStore(ctx["redis"], result_ttl=settings.result_ttl, where=redis_location(settings.redis_url))
-    ctx["stage_ctx"] = stages.StageContext(
+    from app.netguard import Guard
+
+    ctx["guard"] = Guard(settings.private_allowlist)
+    ctx["stage_ctx"] = _speech().StageContext(
         storage=open_storage(settings.storage_url), settings=settings, engines=ctx["engines"]
     )
 
@@ -497,7 +572,7 @@ async def run_worker(
     as Redis answers; jobs the old one was running are rerun by arq once their in-progress
     keys expire.
     """
-    engines = EnginePool()
+    engines = _engine_pool()
     where = redis_location(settings.redis_url)
     pause = 1.0
     while True:

@@ -27,22 +27,18 @@ import ffmpeg
 import numpy as np
 
 from app import errors
-from app.media import DEMUXERS, check_input_file, ffmpeg_exe, probe_duration, too_long
+from app.media import (
+    DEMUXERS,
+    check_duration,
+    check_input_file,
+    ffmpeg_exe,
+    probe_duration,
+    reason_from_stderr,
+    too_long,
+)
 from app.messages import SAMPLE_RATE
 
-__all__ = ["DEMUXERS", "check_input_file", "ffmpeg_exe", "extract_pcm", "pcm_to_float"]
-
-#: ffmpeg's own words -> the reason a user reads.
-_STDERR_REASONS: tuple[tuple[str, type[errors.InputError], str], ...] = (
-    ("matches no streams", errors.NoAudioStream, "no audio stream: the file has no audio track to transcribe"),
-    ("does not contain any stream", errors.NoAudioStream, "no audio stream: the file has no audio track to transcribe"),
-    ("moov atom not found", errors.CorruptMedia, "not a readable MP4/MOV: the file is truncated or is not a video (moov atom not found)"),
-    ("not on whitelist", errors.UnsupportedFormat, "unsupported input format: playlists, devices and network references are refused"),
-    ("No such file or directory", errors.InputNotFound, "file not found"),
-    ("Permission denied", errors.InputNotFound, "permission denied"),
-    ("Invalid data found when processing input", errors.CorruptMedia, "not a media file ffmpeg can read (corrupt, truncated or not audio/video)"),
-    ("EBML header parsing failed", errors.CorruptMedia, "not a readable Matroska/WebM file (corrupt or truncated)"),
-)
+__all__ = ["DEMUXERS", "check_input_file", "ffmpeg_exe", "extract_pcm", "pcm_to_float", "reason_from_stderr"]
 
 
 #: The output is cut this far past the duration limit: enough to tell "over" from "exactly at".
@@ -66,14 +62,6 @@ def ffmpeg_command(source: Path, dest: Path, *, max_seconds: float | None = None
     return stream.compile(cmd=ffmpeg_exe())
 
 
-def reason_from_stderr(stderr: str, name: str) -> errors.InputError:
-    for needle, kind, reason in _STDERR_REASONS:
-        if needle in stderr:
-            return kind(f"{name}: {reason}")
-    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "unknown error")
-    return errors.CorruptMedia(f"{name}: ffmpeg could not decode it ({last})")
-
-
 async def extract_pcm(
     source: Path,
     dest: Path,
@@ -87,12 +75,12 @@ async def extract_pcm(
 
     With ``max_seconds``, more audio than that is ``MediaTooLong``: at once if the container
     declares it, else as soon as ffmpeg has decoded just past the limit. ``progress`` (see
-    ``workers.stages.Progress``) hears (seconds decoded, seconds declared or 0) as it goes."""
+    ``workers.stages.Progress``) hears (seconds decoded, seconds declared or 0) as it goes,
+    and last (the true length, the true length)."""
     check_input_file(source)
-    declared = await probe_duration(source)
-    if max_seconds and declared is not None and declared > max_seconds:
-        raise too_long(name, declared, max_seconds)
-    total = declared or 0.0
+    # headers first: what is not media (or has no audio) or declares too much is refused at once
+    total = await probe_duration(source, name=name)
+    check_duration(total, name=name, max_duration=max_seconds or 0.0)
     if progress is not None:
         await progress(0.0, total)
 

@@ -7,7 +7,6 @@ on the one loaded model; each reports progress.
 
 from __future__ import annotations
 
-import re
 import tempfile
 import time
 import uuid
@@ -29,19 +28,13 @@ from app.messages import (
     TranscribeRequest,
 )
 from app import keys
+from app.media import safe_basename  # noqa: F401 - used here and by app.cli
 from app.storage import LocalStorage, download_outputs
 from workers import audio, stages, vad
 from workers.coverage import CoverageOptions
 from workers.engines.base import EnginePool
 
 ProgressSink = Callable[[ProgressEvent], None]
-
-
-def safe_basename(name: str) -> str:
-    """A file stem that is safe in any directory: no separators, no dot-files, bounded length."""
-    stem = Path(name).stem if "." in Path(name).name else Path(name).name
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")
-    return stem[:120] or "transcript"
 
 
 @dataclass

@@ -37,7 +37,7 @@ from workers import levels
 #: Audio read before a block's start so the filter and the VAD's state have settled by it.
 LEAD_S = 2.0
 #: A region ending this close to a block's end may continue: the next block decides it.
-TAIL_S = 40.0
+TAIL_S = 5.0
 
 Reader = Callable[[int, int], np.ndarray]
 BlockDone = Callable[[int, int], None]
@@ -62,7 +62,7 @@ class ChunkingOptions:
     #: above it; hum and rumble, which blind Silero, live below it.
     highpass_hz: float = 300.0
     #: Seconds of audio the VAD holds at once: bounds memory whatever the input length.
-    block_s: float = 300.0
+    block_s: float = 60.0
     #: The safety net for loud stretches the VAD rejected (``workers.levels``).
     probes: levels.ProbeOptions = field(default_factory=levels.ProbeOptions)
 
