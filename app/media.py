@@ -117,6 +117,10 @@ async def probe_duration(path: Path, *, name: str, timeout: float = PROBE_TIMEOU
         raise errors.OptionsError(f"cannot run ffmpeg ({cmd[0]}): {exc}") from exc
     stderr = done.stderr.decode("utf-8", "replace")[-65536:]
     if "Input #0" not in stderr:  # ffmpeg found no container it may open
+        if "misdetection possible" in stderr:
+            # a format guessed from noise (random bytes "detected" as MP4 with a low score): the
+            # guessed demuxer's complaint ("moov atom not found") is not the reason; as extraction says
+            stderr = "Invalid data found when processing input"
         raise reason_from_stderr(stderr, name)
     if not _AUDIO_STREAM.search(stderr):
         raise errors.NoAudioStream(f"{name}: no audio stream: the file has no audio track to transcribe")

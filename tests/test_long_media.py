@@ -66,7 +66,7 @@ async def test_probe_reads_the_declared_duration(data_dir, media, tmp_path):
     assert await probe_duration(media["stream"], name="s") == 0.0  # a piped FLAC declares no length
     junk = tmp_path / "notes.mp4"
     junk.write_text("not a video\n" * 100)
-    with pytest.raises(errors.CorruptMedia, match="notes.mp4: not a readable MP4"):
+    with pytest.raises(errors.CorruptMedia, match="notes.mp4: not a media file"):
         await probe_duration(junk, name="notes.mp4")
     with pytest.raises(errors.NoAudioStream):
         await probe_duration(data_dir / "no_audio.mp4", name="no_audio.mp4")
