@@ -263,6 +263,10 @@ class JobRecord(Struct, kw_only=True):
     error: str = ""
     #: format -> storage key of the rendered output.
     outputs: dict[str, str] = {}
+    #: Machine seconds each stage used, every try included (``app.costs``).
+    machine_seconds: dict[str, float] = {}
+    #: What those seconds cost at the machines' $/hour (``VTP_MACHINE_PRICE_HOUR``).
+    cost_usd: float = 0.0
 
     @property
     def terminal(self) -> bool:

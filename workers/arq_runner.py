@@ -60,7 +60,7 @@ from arq.constants import job_key_prefix, result_key_prefix
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 
-from app import constants, errors, keys
+from app import constants, costs, errors, keys
 from app.config import Settings
 from app.jobs import ORDER, UNREACHABLE, JobStore, connect as connect_plain, redis_location, redis_retry, retrying
 from app.messages import (
@@ -193,11 +193,25 @@ async def _checked_run(ctx: dict, job_id: str, label: str, state: Stage, body: B
         if enter:
             entered = await store.transition(job_id, state)
             record = entered or record
-        return await _within(timeout, _delayed(settings.stage_delay(label), body, record))
+        return await _within(timeout, _metered(ctx, job_id, label, _delayed(settings.stage_delay(label), body, record)))
     except Exception as exc:  # noqa: BLE001 - every failure is classified below
         if isinstance(exc, TimeoutError):
             exc = errors.EngineError(f"{label} took longer than {timeout:g} s")
         return await _handle_failure(ctx, job_id, label, exc)
+
+
+async def _metered(ctx: dict, job_id: str, label: str, work: Awaitable[str]) -> str:
+    """Run a stage's work and add its machine time and cost to the job (app.costs), whether it
+    succeeded or not: the machine was busy either way."""
+    started = time.monotonic()
+    try:
+        return await work
+    finally:
+        seconds = time.monotonic() - started
+        try:
+            await ctx["store"].add_usage(job_id, label, seconds, seconds * ctx.get("usage_rate", 0.0))
+        except errors.VtpError as exc:  # accounting never fails a stage
+            log.warning("job %s: could not record %s's machine time: %s", job_id, label, exc)
 
 
 async def _delayed(delay: float, body: Body, record: JobRecord) -> str:
@@ -427,7 +441,10 @@ def worker_settings(
         "health_check_key": constants.health_key(queue, name or default_name()),
         "poll_delay": POLL_DELAY_S,
         "expires_extra_ms": max(settings.result_ttl, 86400) * 1000,
-        "ctx": {"settings": settings, "engines": engines or EnginePool()},
+        "ctx": {
+            "settings": settings, "engines": engines or EnginePool(),
+            "usage_rate": costs.rate_per_slot_second(settings, concurrency or default_concurrency),
+        },
         "on_startup": _startup,
         "log_results": True,
     }
