@@ -319,7 +319,8 @@ class FlyBackend:
             name = m.get("name", "")
             self._names[m["id"]] = name
             kind = ((m.get("config") or {}).get("env") or {}).get("VTP_MACHINE_KIND", "")
-            self._kinds[m["id"]] = (kind, m.get("region", ""))
+            # keyed like candidates(): by region only when regions are configured
+            self._kinds[m["id"]] = (kind, m.get("region", "") if self.settings.fly_regions.strip() else "")
             h = health.get(name)
             out.append(
                 Machine(
@@ -386,7 +387,7 @@ class FlyBackend:
                 self._set_aside(kind, region)
                 continue
             self.created += 1
-            self._kinds[created["id"]] = (kind, created.get("region", region))
+            self._kinds[created["id"]] = (kind, region)
             log.info("created machine %s %s (%s in %s)", created["id"], name, kind, created.get("region", region))
             await self._settle(created["id"])
             return True
