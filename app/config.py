@@ -50,6 +50,9 @@ class Settings:
     #: sleep that long inside those stages, so crash tests can kill a worker mid-stage without
     #: relying on timing luck. Never set it in production.
     test_stage_delay: str = ""
+    #: ``VTP_IDLE_EXIT``: a worker exits (code 0) once its queue has been empty and nothing has
+    #: run for this many seconds (0: never). On Fly this stops the machine when the queue drains.
+    idle_exit: float = 0.0
 
     _ENV = {
         "redis_url": "REDIS_URL",
@@ -64,6 +67,7 @@ class Settings:
         "result_ttl": "VTP_RESULT_TTL",
         "retry_delay": "VTP_RETRY_DELAY",
         "test_stage_delay": "VTP_TEST_STAGE_DELAY",
+        "idle_exit": "VTP_IDLE_EXIT",
     }
 
     @classmethod
