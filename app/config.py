@@ -50,6 +50,9 @@ class Settings:
     #: sleep that long inside those stages, so crash tests can kill a worker mid-stage without
     #: relying on timing luck. Never set it in production.
     test_stage_delay: str = ""
+    #: ``VTP_IDLE_EXIT``: a worker exits (code 0) once its queue has been empty and nothing has
+    #: run for this many seconds (0: never). On Fly this stops the machine when the queue drains.
+    idle_exit: float = 0.0
 
     # -- the fleet controller (`vtp controller`, workers/controller/) and cost accounting --
     #: ``VTP_MAX_MACHINES``: worker machines the controller runs at most.
@@ -66,8 +69,6 @@ class Settings:
     boot_grace: float = 300.0
     #: ``VTP_CONTROLLER_INTERVAL``: seconds between two looks at the queue.
     controller_interval: float = 5.0
-    #: ``VTP_FLEET_IDLE_EXIT``: the ``--idle-exit`` seconds of the workers the controller starts.
-    fleet_idle_exit: float = 60.0
     #: ``VTP_WORKER_IMAGE``: the image worker machines run (default ``FLY_IMAGE_REF``: this app's).
     worker_image: str = ""
     #: ``FLY_IMAGE_REF``: set by Fly inside its machines (the image of the running release).
@@ -109,6 +110,7 @@ class Settings:
         "result_ttl": "VTP_RESULT_TTL",
         "retry_delay": "VTP_RETRY_DELAY",
         "test_stage_delay": "VTP_TEST_STAGE_DELAY",
+        "idle_exit": "VTP_IDLE_EXIT",
         "max_machines": "VTP_MAX_MACHINES",
         "drain_target": "VTP_DRAIN_TARGET",
         "machine_throughput": "VTP_MACHINE_THROUGHPUT",
@@ -116,7 +118,6 @@ class Settings:
         "stopped_grace": "VTP_STOPPED_GRACE",
         "boot_grace": "VTP_BOOT_GRACE",
         "controller_interval": "VTP_CONTROLLER_INTERVAL",
-        "fleet_idle_exit": "VTP_FLEET_IDLE_EXIT",
         "worker_image": "VTP_WORKER_IMAGE",
         "fly_image_ref": "FLY_IMAGE_REF",
         "fly_api_hostname": "FLY_API_HOSTNAME",
@@ -134,7 +135,7 @@ class Settings:
     _CONTROLLER_ONLY = frozenset(
         {
             "max_machines", "drain_target", "machine_throughput", "warm_pool", "stopped_grace", "boot_grace",
-            "controller_interval", "fleet_idle_exit", "worker_image", "fly_image_ref", "fly_api_hostname",
+            "controller_interval", "worker_image", "fly_image_ref", "fly_api_hostname",
             "fly_api_token", "fly_app_name", "fly_regions", "fly_guests", "k8s_namespace", "k8s_gpus",
             "k8s_job_ttl", "machine_kind", "machine_price_hour", "data_dir",
         }
@@ -171,6 +172,11 @@ class Settings:
             if var and f.name not in self._CONTROLLER_ONLY and var not in env and value != f.default:
                 env[var] = str(value)
         return env
+
+    @property
+    def fleet_idle_exit(self) -> float:
+        """The ``--idle-exit`` of the machines the controller starts: they always stop when idle."""
+        return self.idle_exit if self.idle_exit > 0 else 60.0
 
     @property
     def image(self) -> str:

@@ -134,7 +134,7 @@ def test_guest_and_body():
     assert guest("shared-cpu-4x")["cpu_kind"] == "shared"
     with pytest.raises(errors.OptionsError):
         guest("h100")
-    s = Settings.from_env({"VTP_WORKER_IMAGE": "img", "REDIS_URL": "redis://r:6379/0", "VTP_FLEET_IDLE_EXIT": "30", "FLY_API_TOKEN": "secret"})
+    s = Settings.from_env({"VTP_WORKER_IMAGE": "img", "REDIS_URL": "redis://r:6379/0", "VTP_IDLE_EXIT": "30", "FLY_API_TOKEN": "secret"})
     b = machine_body(s, "l40s", "ord", "vtp-gpu-1")
     c = b["config"]
     assert b["region"] == "ord" and c["image"] == "img" and c["restart"] == {"policy": "no"} and c["auto_destroy"] is False

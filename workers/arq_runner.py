@@ -56,7 +56,7 @@ from typing import Any, Literal
 
 from arq import Retry
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 
@@ -80,6 +80,7 @@ from app.messages import (
 from app.storage import open_storage
 from workers import stages
 from workers.engines.base import EnginePool
+from workers.lifecycle import IdleExit, Lifecycle
 from workers.local_runner import with_timings
 
 log = logging.getLogger("vtp.worker")
@@ -467,10 +468,14 @@ class _Worker(Worker):
     """
 
     _outage_since: float | None = None
+    #: Idle exit and SIGTERM drain (``workers/lifecycle.py``); None: arq's own behaviour.
+    lifecycle: Lifecycle | None = None
 
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
+            if self.lifecycle is not None:
+                await self.lifecycle.after_poll(self)  # may raise IdleExit
         except UNREACHABLE as exc:
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
@@ -481,11 +486,20 @@ class _Worker(Worker):
                 log.warning("Redis is back after %.1f s", time.monotonic() - self._outage_since)
                 self._outage_since = None
 
+    def handle_sig(self, signum: int) -> None:
+        if self.lifecycle is None:
+            super().handle_sig(signum)
+        else:  # drain: finish the running jobs, take no more (a second signal stops at once)
+            self.lifecycle.on_signal(self, signum)
+
 
 async def run_worker(
-    queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None, burst: bool = False
+    queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None, burst: bool = False,
+    idle_exit: float | None = None,
 ) -> None:
-    """Run a worker until SIGINT/SIGTERM (or, with ``burst``, until its queue is empty).
+    """Run a worker until SIGINT/SIGTERM (or, with ``burst``, until its queue is empty; with
+    ``idle_exit`` seconds, default ``VTP_IDLE_EXIT``, once its queue has been idle that long).
+    A signal drains: the running jobs finish, no new one starts (``workers/lifecycle.py``).
 
     If arq's worker ends with a Redis error anyway (Redis unreachable at start-up, past arq's
     ``conn_retries``), a new worker is built (same loaded models) and connects again as soon
@@ -494,16 +508,22 @@ async def run_worker(
     """
     engines = EnginePool()
     where = redis_location(settings.redis_url)
+    lifecycle = Lifecycle(
+        idle_exit=settings.idle_exit if idle_exit is None else idle_exit,
+        in_progress_prefix=in_progress_key_prefix,
+        retry_prefix=retry_key_prefix,
+    )
     pause = 1.0
     while True:
         kwargs = worker_settings(queue, settings, concurrency=concurrency, name=name, engines=engines)
         worker = _Worker(**kwargs, burst=burst)
+        worker.lifecycle = lifecycle
         started = time.monotonic()
         try:
             await worker.async_run()
             await worker.close()
             return
-        except asyncio.CancelledError:  # arq's SIGINT/SIGTERM handler cancelled its main task
+        except (asyncio.CancelledError, IdleExit):  # a drained signal, or idle long enough
             await worker.close()
             return
         except (redis_errors.RedisError, OSError, asyncio.TimeoutError) as exc:
