@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import anyio
@@ -33,6 +34,39 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+class ReportOnly:
+    """``--backend keda``: start nothing; only publish the figure (``--port``) for a KEDA ScaledJob,
+    which creates the worker Jobs itself (deploy/k8s/keda/)."""
+
+    name = "keda"
+
+    async def machines(self, health: dict[str, Health]) -> list[Machine]:
+        return []  # so the plan's `start` is the machines the waiting work needs, beyond busy ones
+
+    async def apply(self, plan: Plan, machines: list[Machine]) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+@dataclass
+class Figures:
+    """The last look, served as JSON by ``vtp controller --port`` (KEDA's metrics-api scaler)."""
+
+    queued: int = 0
+    queued_audio_s: float = 0.0
+    in_progress: int = 0
+    #: Machines that should run now (busy ones included).
+    target: int = 0
+    #: Machines to add for the waiting work: what a KEDA ScaledJob should create.
+    wanted: int = 0
+    at: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 def policy_from(settings: Settings, *, slots: int = 1) -> Policy:
     return Policy(
         max_machines=settings.max_machines,
@@ -50,6 +84,8 @@ def open_backend(name: str, settings: Settings) -> Backend:
         from workers.controller.fly import FlyBackend
 
         return FlyBackend.from_settings(settings)
+    if name == "keda":
+        return ReportOnly()
     if name == "kubernetes":
         from workers.controller.kube import KubernetesBackend
 
@@ -57,18 +93,25 @@ def open_backend(name: str, settings: Settings) -> Backend:
     raise errors.OptionsError(f"unknown backend {name!r}: use fly or kubernetes")
 
 
-async def tick(backend: Backend, redis, policy: Policy) -> Plan:
+async def tick(backend: Backend, redis, policy: Policy, figures: Figures | None = None) -> Plan:
     queue = await read_queue(redis)
     health = await live_workers(redis)
     machines = await backend.machines(health)
     plan = decide(queue, machines, policy, time.time())
+    if figures is not None:
+        figures.__dict__.update(
+            queued=queue.queued, queued_audio_s=queue.queued_audio_s, in_progress=queue.in_progress,
+            target=plan.target, wanted=plan.start, at=round(time.time(), 3),
+        )
     if plan.start or plan.destroy:
         log.info("%s: start %d, destroy %s", plan.reason, plan.start, ", ".join(plan.destroy) or "none")
     await backend.apply(plan, machines)
     return plan
 
 
-async def run_controller(backend: Backend, settings: Settings, *, ticks: int | None = None) -> None:
+async def run_controller(
+    backend: Backend, settings: Settings, *, ticks: int | None = None, figures: Figures | None = None
+) -> None:
     """Run until cancelled (or for ``ticks`` looks, for tests)."""
     redis = connect(settings.redis_url, retries=1)
     policy = policy_from(settings)
@@ -82,7 +125,7 @@ async def run_controller(backend: Backend, settings: Settings, *, ticks: int | N
         while ticks is None or n < ticks:
             n += 1
             try:
-                plan = await tick(backend, redis, policy)
+                plan = await tick(backend, redis, policy, figures)
                 if plan.reason != last:
                     log.info("%s", plan.reason)
                     last = plan.reason
@@ -96,3 +139,18 @@ async def run_controller(backend: Backend, settings: Settings, *, ticks: int | N
     finally:
         await redis.aclose()
         await backend.aclose()
+
+
+async def serve_figures(figures: Figures, port: int, host: str = "0.0.0.0"):
+    """``GET /metrics`` -> the last look as JSON; returns the runner (``await runner.cleanup()``)."""
+    from aiohttp import web
+
+    async def metrics(_request):
+        return web.json_response(figures.as_dict())
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
