@@ -58,7 +58,7 @@ class Settings:
     #: ``VTP_MAX_MACHINES``: worker machines the controller runs at most.
     max_machines: int = 4
     #: ``VTP_DRAIN_TARGET``: seconds in which the controller aims to drain the queued audio.
-    drain_target: float = 300.0
+    drain_target: float = 600.0
     #: ``VTP_MACHINE_THROUGHPUT``: audio seconds one machine transcribes per wall second (measure it).
     machine_throughput: float = 30.0
     #: ``VTP_WARM_POOL``: stopped machines kept for fast starts; surplus ones are destroyed.

@@ -92,3 +92,16 @@ def test_stopped_machines_about_to_be_started_are_kept():
 def test_finished_jobs_that_cannot_restart_are_cleaned_after_grace():
     done = m("job-1", "stopped", alive=False, age=5000, restartable=False)
     assert decide(QueueView(), [done], POLICY, NOW).destroy == ("job-1",)
+
+
+def test_fleet_sim_runs_the_same_decision_function():
+    """bench/fleet_sim.py replays a trace through decide(): a small one loses no job and bills
+    at least the busy time (its numbers are in docs/benchmarks.md, not asserted here)."""
+    from bench import fleet_sim
+
+    arrivals = fleet_sim.trace(12, 0.2, seed=3)
+    for policy in ("controller", "always-on", "per-job"):
+        r = fleet_sim.simulate(policy, arrivals, 30.0, max_machines=3, seed=3)
+        assert len(r.latencies) == 12 and all(x > 0 for x in r.latencies)
+        assert 0 < r.busy_s <= r.billed_s
+        assert r.peak <= (3 if policy == "controller" else 12)

@@ -10,7 +10,8 @@ The rule, in order:
 * **Machines for that work**: enough to transcribe the queued audio within
   ``drain_target_s`` at ``throughput`` audio seconds per wall second per machine, at least
   one when anything is waiting, never more than there are batches (a batch runs on one
-  machine), and never more than ``max_machines`` in all.
+  machine), and never more than ``max_machines`` in all. Every machine that is up counts,
+  busy ones included: a busy worker is one batch away from taking the next.
 * **Busy machines are kept**: a machine whose worker runs a job is never stopped or destroyed.
   Idle started machines are left alone too: the worker exits by itself after its idle time
   (``--idle-exit``), which is what stops the machine, so the controller never races a worker
@@ -72,7 +73,7 @@ class Policy:
 
     max_machines: int = 4
     #: Drain the queued audio within this many seconds...
-    drain_target_s: float = 300.0
+    drain_target_s: float = 600.0
     #: ...at this many audio seconds transcribed per wall second by one machine (measured).
     throughput: float = 30.0
     #: Batches one machine runs at once (the GPU worker's concurrency).
@@ -124,7 +125,10 @@ def decide(queue: QueueView, machines: list[Machine], policy: Policy, now: float
     healthy_up = [m for m in up if m not in broken]
 
     busy = [m for m in healthy_up if m.busy]
-    target = min(policy.max_machines, len(busy) + machines_for(waiting, waiting_audio, policy))
+    # Busy machines count as capacity for the queue too: each is one batch (seconds, at most
+    # VTP_TRANSCRIBE_TIMEOUT) from taking the next. Adding a machine per busy one instead keeps
+    # adding machines at steady state, when a queue behind busy workers is normal.
+    target = min(policy.max_machines, machines_for(waiting, waiting_audio, policy))
     # Never below what is running jobs (those are never stopped), even past a lowered cap.
     target = max(target, len(busy))
     start = max(target - len(healthy_up), 0)
