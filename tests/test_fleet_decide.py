@@ -105,3 +105,9 @@ def test_fleet_sim_runs_the_same_decision_function():
         assert len(r.latencies) == 12 and all(x > 0 for x in r.latencies)
         assert 0 < r.busy_s <= r.billed_s
         assert r.peak <= (3 if policy == "controller" else 12)
+
+
+def test_work_held_by_a_worker_the_backend_does_not_know_is_not_orphaned():
+    # e.g. a permanent GPU worker beside the fleet, or --backend keda (no machines listed)
+    plan = decide(QueueView(queued=0, in_progress=1, held=1), [], POLICY, NOW)
+    assert plan.start == 0

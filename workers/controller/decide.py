@@ -65,6 +65,8 @@ class QueueView:
     queued_audio_s: float = 0.0
     #: Batches with an in-progress key (a worker started them; it may since have died).
     in_progress: int = 0
+    #: Jobs that live workers report running (their health keys), whichever machine they are on.
+    held: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,9 @@ def machines_for(queued: int, queued_audio_s: float, policy: Policy) -> int:
 
 def decide(queue: QueueView, machines: list[Machine], policy: Policy, now: float) -> Plan:
     up = [m for m in machines if m.state in UP]
-    live_running = sum(m.running for m in machines if m.alive)
+    # Held by a live worker: per the health keys (workers the backend does not know included),
+    # or per the machines' workers where the caller did not count them.
+    live_running = max(queue.held, sum(m.running for m in machines if m.alive))
     orphaned = max(queue.in_progress - live_running, 0)
     waiting = queue.queued + orphaned
     # Orphaned batches' audio is unknown here (their payload is not read): count them at the

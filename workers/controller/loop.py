@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import anyio
@@ -96,6 +96,7 @@ def open_backend(name: str, settings: Settings) -> Backend:
 async def tick(backend: Backend, redis, policy: Policy, figures: Figures | None = None) -> Plan:
     queue = await read_queue(redis)
     health = await live_workers(redis)
+    queue = replace(queue, held=sum(h.running for h in health.values()))
     machines = await backend.machines(health)
     plan = decide(queue, machines, policy, time.time())
     if figures is not None:
