@@ -137,7 +137,7 @@ async def test_burst_starts_machines_that_drain_and_stop(make_fleet, redis_url, 
         assert client.zcard(constants.QUEUE_GPU) == 0 and client.zcard(constants.QUEUE_CPU) == 0
         client.close()
         machines = list(fleet.standin.machines.values())
-        assert 1 <= fleet.peak <= 2 and 1 <= len(machines) <= 2, fleet.logs()
+        assert fleet.peak <= 2 and len(machines) == 2, fleet.logs()  # the cap, reached
         assert all(m.state == "stopped" and m.exits and set(m.exits) == {0} for m in machines), fleet.logs()
         # the workers ran with the env the controller gave them, and charged their machine time
         for r in records.values():
