@@ -55,12 +55,18 @@ class ExtractedAudio(Struct, frozen=True, kw_only=True):
     sample_rate: int = SAMPLE_RATE
 
 
-class Chunk(Struct, frozen=True, kw_only=True):
+class Chunk(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A stretch of audio of at most one Whisper window, cut at pauses."""
 
     index: int
     start: float
     end: float
+    #: The speech regions the VAD found inside it: each must come back covered by words
+    #: (``workers.coverage``), or that stretch is decoded again on its own.
+    speech: list[tuple[float, float]] = []
+    #: A loud stretch the VAD rejected (``workers.levels``): its words are kept only where
+    #: Whisper itself is sure it heard speech.
+    probe: bool = False
 
     @property
     def duration(self) -> float:
@@ -120,12 +126,37 @@ class TranscribeRequest(Struct, frozen=True, kw_only=True):
     options: TranscribeOptions
 
 
+class CoverageStats(Struct, frozen=True, kw_only=True):
+    """What the transcribe stage did so that no speech is lost (``workers.coverage``)."""
+
+    #: Stretches of VAD speech that came back without words and were decoded again on their
+    #: own, and how many of those then gave words (with their seconds).
+    gaps: int = 0
+    repaired: int = 0
+    repaired_seconds: float = 0.0
+    #: Loud stretches the VAD rejected that went to Whisper, and those kept as speech.
+    probes: int = 0
+    rescued: int = 0
+    rescued_seconds: float = 0.0
+
+    def __add__(self, other: CoverageStats) -> CoverageStats:
+        return CoverageStats(
+            gaps=self.gaps + other.gaps,
+            repaired=self.repaired + other.repaired,
+            repaired_seconds=round(self.repaired_seconds + other.repaired_seconds, 3),
+            probes=self.probes + other.probes,
+            rescued=self.rescued + other.rescued,
+            rescued_seconds=round(self.rescued_seconds + other.rescued_seconds, 3),
+        )
+
+
 class BatchTranscript(Struct, frozen=True, kw_only=True):
     batch_index: int
     segments: list[Segment]
     language: str
     audio_seconds: float
     wall_seconds: float
+    coverage: CoverageStats = CoverageStats()
 
 
 class StageTiming(Struct, frozen=True, kw_only=True):
@@ -138,6 +169,7 @@ class TranscriptStats(Struct, frozen=True, kw_only=True):
     model: str
     chunks: int
     speech_seconds: float
+    coverage: CoverageStats = CoverageStats()
     #: Filled in by the runner once every stage has finished.
     wall_seconds: float = 0.0
     realtime_factor: float = 0.0
