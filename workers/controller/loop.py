@@ -127,9 +127,9 @@ async def run_controller(
             n += 1
             try:
                 plan = await tick(backend, redis, policy, figures)
-                if plan.reason != last:
+                if plan.reason != last and not (plan.start or plan.destroy):  # tick() logged those
                     log.info("%s", plan.reason)
-                    last = plan.reason
+                last = plan.reason
             except (errors.FleetAuthError, errors.OptionsError):
                 raise
             except (redis_errors.RedisError, OSError) as exc:
