@@ -124,6 +124,9 @@ async def all_stopped(fleet: Fleet, timeout: float) -> None:
 
 async def test_burst_starts_machines_that_drain_and_stop(make_fleet, redis_url, data_dir):
     fleet = make_fleet(VTP_MAX_MACHINES="2", VTP_DRAIN_TARGET="1")
+    # the API misbehaves now and then, as a real one does: a rate limit and a server error
+    fleet.standin.inject(429, 1, action="create", retry_after=0.5)
+    fleet.standin.inject(503, 2, action="list")
     fleet.start()
     ids = fleet.cluster.submit(data_dir / "jfk.flac", data_dir / "ivr_prompts.mp4", data_dir / "talk_tts.mp4")
     store = JobStore.open(redis_url)
@@ -138,6 +141,7 @@ async def test_burst_starts_machines_that_drain_and_stop(make_fleet, redis_url, 
         client.close()
         machines = list(fleet.standin.machines.values())
         assert fleet.peak <= 2 and len(machines) == 2, fleet.logs()  # the cap, reached
+        assert {429, 503} <= {status for _, _, status in fleet.standin.requests}
         assert all(m.state == "stopped" and m.exits and set(m.exits) == {0} for m in machines), fleet.logs()
         # the workers ran with the env the controller gave them, and charged their machine time
         for r in records.values():

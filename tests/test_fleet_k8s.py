@@ -155,3 +155,16 @@ def test_job_states_map_onto_machines():
 def test_yaml_is_plain(path):
     for doc in yaml.safe_load_all((K8S / path).read_text()):
         assert doc is None or "kind" in doc
+
+
+def test_controller_without_kubernetes_configuration_says_so(tmp_path):
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT), "VTP_WORKER_IMAGE": "x"}
+    res = subprocess.run(
+        [sys.executable, "-m", "app.cli", "controller", "--backend", "kubernetes"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 2, res.stderr
+    assert "no Kubernetes configuration" in res.stderr and "Traceback" not in res.stderr
