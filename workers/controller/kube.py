@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.rest import ApiException
@@ -162,7 +163,7 @@ class KubernetesBackend:
             if exc.status in (401, 403):
                 raise errors.FleetAuthError(f"{what}: the API refused the controller's credentials ({exc.status}: {exc.reason}); check its ServiceAccount and Role") from None
             raise errors.FleetError(f"{what}: {exc.status}: {exc.reason}") from None
-        except OSError as exc:  # urllib3 connection errors are OSErrors
+        except (OSError, urllib3.exceptions.HTTPError) as exc:  # connection refused, retries exhausted
             raise errors.FleetError(f"Kubernetes API unreachable: {exc}") from None
 
     async def machines(self, health: Mapping[str, Health]) -> list[Machine]:

@@ -136,6 +136,8 @@ async def run_controller(
                 log.warning("Redis: %s: %s; looking again in %g s", type(exc).__name__, exc, settings.controller_interval)
             except errors.VtpError as exc:
                 log.warning("%s; looking again in %g s", exc, settings.controller_interval)
+            except Exception:  # noqa: BLE001 - a surprise answer must not stop the scaling
+                log.exception("controller tick failed; looking again in %g s", settings.controller_interval)
             await anyio.sleep(settings.controller_interval)
     finally:
         await redis.aclose()
