@@ -429,7 +429,7 @@ def worker_settings(
         default_concurrency = 1  # one model on one device
     else:
         raise errors.OptionsError(f"unknown queue {queue!r}: use cpu or gpu")
-    return {
+    kwargs = {
         "functions": functions,
         "queue_name": constants.QUEUES[queue],
         "redis_settings": redis_settings(settings),
@@ -442,13 +442,13 @@ def worker_settings(
         "health_check_key": constants.health_key(queue, name or default_name()),
         "poll_delay": POLL_DELAY_S,
         "expires_extra_ms": max(settings.result_ttl, 86400) * 1000,
-        "ctx": {
-            "settings": settings, "engines": engines or EnginePool(),
-            "usage_rate": costs.rate_per_slot_second(settings, concurrency or default_concurrency),
-        },
+        "ctx": {"settings": settings, "engines": engines or EnginePool()},
         "on_startup": _startup,
         "log_results": True,
     }
+    # Each job's share of this machine's $/hour (app.costs): a worker running N at once charges 1/N.
+    kwargs["ctx"]["usage_rate"] = costs.rate_per_slot_second(settings, kwargs["max_jobs"])
+    return kwargs
 
 
 async def _startup(ctx: dict) -> None:
