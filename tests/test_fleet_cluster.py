@@ -134,7 +134,11 @@ async def test_burst_starts_machines_that_drain_and_stop(make_fleet, redis_url, 
         records = await finish(fleet, store, ids, timeout=150)
         assert {r.state for r in records.values()} == {"done"}, fleet.logs()
         await all_stopped(fleet, timeout=30)
-        # the controller saw them stopped, and is still there for the next burst
+        # the controller saw them stopped (its log says so), and is still there for the next burst
+        deadline = time.monotonic() + 10
+        while "0 queued (0 s audio), 0 in progress (0 orphaned); 0 up, 0 busy -> target 0" not in fleet.log.read_text().split("created machine")[-1]:
+            assert time.monotonic() < deadline, fleet.logs()
+            await anyio.sleep(0.2)
         assert fleet.controller.poll() is None, fleet.logs()
         client = redis_sync.Redis.from_url(redis_url)
         assert client.zcard(constants.QUEUE_GPU) == 0 and client.zcard(constants.QUEUE_CPU) == 0
