@@ -199,3 +199,13 @@ async def test_a_machine_that_fails_to_start_sets_its_kind_aside(standin):
         assert kinds == {"l40s": "destroyed", "performance-8x": "started"}
     finally:
         await backend.aclose()
+
+
+async def test_408_outside_wait_is_an_error(standin):
+    client = client_for(standin)
+    try:
+        standin.inject(408, 1, action="list")
+        with pytest.raises(errors.FleetError, match="408"):
+            await client.list()
+    finally:
+        await client.aclose()

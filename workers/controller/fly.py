@@ -113,7 +113,9 @@ class MachinesClient:
         if instance_id:
             params["instance_id"] = instance_id
         try:
-            await self._call("GET", f"/{machine_id}/wait", action="wait", machine=machine_id, params=params, timeout_s=timeout_s + 30)
+            await self._call(
+                "GET", f"/{machine_id}/wait", action="wait", machine=machine_id, params=params, timeout_s=timeout_s + 30, waiting=True
+            )
         except _Timeout:
             return False
         return True
@@ -135,6 +137,7 @@ class MachinesClient:
         params: Mapping[str, str] | None = None,
         capacity: bool = False,
         timeout_s: float | None = None,
+        waiting: bool = False,
     ) -> Any:
         key = (action, machine)
         for attempt in range(1, self.tries + 1):
@@ -156,7 +159,7 @@ class MachinesClient:
             where = f"Fly Machines API {method} {path or '/'} of app {self.app}"
             if status in (401, 403):
                 raise errors.FleetAuthError(f"{where}: the API rejected FLY_API_TOKEN ({status}: {reason})")
-            if status == 408:
+            if status == 408 and waiting:
                 raise _Timeout(reason)
             if status == 429:
                 self.throttled += 1
@@ -355,11 +358,17 @@ class FlyBackend:
             (m for m in machines if m.state == "stopped" and m.restartable and m.id not in gone),
             key=lambda m: m.since, reverse=True,
         )
+        brought_up = []
         for _ in range(plan.start):
-            if not await self._start_one(warm):
+            machine_id = await self._start_one(warm)
+            if machine_id is None:
                 break
+            brought_up.append(machine_id)
+        # Wait for them together: a tick is never held a start_wait_s per machine.
+        await asyncio.gather(*(self._settle(i) for i in brought_up))
 
-    async def _start_one(self, warm: list[Machine]) -> bool:
+    async def _start_one(self, warm: list[Machine]) -> str | None:
+        """Start a stopped machine, else create one; its id (None: nothing could start)."""
         now = time.monotonic()
         while warm:  # the warm pool first: a start is seconds, a create pulls the image
             m = warm.pop(0)
@@ -374,8 +383,7 @@ class FlyBackend:
                 continue
             self.started += 1
             log.info("started stopped machine %s (%s %s)", m.id, kind, region or "any region")
-            await self._settle(m.id)
-            return True
+            return m.id
         for kind, region in self.candidates():
             if self._bad.get((kind, region), 0.0) > now:
                 continue
@@ -389,10 +397,9 @@ class FlyBackend:
             self.created += 1
             self._kinds[created["id"]] = (kind, region)
             log.info("created machine %s %s (%s in %s)", created["id"], name, kind, created.get("region", region))
-            await self._settle(created["id"])
-            return True
+            return created["id"]
         log.warning("no region / machine kind could start a machine now (all set aside for a while)")
-        return False
+        return None
 
     async def _settle(self, machine_id: str) -> None:
         """Wait (briefly) until it is started; one that ends ``failed`` sets its kind aside."""
