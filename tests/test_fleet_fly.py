@@ -209,3 +209,24 @@ async def test_408_outside_wait_is_an_error(standin):
             await client.list()
     finally:
         await client.aclose()
+
+
+async def test_stopped_machines_of_an_older_release_are_not_restarted(standin):
+    old = FlyBackend.from_settings(settings_for(standin, VTP_WORKER_IMAGE="registry.fly.io/vtp:v1"), pace_s=0.0)
+    new = FlyBackend.from_settings(settings_for(standin, VTP_WORKER_IMAGE="registry.fly.io/vtp:v2"), pace_s=0.0)
+    try:
+        await old.apply(Plan(start=1), [])
+        (m,) = standin.machines.values()
+        standin.kill(m.id)
+        deadline = time.monotonic() + 10
+        while m.state != "stopped":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert [x.restartable for x in await old.machines({})] == [True]
+        listed = await new.machines({})
+        assert [x.restartable for x in listed] == [False]  # decide() destroys it after the grace period
+        await new.apply(Plan(start=1), listed)
+        assert new.created == 1 and new.started == 0
+    finally:
+        await old.aclose()
+        await new.aclose()

@@ -45,6 +45,8 @@ log = logging.getLogger("vtp.controller")
 GPU_KINDS = frozenset({"a100-40gb", "a100-80gb", "l40s", "a10"})
 #: Metadata that marks the machines this controller owns (the web app's machines have none).
 ROLE_KEY, ROLE = "vtp_role", "gpu-worker"
+#: Metadata holding ``fingerprint`` of the machine's config.
+CONFIG_KEY = "vtp_config"
 
 
 class MachinesClient:
@@ -274,9 +276,26 @@ def machine_body(settings: Settings, kind: str, region: str, name: str) -> dict:
             "metadata": {ROLE_KEY: ROLE},
         },
     }
+    body["config"]["metadata"][CONFIG_KEY] = fingerprint(body["config"])
     if region:
         body["region"] = region
     return body
+
+
+def fingerprint(config: dict) -> str:
+    """What a stopped machine must match to be started again: image, guest, env and idle time
+    (a machine from an older release or older settings is left to be destroyed instead)."""
+    import hashlib
+    import json
+
+    cmd = list((config.get("init") or {}).get("cmd") or [])
+    same = {
+        "image": config.get("image"),
+        "guest": config.get("guest"),
+        "env": config.get("env"),
+        "cmd": cmd[: cmd.index("--name")] if "--name" in cmd else cmd,
+    }
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -332,10 +351,20 @@ class FlyBackend:
                     since=_since(m),
                     alive=h is not None and state in ("started", "starting"),
                     running=h.running if h else 0,
-                    restartable=state == "stopped",
+                    restartable=state == "stopped" and self._current(m),
                 )
             )
         return out
+
+    def _current(self, machine: dict) -> bool:
+        """Was it created with this controller's image and settings (for its kind)?"""
+        config = machine.get("config") or {}
+        kind = (config.get("env") or {}).get("VTP_MACHINE_KIND", "")
+        try:
+            wanted = machine_body(self.settings, kind, "", "x")["config"]["metadata"][CONFIG_KEY]
+        except errors.VtpError:
+            return False
+        return (config.get("metadata") or {}).get(CONFIG_KEY) == wanted
 
     async def apply(self, plan: Plan, machines: list[Machine]) -> None:
         by_id = {m.id: m for m in machines}
