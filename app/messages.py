@@ -379,9 +379,13 @@ class JobView(Struct, frozen=True, kw_only=True):
     #: Formats ready to download (``GET /v1/jobs/{id}/transcript.{fmt}``).
     formats: list[str]
     webhook: WebhookDelivery | None = None
+    #: Machine time and its price, beside managed STT's (``app.costs``); None until recorded.
+    cost: JobCost | None = None
 
     @classmethod
     def of(cls, r: JobRecord) -> JobView:
+        from app import costs  # costs reads these messages: imported here, not at the top
+
         total = r.audio_total
         fraction = 1.0 if r.state == "done" else (min(r.audio_done / total, 1.0) if total > 0 else 0.0)
         wall = r.wall_seconds
@@ -407,6 +411,7 @@ class JobView(Struct, frozen=True, kw_only=True):
             language=r.options.language,
             formats=sorted(r.outputs),
             webhook=r.webhook,
+            cost=costs.cost_of(r),
         )
 
 
