@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from app import errors
+from app import costs, errors
 from app.cli import add_transcribe_options, error, options_from_args, summary_line, unique_basenames
 from app.config import Settings
 from app.jobs import JobStore, redis_location
@@ -36,6 +36,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--name", default=None, help="this worker's name in its health key (default: the host name)")
     w.add_argument("--check", action="store_true", help="exit 0 if the named worker is alive, 1 if not (health checks)")
     w.add_argument("--burst", action="store_true", help="exit once the queue is empty")
+    w.add_argument(
+        "--idle-exit", type=float, default=None, metavar="SECONDS",
+        help="exit (code 0) once the queue has been empty and nothing has run for SECONDS (default $VTP_IDLE_EXIT; 0: never)",
+    )
     w.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     w.set_defaults(func=cmd_worker)
 
@@ -73,10 +77,16 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         return 0 if ok else 1
     if args.concurrency is not None and args.concurrency < 1:
         raise errors.OptionsError("--concurrency must be at least 1")
+    if args.idle_exit is not None and args.idle_exit < 0:
+        raise errors.OptionsError("--idle-exit must be 0 (never) or a number of seconds")
     level = logging.WARNING if args.quiet else logging.INFO
     for name in ("arq", "vtp"):
         logging.getLogger(name).setLevel(level)
-    asyncio.run(arq_runner.run_worker(args.queue, settings, concurrency=args.concurrency, name=args.name, burst=args.burst))
+    asyncio.run(
+        arq_runner.run_worker(
+            args.queue, settings, concurrency=args.concurrency, name=args.name, burst=args.burst, idle_exit=args.idle_exit
+        )
+    )
     return 0
 
 
@@ -162,6 +172,9 @@ def _status_line(r: JobRecord) -> str:
         line += f"  {r.wall_seconds:.1f} s"
     if r.error:
         line += f"  ({r.error})"
+    cost = costs.summary(r)
+    if cost:
+        line += f"  [{cost}]"
     return line
 
 

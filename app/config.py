@@ -72,6 +72,52 @@ class Settings:
     #: ``VTP_PRIVATE_ALLOWLIST``: comma list of CIDRs that URL ingest and webhooks may reach
     #: although they are loopback, private or link-local (refused otherwise).
     private_allowlist: str = ""
+    #: ``VTP_IDLE_EXIT``: a worker exits (code 0) once its queue has been empty and nothing has
+    #: run for this many seconds (0: never). On Fly this stops the machine when the queue drains.
+    idle_exit: float = 0.0
+
+    # -- the fleet controller (`vtp controller`, workers/controller/) and cost accounting --
+    #: ``VTP_MAX_MACHINES``: worker machines the controller runs at most.
+    max_machines: int = 4
+    #: ``VTP_DRAIN_TARGET``: seconds in which the controller aims to drain the queued audio.
+    drain_target: float = 600.0
+    #: ``VTP_MACHINE_THROUGHPUT``: audio seconds one machine transcribes per wall second (measure it).
+    machine_throughput: float = 30.0
+    #: ``VTP_WARM_POOL``: stopped machines kept for fast starts; surplus ones are destroyed.
+    warm_pool: int = 2
+    #: ``VTP_STOPPED_GRACE``: seconds a surplus stopped machine is kept before it is destroyed.
+    stopped_grace: float = 600.0
+    #: ``VTP_BOOT_GRACE``: seconds a machine may run without a live worker before it counts as broken.
+    boot_grace: float = 300.0
+    #: ``VTP_CONTROLLER_INTERVAL``: seconds between two looks at the queue.
+    controller_interval: float = 5.0
+    #: ``VTP_WORKER_IMAGE``: the image worker machines run (default ``FLY_IMAGE_REF``: this app's).
+    worker_image: str = ""
+    #: ``FLY_IMAGE_REF``: set by Fly inside its machines (the image of the running release).
+    fly_image_ref: str = ""
+    #: ``FLY_API_HOSTNAME``: the Machines API (``http://_api.internal:4280`` from inside Fly).
+    fly_api_hostname: str = "https://api.machines.dev"
+    #: ``FLY_API_TOKEN``: a token that may manage the app's machines (``fly tokens deploy``).
+    fly_api_token: str = ""
+    #: ``FLY_APP_NAME``: the app the worker machines belong to (set by Fly inside its machines).
+    fly_app_name: str = ""
+    #: ``VTP_FLY_REGIONS``: comma list of regions to try in order (empty: Fly picks).
+    fly_regions: str = ""
+    #: ``VTP_FLY_GUESTS``: comma list of machine kinds to try in order: a GPU (``a100-40gb``,
+    #: ``a100-80gb``, ``l40s``) or a CPU size (``performance-8x``, ``shared-cpu-4x``...).
+    fly_guests: str = "performance-8x"
+    #: ``VTP_K8S_NAMESPACE``: where the controller creates worker Jobs (default: its own namespace).
+    k8s_namespace: str = ""
+    #: ``VTP_K8S_GPUS``: ``nvidia.com/gpu`` requested per worker Job (0: a CPU worker).
+    k8s_gpus: int = 1
+    #: ``VTP_K8S_JOB_TTL``: ``ttlSecondsAfterFinished`` of the worker Jobs.
+    k8s_job_ttl: int = 300
+    #: ``VTP_MACHINE_KIND``: what this worker runs on (a Fly guest kind or size, or any name);
+    #: the controller sets it on the machines it starts.
+    machine_kind: str = ""
+    #: ``VTP_MACHINE_PRICE_HOUR``: $ per hour of this worker's machine (0: the list price of
+    #: ``machine_kind`` from ``app.costs.PRICES``, or nothing recorded for an unknown kind).
+    machine_price_hour: float = 0.0
 
     _ENV = {
         "redis_url": "REDIS_URL",
@@ -95,7 +141,36 @@ class Settings:
         "webhook_tries": "VTP_WEBHOOK_TRIES",
         "webhook_retry_delay": "VTP_WEBHOOK_RETRY_DELAY",
         "private_allowlist": "VTP_PRIVATE_ALLOWLIST",
+        "idle_exit": "VTP_IDLE_EXIT",
+        "max_machines": "VTP_MAX_MACHINES",
+        "drain_target": "VTP_DRAIN_TARGET",
+        "machine_throughput": "VTP_MACHINE_THROUGHPUT",
+        "warm_pool": "VTP_WARM_POOL",
+        "stopped_grace": "VTP_STOPPED_GRACE",
+        "boot_grace": "VTP_BOOT_GRACE",
+        "controller_interval": "VTP_CONTROLLER_INTERVAL",
+        "worker_image": "VTP_WORKER_IMAGE",
+        "fly_image_ref": "FLY_IMAGE_REF",
+        "fly_api_hostname": "FLY_API_HOSTNAME",
+        "fly_api_token": "FLY_API_TOKEN",
+        "fly_app_name": "FLY_APP_NAME",
+        "fly_regions": "VTP_FLY_REGIONS",
+        "fly_guests": "VTP_FLY_GUESTS",
+        "k8s_namespace": "VTP_K8S_NAMESPACE",
+        "k8s_gpus": "VTP_K8S_GPUS",
+        "k8s_job_ttl": "VTP_K8S_JOB_TTL",
+        "machine_kind": "VTP_MACHINE_KIND",
+        "machine_price_hour": "VTP_MACHINE_PRICE_HOUR",
     }
+    #: Settings of the controller itself, never handed on to the workers it starts.
+    _CONTROLLER_ONLY = frozenset(
+        {
+            "max_machines", "drain_target", "machine_throughput", "warm_pool", "stopped_grace", "boot_grace",
+            "controller_interval", "worker_image", "fly_image_ref", "fly_api_hostname",
+            "fly_api_token", "fly_app_name", "fly_regions", "fly_guests", "k8s_namespace", "k8s_gpus",
+            "k8s_job_ttl", "machine_kind", "machine_price_hour", "data_dir",
+        }
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -116,6 +191,28 @@ class Settings:
         if not settings.storage_url:
             object.__setattr__(settings, "storage_url", Path(settings.data_dir).resolve().as_uri())
         return settings
+
+    def worker_env(self) -> dict[str, str]:
+        """The environment of a worker the controller starts: Redis, storage, and every pipeline
+        setting that differs from its default (the controller's own settings and the Fly token
+        stay here; S3 credentials come from the platform's secrets)."""
+        env = {"REDIS_URL": self.redis_url, "VTP_STORAGE": self.storage_url}
+        for f in fields(self):
+            var = self._ENV.get(f.name)
+            value = getattr(self, f.name)
+            if var and f.name not in self._CONTROLLER_ONLY and var not in env and value != f.default:
+                env[var] = str(value)
+        return env
+
+    @property
+    def fleet_idle_exit(self) -> float:
+        """The ``--idle-exit`` of the machines the controller starts: they always stop when idle."""
+        return self.idle_exit if self.idle_exit > 0 else 60.0
+
+    @property
+    def image(self) -> str:
+        """The worker machines' image: ``VTP_WORKER_IMAGE``, else this Fly release's own."""
+        return self.worker_image or self.fly_image_ref
 
     @property
     def max_input_bytes(self) -> int | None:

@@ -68,3 +68,9 @@ def health_key(queue: str, name: str) -> str:
 def arq_job_id(job_id: str, stage: str, index: int | None = None) -> str:
     """The deterministic arq job id of one stage of one job."""
     return f"{job_id}:{stage}" if index is None else f"{job_id}:{stage}:{index}"
+
+
+#: arq's own key prefixes (``arq.constants``), for readers that do not import arq (the fleet
+#: controller): the pickled job, and the marker a worker sets while it runs the job.
+ARQ_JOB_PREFIX = "arq:job:"
+ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"

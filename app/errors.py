@@ -20,9 +20,12 @@ traceback::
     ├── EngineError              the speech model failed while running (may be transient)
     ├── StorageError             artifact storage failed (transient)
     ├── QueueError               Redis / the job queue is unreachable (transient)
-    └── JobError                 a job-level failure (unknown id, cancelled, invalid transition)
-        ├── JobNotFound
-        └── JobCancelled
+    ├── JobError                 a job-level failure (unknown id, cancelled, invalid transition)
+    │   ├── JobNotFound
+    │   └── JobCancelled
+    └── FleetError               the fleet controller's cloud API failed (Fly Machines, Kubernetes)
+        ├── FleetAuthError       the API rejected the token / credentials: the controller exits
+        └── NoCapacity           a region or machine kind could not place or start a machine
 
 ``permanent`` tells the distributed runner whether a retry could help: input and option
 errors fail a job at once, everything else is retried with backoff.
@@ -102,4 +105,16 @@ class JobNotFound(JobError):
 
 
 class JobCancelled(JobError):
+    pass
+
+
+class FleetError(VtpError):
+    pass
+
+
+class FleetAuthError(FleetError):
+    permanent = True
+
+
+class NoCapacity(FleetError):
     pass

@@ -577,6 +577,17 @@ class JobStore:
         await self.redis.hincrby(constants.dag_key(job_id, "runs"), stage, 1)
 
     @_mapped
+    async def add_usage(self, job_id: str, stage: str, seconds: float, cost_usd: float) -> None:
+        """Add a stage's machine time and its cost to the record (every try counts: the machine
+        was busy either way); also on a job that has ended, whose last stages may finish after it."""
+
+        def change(rec: JobRecord) -> JobRecord:
+            used = {**rec.machine_seconds, stage: round(rec.machine_seconds.get(stage, 0.0) + seconds, 3)}
+            return msgspec.structs.replace(rec, machine_seconds=used, cost_usd=round(rec.cost_usd + cost_usd, 6))
+
+        await self._update(job_id, change, publish=False)
+
+    @_mapped
     async def runs(self, job_id: str) -> dict[str, int]:
         raw = await self.redis.hgetall(constants.dag_key(job_id, "runs"))
         return {k.decode(): int(v) for k, v in raw.items()}

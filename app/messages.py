@@ -253,6 +253,17 @@ def options_from(values: dict) -> TranscribeOptions:
         raise errors.OptionsError(f"invalid option: {exc}") from exc
 
 
+class JobCost(Struct, frozen=True, kw_only=True):
+    """What a job cost (``app.costs.cost_of``), as an API shows it beside the managed-STT price."""
+
+    machine_seconds: float
+    cost_usd: float
+    #: $ per hour of media; None before the duration is known.
+    per_audio_hour_usd: float | None
+    #: Managed speech-to-text list prices per audio hour, for comparison.
+    managed_stt_per_audio_hour_usd: tuple[float, float]
+
+
 TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 
 
@@ -322,6 +333,10 @@ class JobRecord(Struct, kw_only=True):
     webhook_url: str = ""
     #: Its delivery, once the job has ended.
     webhook: WebhookDelivery | None = None
+    #: Machine seconds each stage used, every try included (``app.costs``).
+    machine_seconds: dict[str, float] = {}
+    #: What those seconds cost at the machines' $/hour (``VTP_MACHINE_PRICE_HOUR``).
+    cost_usd: float = 0.0
 
     @property
     def terminal(self) -> bool:
@@ -364,9 +379,13 @@ class JobView(Struct, frozen=True, kw_only=True):
     #: Formats ready to download (``GET /v1/jobs/{id}/transcript.{fmt}``).
     formats: list[str]
     webhook: WebhookDelivery | None = None
+    #: Machine time and its price, beside managed STT's (``app.costs``); None until recorded.
+    cost: JobCost | None = None
 
     @classmethod
     def of(cls, r: JobRecord) -> JobView:
+        from app import costs  # costs reads these messages: imported here, not at the top
+
         total = r.audio_total
         fraction = 1.0 if r.state == "done" else (min(r.audio_done / total, 1.0) if total > 0 else 0.0)
         wall = r.wall_seconds
@@ -392,6 +411,7 @@ class JobView(Struct, frozen=True, kw_only=True):
             language=r.options.language,
             formats=sorted(r.outputs),
             webhook=r.webhook,
+            cost=costs.cost_of(r),
         )
 
 

@@ -62,8 +62,10 @@ class Cluster:
 
     # -- processes ----------------------------------------------------------------------
 
-    def start_worker(self, queue: str, name: str, *, concurrency: int | None = None, **env: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "app.cli", "worker", "--queue", queue, "--name", name]
+    def start_worker(
+        self, queue: str, name: str, *, concurrency: int | None = None, extra_args: tuple[str, ...] = (), **env: str
+    ) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "app.cli", "worker", "--queue", queue, "--name", name, *extra_args]
         if concurrency:
             cmd += ["--concurrency", str(concurrency)]
         log = self.work_dir / f"worker-{name}.log"

@@ -56,11 +56,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from arq import Retry
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 
-from app import constants, errors, keys
+from app import constants, costs, errors, keys
 from app.config import Settings
 from app.jobs import ORDER, UNREACHABLE, JobStore, connect as connect_plain, redis_location, redis_retry, retrying
 from app.messages import (
@@ -78,6 +78,7 @@ from app.messages import (
     encode,
 )
 from app.storage import open_storage
+from workers.lifecycle import IdleExit, Lifecycle  # light: no speech stack
 
 if TYPE_CHECKING:
     from workers import stages
@@ -248,11 +249,25 @@ async def _checked_run(ctx: dict, job_id: str, label: str, state: Stage, body: B
         if enter:
             entered = await store.transition(job_id, state)
             record = entered or record
-        return await _within(timeout, _delayed(settings.stage_delay(label), body, record))
+        return await _within(timeout, _metered(ctx, job_id, label, _delayed(settings.stage_delay(label), body, record)))
     except Exception as exc:  # noqa: BLE001 - every failure is classified below
         if isinstance(exc, TimeoutError):
             exc = errors.EngineError(f"{label} took longer than {timeout:g} s")
         return await _handle_failure(ctx, job_id, label, exc)
+
+
+async def _metered(ctx: dict, job_id: str, label: str, work: Awaitable[str]) -> str:
+    """Run a stage's work and add its machine time and cost to the job (app.costs), whether it
+    succeeded or not: the machine was busy either way."""
+    started = time.monotonic()
+    try:
+        return await work
+    finally:
+        seconds = time.monotonic() - started
+        try:
+            await ctx["store"].add_usage(job_id, label, seconds, seconds * ctx.get("usage_rate", 0.0))
+        except errors.VtpError as exc:  # accounting never fails a stage
+            log.warning("job %s: could not record %s's machine time: %s", job_id, label, exc)
 
 
 async def _delayed(delay: float, body: Body, record: JobRecord) -> str:
@@ -508,7 +523,7 @@ def worker_settings(
         default_concurrency = 1  # one model on one device
     else:
         raise errors.OptionsError(f"unknown queue {queue!r}: use cpu or gpu")
-    return {
+    kwargs = {
         "functions": functions,
         "queue_name": constants.QUEUES[queue],
         "redis_settings": redis_settings(settings),
@@ -525,6 +540,9 @@ def worker_settings(
         "on_startup": _startup,
         "log_results": True,
     }
+    # Each job's share of this machine's $/hour (app.costs): a worker running N at once charges 1/N.
+    kwargs["ctx"]["usage_rate"] = costs.rate_per_slot_second(settings, kwargs["max_jobs"])
+    return kwargs
 
 
 async def _startup(ctx: dict) -> None:
@@ -547,10 +565,14 @@ class _Worker(Worker):
     """
 
     _outage_since: float | None = None
+    #: Idle exit and SIGTERM drain (``workers/lifecycle.py``); None: arq's own behaviour.
+    lifecycle: Lifecycle | None = None
 
     async def _poll_iteration(self) -> None:
         try:
             await super()._poll_iteration()
+            if self.lifecycle is not None:
+                await self.lifecycle.after_poll(self)  # may raise IdleExit
         except UNREACHABLE as exc:
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
@@ -561,11 +583,20 @@ class _Worker(Worker):
                 log.warning("Redis is back after %.1f s", time.monotonic() - self._outage_since)
                 self._outage_since = None
 
+    def handle_sig(self, signum: int) -> None:
+        if self.lifecycle is None:
+            super().handle_sig(signum)
+        else:  # drain: finish the running jobs, take no more (a second signal stops at once)
+            self.lifecycle.on_signal(self, signum)
+
 
 async def run_worker(
-    queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None, burst: bool = False
+    queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None, burst: bool = False,
+    idle_exit: float | None = None,
 ) -> None:
-    """Run a worker until SIGINT/SIGTERM (or, with ``burst``, until its queue is empty).
+    """Run a worker until SIGINT/SIGTERM (or, with ``burst``, until its queue is empty; with
+    ``idle_exit`` seconds, default ``VTP_IDLE_EXIT``, once its queue has been idle that long).
+    A signal drains: the running jobs finish, no new one starts (``workers/lifecycle.py``).
 
     If arq's worker ends with a Redis error anyway (Redis unreachable at start-up, past arq's
     ``conn_retries``), a new worker is built (same loaded models) and connects again as soon
@@ -574,16 +605,22 @@ async def run_worker(
     """
     engines = _engine_pool()
     where = redis_location(settings.redis_url)
+    lifecycle = Lifecycle(
+        idle_exit=settings.idle_exit if idle_exit is None else idle_exit,
+        in_progress_prefix=in_progress_key_prefix,
+        retry_prefix=retry_key_prefix,
+    )
     pause = 1.0
     while True:
         kwargs = worker_settings(queue, settings, concurrency=concurrency, name=name, engines=engines)
         worker = _Worker(**kwargs, burst=burst)
+        worker.lifecycle = lifecycle
         started = time.monotonic()
         try:
             await worker.async_run()
             await worker.close()
             return
-        except asyncio.CancelledError:  # arq's SIGINT/SIGTERM handler cancelled its main task
+        except (asyncio.CancelledError, IdleExit):  # a drained signal, or idle long enough
             await worker.close()
             return
         except (redis_errors.RedisError, OSError, asyncio.TimeoutError) as exc:

@@ -95,7 +95,10 @@ function jobPage() {
 
   async function showResult(job) {
     $("result").hidden = false;
-    $("stats").textContent = `${job.duration.toFixed(1)} s of media in ${job.wall_seconds.toFixed(1)} s` + (job.realtime_factor ? ` (${job.realtime_factor}x realtime)` : "");
+    const cost = job.cost && job.cost.per_audio_hour_usd != null
+      ? `; $${job.cost.per_audio_hour_usd.toFixed(3)} per audio hour (managed STT: $${job.cost.managed_stt_per_audio_hour_usd[0].toFixed(2)}-$${job.cost.managed_stt_per_audio_hour_usd[1].toFixed(2)})`
+      : "";
+    $("stats").textContent = `${job.duration.toFixed(1)} s of media in ${job.wall_seconds.toFixed(1)} s` + (job.realtime_factor ? ` (${job.realtime_factor}x realtime)` : "") + cost;
     for (const fmt of job.formats) {
       const a = document.createElement("a");
       a.href = "#";
