@@ -56,13 +56,25 @@ from typing import Any, Literal
 
 from arq import Retry
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
+from arq.jobs import deserialize_result
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 
 from app import constants, errors, keys
 from app.config import Settings
-from app.jobs import ORDER, UNREACHABLE, JobStore, connect as connect_plain, redis_location, redis_retry, retrying
+from app.jobs import (
+    ORDER,
+    OUTAGE_CLOCK,
+    OUTAGE_S,
+    UNREACHABLE,
+    JobStore,
+    OutageClock,
+    connect as connect_plain,
+    redis_location,
+    redis_retry,
+    retrying,
+)
 from app.messages import (
     ExtractedAudio,
     ExtractRequest,
@@ -78,7 +90,7 @@ from app.messages import (
     encode,
 )
 from app.storage import open_storage
-from workers import stages
+from workers import stages, sweeper
 from workers.engines.base import EnginePool
 from workers.local_runner import with_timings
 
@@ -91,8 +103,12 @@ HEALTH_INTERVAL_S = 5
 #: arq keeps each finished stage's result this long: while it exists, enqueueing the same
 #: deterministic id again is a no-op (the job record's state guards the stages beyond that).
 KEEP_RESULT_S = 3600
-#: arq's function timeout is the stage's own deadline plus this, so the stage's fires first.
-BACKSTOP_S = 1.0
+#: arq's function timeout is the stage's own deadline plus this: a backstop only, for code that
+#: ignores cancellation. The stage's deadline fires first, and it leaves out time spent waiting
+#: for Redis, as does the failure handling after it (each Redis wait lasts up to OUTAGE_S), so the
+#: backstop allows for a few outages. Should it fire anyway, arq records a plain failure and the
+#: sweeper re-drives the stage.
+BACKSTOP_S = 4 * OUTAGE_S + 30.0
 #: Seconds between checks of the queue: the floor of each stage transition's latency.
 POLL_DELAY_S = 0.05
 
@@ -161,6 +177,10 @@ async def _run_stage(ctx: dict, job_id: str, label: str, state: Stage, body: Bod
     and turn failures into a failed job or an arq retry."""
     try:
         return await _checked_run(ctx, job_id, label, state, body, enter=enter)
+    except asyncio.CancelledError:
+        if ctx.get("stopping") is not None and ctx["stopping"].is_set():
+            ctx["interrupted"] = True  # a deploy's SIGTERM: _job_end gives the try back
+        raise
     except errors.QueueError as exc:
         # Redis itself failed beyond the client's retries, so nothing can be recorded now.
         # Let arq run this stage again later (if Redis is still away, arq cannot even record
@@ -207,17 +227,32 @@ async def _delayed(delay: float, body: Body, record: JobRecord) -> str:
 
 
 async def _within(timeout: float, work: Awaitable[str]) -> str:
-    """``work`` under a deadline that fires on time even when the work sits in a thread.
+    """``work`` under a deadline that fires on time even when the work sits in a thread, and
+    that does not count the time its Redis operations spent waiting for Redis.
 
     A plain ``asyncio.timeout`` cannot interrupt the engine's native code: the cancellation
     waits for the thread, arq's own (backstop) timeout fires meanwhile, and arq records a plain
     failure behind our back, leaving the job stuck. Here the overrunning work is abandoned
     instead (cancelled: it stops at its next await, once its thread returns, so it hands
     nothing on) and TimeoutError is raised at once, to be retried like any transient error.
+    Time the work spent waiting out a Redis outage (``app.jobs.OutageClock``) extends the
+    deadline: a stage that sat through a Redis restart is not a slow stage.
     """
-    task = asyncio.ensure_future(work)
+    clock = OutageClock()
+    token = OUTAGE_CLOCK.set(clock)
     try:
-        return await asyncio.wait_for(asyncio.shield(task), timeout)
+        task = asyncio.ensure_future(work)  # the task copies the context: its waits go to `clock`
+    finally:
+        OUTAGE_CLOCK.reset(token)
+    started = time.monotonic()
+    try:
+        while True:
+            left = timeout - (time.monotonic() - started - clock.waited())
+            if left <= 0:
+                raise TimeoutError
+            done, _ = await asyncio.wait({task}, timeout=left)
+            if done:
+                return task.result()
     finally:
         if not task.done():
             task.cancel()
@@ -339,6 +374,7 @@ async def merge_task(ctx: dict, job_id: str) -> str:
         transcript = await stages.merge(_stage_ctx(ctx), req)
         timings = {**record.timings, "merge": round(time.perf_counter() - started, 3)}
         transcript = with_timings(transcript, timings, time.time() - record.created_at)
+        await store.put_part(job_id, "transcript", transcript)  # what the sweeper re-drives render from
         await store.count_run(job_id, "merge")
         nxt = RenderRequest(job_id=job_id, transcript=transcript, formats=record.options.formats, basename=record.basename)
         await _enqueue(
@@ -429,6 +465,7 @@ def worker_settings(
         "expires_extra_ms": max(settings.result_ttl, 86400) * 1000,
         "ctx": {"settings": settings, "engines": engines or EnginePool()},
         "on_startup": _startup,
+        "on_job_end": _job_end,
         "log_results": True,
     }
 
@@ -441,15 +478,65 @@ async def _startup(ctx: dict) -> None:
     )
 
 
-class _Worker(Worker):
-    """arq's worker, but a Redis outage pauses its polling instead of ending it.
+async def _job_end(ctx: dict) -> None:
+    """A stage cut short by the worker's own shutdown (a deploy's SIGTERM) is rerun by arq; give
+    back the try arq counted for it, so that deploys never use up a job's tries."""
+    if ctx.get("interrupted"):
+        try:
+            await ctx["redis"].decr(retry_key_prefix + ctx["job_id"])
+        except (redis_errors.RedisError, OSError) as exc:
+            log.warning("could not give back the try of %s: %s", ctx["job_id"], exc)
 
-    arq's loop raises out of ``main()`` on the first failed Redis call; here a failed poll is
-    logged and retried a second later, while the jobs in flight keep running (their own Redis
-    calls wait for Redis through ``app.jobs.retrying``), so a Redis restart costs no rerun.
+
+class _Worker(Worker):
+    """arq's worker with short, renewed leases, and a Redis outage pauses its polling instead of
+    ending it.
+
+    **Leases.** arq marks a started job ``arq:in-progress:<id>`` for the largest function
+    timeout + 10 s, once; a dead worker's stage waits that long to be rerun. Here the key lives
+    ``VTP_LEASE`` seconds and this worker renews it (``PEXPIRE``, never recreating an expired
+    key) every third of that for the jobs it is running, from its polling loop, so a dead worker's
+    stage is rerun within a lease while a long, healthy stage keeps its own. The same renewal
+    sets ``vtp:beat:<job id>``: the job is being worked on (``vtp submit --wait`` reads it).
+
+    **Outages.** arq's loop raises out of ``main()`` on the first failed Redis call; here a failed
+    poll is logged and retried a second later, while the jobs in flight keep running (their own
+    Redis calls wait for Redis through ``app.jobs.retrying``), so a Redis restart costs no rerun.
+
+    **Shutdown.** SIGINT/SIGTERM sets ``ctx["stopping"]`` before arq cancels the running jobs, so
+    a stage knows its cancellation is a shutdown (see ``_job_end``).
     """
 
     _outage_since: float | None = None
+
+    def __init__(self, *args: Any, lease: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lease = lease
+        self.in_progress_timeout_s = lease  # arq's own: the largest function timeout + 10 s
+        self._renewed_at = 0.0
+        self._renewed: set[str] = set()
+        self.ctx["stopping"] = asyncio.Event()
+
+    def handle_sig(self, signum: Any) -> None:
+        self.ctx["stopping"].set()
+        super().handle_sig(signum)
+
+    async def heart_beat(self) -> None:
+        await super().heart_beat()
+        await self.renew_leases()
+
+    async def renew_leases(self) -> None:
+        running = {job_id for job_id, task in self.tasks.items() if not task.done()}
+        now = time.monotonic()
+        if not running or (now - self._renewed_at < self.lease / 3 and running <= self._renewed):
+            return
+        ms = int(self.lease * 1000)
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for arq_id in running:
+                pipe.pexpire(in_progress_key_prefix + arq_id, ms)
+                pipe.set(constants.beat_key(arq_id.split(":", 1)[0]), f"{time.time():.3f}", px=ms)
+            await pipe.execute()
+        self._renewed_at, self._renewed = now, running
 
     async def _poll_iteration(self) -> None:
         try:
@@ -465,6 +552,60 @@ class _Worker(Worker):
                 self._outage_since = None
 
 
+class ArqStages:
+    """The sweeper's view of arq (``workers.sweeper.StageQueue``): which stage jobs are queued
+    or running, what arq recorded when it dropped one, and enqueueing one again."""
+
+    def __init__(self, redis: ArqRedis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+
+    async def pending(self, arq_ids: list[str]) -> bool:
+        async def attempt() -> bool:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for arq_id in arq_ids:
+                    pipe.exists(in_progress_key_prefix + arq_id)
+                    for queue in constants.QUEUES.values():
+                        pipe.zscore(queue, arq_id)
+                replies = await pipe.execute()
+            return any(r for r in replies)  # EXISTS 1, or a score: queued (perhaps deferred)
+
+        return await retrying(attempt, where=redis_location(self.settings.redis_url))
+
+    async def failure(self, arq_id: str) -> str | None:
+        raw = await retrying(lambda: self.redis.get(result_key_prefix + arq_id), where=redis_location(self.settings.redis_url))
+        if raw is None:
+            return None
+        try:
+            result = deserialize_result(raw)
+        except Exception:  # noqa: BLE001 - an unreadable result is no failure we can name
+            return None
+        return None if result.success else f"{type(result.result).__name__}: {result.result}"
+
+    async def redrive(self, step: sweeper.Step) -> None:
+        async def forget() -> None:
+            names = [p + i for i in (step.arq_id, *step.clear) for p in (result_key_prefix, retry_key_prefix)]
+            await self.redis.delete(*names)
+
+        await retrying(forget, where=redis_location(self.settings.redis_url))
+        await _enqueue(self.redis, self.settings, step.function, *step.args, queue=step.queue, arq_id=step.arq_id)
+
+
+async def sweep_forever(settings: Settings) -> None:
+    """The CPU worker's sweeper (``workers.sweeper``), on its own Redis connection."""
+    while True:
+        try:
+            redis = await create_pool(redis_settings(settings, conn_retries=0), default_queue_name=constants.QUEUE_CPU)
+            break
+        except (redis_errors.RedisError, OSError, asyncio.TimeoutError):
+            await asyncio.sleep(5.0)  # the worker itself says Redis is away; try again later
+    store = JobStore(redis, result_ttl=settings.result_ttl, where=redis_location(settings.redis_url))
+    try:
+        await sweeper.Sweeper(store, open_storage(settings.storage_url), ArqStages(redis, settings), settings).run_forever()
+    finally:
+        await redis.aclose()
+
+
 async def run_worker(
     queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None, burst: bool = False
 ) -> None:
@@ -475,12 +616,24 @@ async def run_worker(
     as Redis answers; jobs the old one was running are rerun by arq once their in-progress
     keys expire.
     """
+    sweeping = asyncio.ensure_future(sweep_forever(settings)) if queue == "cpu" and not burst else None
+    try:
+        await _run_worker(queue, settings, concurrency=concurrency, name=name, burst=burst)
+    finally:
+        if sweeping is not None:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+
+
+async def _run_worker(
+    queue: QueueName, settings: Settings, *, concurrency: int | None, name: str | None, burst: bool
+) -> None:
     engines = EnginePool()
     where = redis_location(settings.redis_url)
     pause = 1.0
     while True:
         kwargs = worker_settings(queue, settings, concurrency=concurrency, name=name, engines=engines)
-        worker = _Worker(**kwargs, burst=burst)
+        worker = _Worker(**kwargs, burst=burst, lease=settings.lease)
         started = time.monotonic()
         try:
             await worker.async_run()
