@@ -618,6 +618,12 @@ class JobStore:
         return int(await self.redis.hincrby(constants.dag_key(job_id, "redrives"), state, 1))
 
     @_mapped
+    async def redrives(self, job_id: str) -> dict[str, int]:
+        """state -> times the sweeper re-drove the job in that state."""
+        raw = await self.redis.hgetall(constants.dag_key(job_id, "redrives"))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    @_mapped
     async def last_beat(self, job_id: str) -> float | None:
         """When a worker last renewed its lease on one of the job's stages (None: no live stage)."""
         raw = await self.redis.get(constants.beat_key(job_id))

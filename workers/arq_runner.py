@@ -584,7 +584,11 @@ class ArqStages:
 
     async def redrive(self, step: sweeper.Step) -> None:
         async def forget() -> None:
-            names = [p + i for i in (step.arq_id, *step.clear) for p in (result_key_prefix, retry_key_prefix)]
+            # Nothing of these ids is queued or running (the sweeper checked): what arq still
+            # keeps of them (a result, a try count, a job key left by a lost queue entry) would
+            # make it refuse the enqueue or drop the job at once.
+            prefixes = (result_key_prefix, retry_key_prefix, job_key_prefix)
+            names = [p + i for i in (step.arq_id, *step.clear) for p in prefixes]
             await self.redis.delete(*names)
 
         await retrying(forget, where=redis_location(self.settings.redis_url))
