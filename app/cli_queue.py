@@ -47,6 +47,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--idempotency-key", default="", help="submitting again with the same key returns the same job (KEY:N for the Nth of several files)")
     s.add_argument("--owner", default="", help="who the jobs belong to (scopes idempotency keys and reuse)")
     s.add_argument("--no-reuse", action="store_true", help="transcribe again even if a finished job has the same media and options")
+    s.add_argument("--stall-timeout", type=float, default=None, metavar="S",
+                   help="with --wait: give up on a job that shows no progress for S seconds (default $VTP_STALL_TIMEOUT, 900)")
     add_transcribe_options(s)
     # Unset --batch-size means VTP_BATCH_SIZE: in the DAG it is also the fan-out unit.
     s.set_defaults(batch_size=None, func=cmd_submit)
@@ -136,7 +138,11 @@ async def _submit(args: argparse.Namespace, settings: Settings, options) -> int:
             for path, base, record in accepted:
                 bar = ProgressBar(path.name, enabled=not args.quiet)
                 try:
-                    final = await store.wait(record.id, on_event=bar)
+                    final = await store.wait(record.id, on_event=bar, stall_s=args.stall_timeout or settings.stall_timeout)
+                except errors.JobStalled as exc:  # reported, not waited on forever; the job may still move later
+                    failed += 1
+                    error(f"{path}: {exc}")
+                    continue
                 finally:
                     bar.close()
                 if final.state != "done":

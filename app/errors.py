@@ -20,7 +20,8 @@ traceback::
     ├── QueueError               Redis / the job queue is unreachable (transient)
     └── JobError                 a job-level failure (unknown id, cancelled, invalid transition)
         ├── JobNotFound
-        └── JobCancelled
+        ├── JobCancelled
+        └── JobStalled           a job shows no progress (``vtp submit --wait`` stops waiting)
 
 ``permanent`` tells the distributed runner whether a retry could help: input and option
 errors fail a job at once, everything else is retried with backoff.
@@ -92,4 +93,8 @@ class JobNotFound(JobError):
 
 
 class JobCancelled(JobError):
+    pass
+
+
+class JobStalled(JobError):
     pass

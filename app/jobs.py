@@ -483,16 +483,20 @@ class JobStore:
             await pipe.execute()
 
     async def events(
-        self, job_id: str, *, since: str = "0-0", poll_s: float = 1.0, reconnect_s: float = 90.0
+        self, job_id: str, *, since: str = "0-0", poll_s: float = 1.0, reconnect_s: float = 90.0,
+        stall_s: float | None = None,
     ) -> AsyncIterator[ProgressEvent]:
         """The job's events from ``since`` (all of them by default), ending with its final one.
 
         Survives Redis going away for up to ``reconnect_s`` seconds (it reads on from the last
         event it saw); raises ``QueueError`` after that, ``JobNotFound`` for an unknown job.
+        With ``stall_s``, raises ``JobStalled`` once the job has shown no progress for that long:
+        no change to its record and no worker renewing a lease on one of its stages.
         """
         key = constants.events_key(job_id)
         last: str | bytes = since
         lost_at: float | None = None
+        started = time.time()
         while True:
             try:
                 reply = await self.redis.xread({key: last}, count=200, block=max(int(poll_s * 1000), 1))
@@ -518,10 +522,29 @@ class JobStore:
                 if record.terminal:  # its final event was trimmed or expired: the record says it all
                     yield event_of(record)
                     return
+                if stall_s is not None:
+                    await self._check_stalled(record, started, stall_s)
 
-    async def wait(self, job_id: str, on_event: Callable[[ProgressEvent], None] | None = None) -> JobRecord:
-        """Follow the job's events until it ends; its final record."""
-        async for event in self.events(job_id):
+    async def _check_stalled(self, record: JobRecord, started: float, stall_s: float) -> None:
+        now = time.time()
+        if now - max(record.updated_at, started) < stall_s:
+            return
+        beat = await self.last_beat(record.id)
+        if beat is not None and now - beat < stall_s:
+            return  # a worker is on one of its stages
+        idle = now - max(record.updated_at, started, beat or 0.0)
+        queue = "gpu" if record.state == "transcribing" else "cpu"
+        raise errors.JobStalled(
+            f"job {record.id} stopped moving: no progress for {idle:.0f} s while {record.state}"
+            f" (is a `vtp worker --queue {queue}` running? `vtp status {record.id}` shows where it is)"
+        )
+
+    async def wait(
+        self, job_id: str, on_event: Callable[[ProgressEvent], None] | None = None, *, stall_s: float | None = None
+    ) -> JobRecord:
+        """Follow the job's events until it ends; its final record. With ``stall_s``, ``JobStalled``
+        once the job shows no progress for that long (see ``events``)."""
+        async for event in self.events(job_id, stall_s=stall_s):
             if on_event is not None:
                 on_event(event)
         return await self.get(job_id)

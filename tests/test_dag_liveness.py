@@ -295,3 +295,32 @@ def test_sweep_settings_are_read_from_the_environment():
     assert (s.lease, s.sweep_interval, s.stall_timeout) == (20.0, 10.0, 300.0)
     with pytest.raises(errors.OptionsError):
         Settings.from_env({"VTP_LEASE": "soon"})
+
+
+# -- vtp submit --wait never waits forever ---------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_submit_wait_reports_a_job_that_stops_moving(redis_server_factory, make_cluster, data_dir, tmp_path):
+    c = make_cluster(redis_server_factory().url)  # no worker at all
+    started = time.monotonic()
+    res = await anyio.to_thread.run_sync(
+        lambda: c.cli("submit", "--wait", "-q", "--stall-timeout", "3", "-o", str(tmp_path), str(data_dir / "jfk.flac"), timeout=60)
+    )
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "stopped moving: no progress for 3 s while queued" in lines[0], res.stderr
+    assert "vtp worker --queue cpu" in lines[0]
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+async def test_submit_wait_follows_a_slow_stage(redis_server_factory, make_cluster, data_dir, tmp_path):
+    """An 8 s extraction with a 3 s stall timeout: the worker's lease renewals show it is alive."""
+    c = make_cluster(redis_server_factory().url, VTP_TEST_STAGE_DELAY="extract:8")
+    start_workers(c)
+    res = await anyio.to_thread.run_sync(
+        lambda: c.cli("submit", "--wait", "-q", "--stall-timeout", "3", "-o", str(tmp_path), str(data_dir / "jfk.flac"), timeout=90)
+    )
+    assert res.returncode == 0, res.stderr + c.logs()
+    assert (tmp_path / "jfk.txt").exists()
