@@ -15,7 +15,8 @@ traceback::
     │   └── UnsupportedFormat    a container ffmpeg reads but vtp refuses (playlists, devices, ...)
     ├── OptionsError             bad engine/model/format options
     │   └── ModelNotFound        --model names neither a directory nor a loadable model
-    ├── EngineError              the speech model failed while running (may be transient)
+    ├── EngineError              the speech model failed while running, or could not be fetched (transient)
+    ├── ResourceError            the machine ran out of something: disk full, memory (CUDA OOM), time (transient)
     ├── StorageError             artifact storage failed (transient)
     ├── QueueError               Redis / the job queue is unreachable (transient)
     └── JobError                 a job-level failure (unknown id, cancelled, invalid transition)
@@ -24,7 +25,9 @@ traceback::
         └── JobStalled           a job shows no progress (``vtp submit --wait`` stops waiting)
 
 ``permanent`` tells the distributed runner whether a retry could help: input and option
-errors fail a job at once, everything else is retried with backoff.
+errors (corrupt media, bad options, a missing model directory) fail a job at once; everything
+else (a full disk, an ffmpeg timeout, a network error while fetching a model, CUDA out of
+memory, storage or Redis away) is retried with backoff.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ class ModelNotFound(OptionsError):
 
 
 class EngineError(VtpError):
+    pass
+
+
+class ResourceError(VtpError):
     pass
 
 

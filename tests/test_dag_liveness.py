@@ -39,7 +39,7 @@ def make_cluster(tmp_path):
     clusters: list[Cluster] = []
 
     def make(redis_url: str, **env: str) -> Cluster:
-        c = Cluster(redis_url, tmp_path / f"cluster{len(clusters)}", env=env)
+        c = Cluster(redis_url, tmp_path / f"cluster {len(clusters)}", env=env)  # a space in every path
         clusters.append(c)
         return c
 

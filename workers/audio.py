@@ -47,7 +47,14 @@ def ffmpeg_command(source: Path, dest: Path) -> list[str]:
     return stream.compile(cmd=ffmpeg_exe())
 
 
-def reason_from_stderr(stderr: str, name: str) -> errors.InputError:
+#: ffmpeg's words for a machine problem, not a media problem: retried, never blamed on the input.
+_RESOURCE_NEEDLES = ("No space left on device", "Disk quota exceeded", "Cannot allocate memory")
+
+
+def reason_from_stderr(stderr: str, name: str) -> errors.InputError | errors.ResourceError:
+    for needle in _RESOURCE_NEEDLES:
+        if needle in stderr:
+            return errors.ResourceError(f"{name}: ffmpeg could not write the audio: {needle.lower()}")
     for needle, kind, reason in _STDERR_REASONS:
         if needle in stderr:
             return kind(f"{name}: {reason}")
@@ -87,7 +94,9 @@ async def run_bounded(cmd: list[str], *, timeout: float, name: str, keep: int = 
             process.kill()
             with anyio.CancelScope(shield=True):
                 await process.wait()
-            raise errors.CorruptMedia(f"{name}: ffmpeg did not finish decoding within {timeout:g} s") from None
+            # A busy or slow host as often as a pathological file: transient (retried, then failed
+            # with this reason once the tries are used up).
+            raise errors.ResourceError(f"{name}: ffmpeg did not finish decoding within {timeout:g} s") from None
     return process.returncode or 0, tail.decode("utf-8", "replace")
 
 
