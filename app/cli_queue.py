@@ -70,6 +70,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from workers import arq_runner
 
     if args.check:
+        for warning in asyncio.run(redis_warnings(settings)):
+            print(f"vtp: warning: {warning}", file=sys.stderr, flush=True)
         ok, detail = asyncio.run(arq_runner.check_health(args.queue, settings, name=args.name))
         print(detail, file=sys.stdout if ok else sys.stderr, flush=True)
         return 0 if ok else 1
@@ -80,6 +82,23 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         logging.getLogger(name).setLevel(level)
     asyncio.run(arq_runner.run_worker(args.queue, settings, concurrency=args.concurrency, name=args.name, burst=args.burst))
     return 0
+
+
+async def redis_warnings(settings: Settings) -> list[str]:
+    """What about this Redis could lose jobs: an eviction policy other than ``noeviction``."""
+    store = JobStore.open(settings.redis_url, outage_s=1)
+    try:
+        policy = await store.eviction_policy()
+    except errors.QueueError:
+        return []  # unreachable: check_health says so
+    finally:
+        await store.aclose()
+    if policy is None or policy == "noeviction":
+        return []
+    return [
+        f"Redis maxmemory-policy is {policy}: under memory pressure Redis would evict job records and "
+        "queued stages, and jobs would be lost; set maxmemory-policy noeviction"
+    ]
 
 
 # -- submit -----------------------------------------------------------------------------------
@@ -175,13 +194,20 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         store = JobStore.open(settings.redis_url, result_ttl=settings.result_ttl, outage_s=3)
         missing = 0
         try:
-            ids = args.job_ids or await store.list_ids(20)
+            ids = args.job_ids or await store.list_ids(200)
+            shown = 0
             for job_id in ids:
+                if not args.job_ids and shown >= 20:
+                    break
                 record = await store.find(job_id)
                 if record is None:
+                    if not args.job_ids:
+                        continue  # listing: an expired record is simply no longer listed
                     missing += 1
                     error(f"no job {job_id!r} (unknown id, or its record has expired)")
-                elif args.json:
+                    continue
+                shown += 1
+                if args.json:
                     print(msgspec.json.encode(record).decode(), flush=True)
                 else:
                     print(_status_line(record), flush=True)

@@ -259,6 +259,16 @@ class JobStore:
     async def ping(self) -> None:
         await self.redis.ping()
 
+    @_mapped
+    async def eviction_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy`` (None where CONFIG is disabled, as on some managed Redis)."""
+        try:
+            reply = await self.redis.config_get("maxmemory-policy")
+        except redis_errors.ResponseError:
+            return None
+        value = reply.get("maxmemory-policy") or reply.get(b"maxmemory-policy")
+        return value.decode() if isinstance(value, bytes) else value
+
     # -- records --------------------------------------------------------------------------
 
     @_mapped
