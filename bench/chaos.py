@@ -349,7 +349,7 @@ def main() -> None:
             time.sleep(0.5)
         wall = time.monotonic() - started
         chaos.note(f"{len(watch.ended)}/{len(job_ids)} ended after {wall:.0f} s")
-        result = anyio.run(summarize, chaos, job_ids, names_of, refs, watch, settings)
+        result = anyio.run(summarize, chaos, job_ids, names_of, refs, watch, args.batch_size)
     finally:
         chaos.close()
     started_ids = STARTED.findall(chaos.logs())  # arq logs "→ <arq id>:<function>(" at every start
@@ -366,7 +366,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-async def summarize(chaos: Chaos, job_ids, names_of, refs, watch: Watch, settings: Settings) -> dict:
+async def summarize(chaos: Chaos, job_ids, names_of, refs, watch: Watch, batch_size: int) -> dict:
     from app.storage import LocalStorage, download_outputs
 
     store = JobStore.open(chaos.url)
@@ -377,6 +377,9 @@ async def summarize(chaos: Chaos, job_ids, names_of, refs, watch: Watch, setting
         for job_id in job_ids:
             record = await store.find(job_id)
             runs = await store.runs(job_id)
+            if record is not None:  # transcribe completes once per batch
+                batches = -(-record.chunks_total // batch_size)
+                runs["transcribe"] = runs.get("transcribe", 0) - batches + 1
             twice += sum(n - 1 for n in runs.values() if n > 1)
             redrives += sum((await store.redrives(job_id)).values())
             if record is None or not record.terminal:
@@ -414,7 +417,7 @@ def render(args, r: dict) -> str:
         ("**lost** (not ended)", str(len(r["lost"])) + (f": {', '.join(r['lost'])}" if r["lost"] else "")),
         ("outputs differing from the local run", str(len(r["wrong"])) + (f": {', '.join(r['wrong'])}" if r["wrong"] else "")),
         ("stage reruns (stage jobs started again)", f"{reruns} of {r['distinct']} stage jobs"),
-        ("stages completed twice (no chunk counted twice: fan-in)", str(r["completed_twice"])),
+        ("stages that completed twice (their work redone; the fan-in still counts each batch once)", str(r["completed_twice"])),
         ("sweeper re-drives", str(r["redrives"])),
         ("longest time a job's record did not change", f"{r['longest_idle']:.0f} s ({r['longest_idle_job']})"),
         ("longest time a job had no stage queued or running", f"{r['longest_orphan']:.0f} s"),

@@ -27,14 +27,19 @@ tries; the last failure fails the job. arq's own ``max_tries`` is one more than 
 try that arq starts after its worker was killed (arq counts that try too) still reaches this
 code and fails the job cleanly instead of arq dropping it and leaving the record stuck.
 
-**Timeouts and dead workers.** arq marks a running job with ``arq:in-progress:<id>``, whose TTL
-is the largest ``timeout`` of the functions the worker serves plus 10 s, set once at start and
-never refreshed; if the worker dies, the job stays in the queue and another worker reruns it
-when that key expires. So the GPU worker serves ``transcribe`` alone, with a timeout sized to
-one batch (``VTP_TRANSCRIBE_TIMEOUT``): a dead GPU worker's batch is rerun within that plus
-~11 s, whatever the CPU stages' timeout (``VTP_CPU_TIMEOUT``). Each stage runs under its own
-deadline (those settings); arq's function timeout is one second longer, a backstop only, so a
-slow stage is reported and retried here rather than killed by arq without a word.
+**Timeouts and dead workers.** arq marks a running job with ``arq:in-progress:<id>``; if the
+worker dies, the job stays in the queue and another worker reruns it when that key expires.
+arq sets its TTL once, to the largest function timeout + 10 s (an hour and more with long CPU
+stages). Here it is a short lease (``VTP_LEASE``, 60 s) that the worker renews for the stages
+it runs (``_Worker``): a dead worker's stage reruns within a lease, whatever its length,
+while a long, healthy stage keeps its own. Each stage runs under its own deadline
+(``VTP_TRANSCRIBE_TIMEOUT`` / ``VTP_CPU_TIMEOUT``) that leaves out time spent waiting for
+Redis (``_within``); arq's function timeout is a backstop well past it (``BACKSTOP_S``), so a
+slow stage is reported and retried here rather than failed by arq without a word. A SIGTERM
+(a deploy) reruns the stages in flight without using up a try (``_job_end``). Whatever still
+leaves a job with no stage queued or running (a submit that died before its enqueue, a
+stage arq dropped) is found by the sweeper (``workers.sweeper``, run by every CPU worker,
+seen through ``ArqStages``), which re-drives the stage or fails the job.
 
 **Redis outages.** Every Redis operation of a stage waits through an outage of up to a minute
 (``app.jobs.retrying``), and the worker's polling loop pauses instead of dying (``_Worker``),
