@@ -12,7 +12,9 @@ first transcribed by the local runner (``vtp transcribe``'s code) for reference.
 once (``vtp submit --no-reuse``), and until every job has ended (or ``--timeout``):
 
 * every 5–20 s (``--kill-every``) a random worker is SIGKILLed and started again;
-* twice (``--redis-kills``), Redis is SIGKILLed and restarted from its append-only file, 3 s later.
+* twice (``--redis-kills``), Redis is SIGKILLed and restarted from its append-only file, 3 s later;
+* two of the submits (``--orphans``) "die" between writing the record and enqueueing the first
+  stage: only the sweeper can move those jobs.
 
 Reported: jobs done, failed (with their reasons), **lost** (not ended by the timeout), outputs
 that differ from the local run (TXT, SRT, VTT and the JSON's segments), stage reruns (stage jobs
@@ -248,8 +250,9 @@ async def observe(chaos: Chaos, job_ids: list[str], watch: Watch, settings: Sett
         await redis.aclose()
 
 
-async def submit_all(chaos: Chaos, inputs: list[Path], options: TranscribeOptions) -> list[str]:
-    """What ``vtp submit --no-reuse`` does (in process: the CLI offers no ``noop`` engine)."""
+async def submit_all(chaos: Chaos, inputs: list[Path], options: TranscribeOptions, orphans: int) -> list[str]:
+    """What ``vtp submit --no-reuse`` does (in process: the CLI offers no ``noop`` engine);
+    ``orphans`` of the submits die between the record and the enqueue."""
     from app.storage import open_storage
     from app.submit import submit_file
 
@@ -261,10 +264,17 @@ async def submit_all(chaos: Chaos, inputs: list[Path], options: TranscribeOption
     async def enqueue(record: JobRecord) -> None:
         await arq_runner.enqueue_first_stage(redis, record, settings=settings)
 
+    async def die_before_enqueue(record: JobRecord) -> None:
+        """A submitter killed between writing the record and enqueueing: only the sweeper moves it."""
+
+    step = len(inputs) // orphans if orphans else 0
     try:
         return [
-            (await submit_file(store, storage, enqueue, path, options, basename=path.stem, reuse=False)).record.id
-            for path in inputs
+            (await submit_file(
+                store, storage, die_before_enqueue if step and i % step == step // 2 else enqueue,
+                path, options, basename=path.stem, reuse=False,
+            )).record.id
+            for i, path in enumerate(inputs)
         ]
     finally:
         await redis.aclose()
@@ -281,6 +291,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--kill-every", default="5,20", help="seconds between worker kills: MIN,MAX")
     p.add_argument("--redis-kills", type=int, default=2)
+    p.add_argument("--orphans", type=int, default=2, help="submits that die between the record and the enqueue")
     p.add_argument("--lease", type=float, default=10.0, help="VTP_LEASE for the workers")
     p.add_argument("--sweep-interval", type=float, default=10.0, help="VTP_SWEEP_INTERVAL for the workers")
     p.add_argument("--tries", type=int, default=6, help="VTP_JOB_TRIES: kills every few seconds use tries up")
@@ -320,13 +331,13 @@ def main() -> None:
         for name in names:
             chaos.start_worker(name)
         time.sleep(3)
-        job_ids = anyio.run(submit_all, chaos, inputs, options)
+        job_ids = anyio.run(submit_all, chaos, inputs, options, args.orphans)
         names_of = dict(zip(job_ids, (p.stem for p in inputs)))
         chaos.t0 = started = time.monotonic()
         chaos.note(f"submitted {len(job_ids)} jobs")
         next_kill = started + rng.uniform(kill_min, kill_max)
-        # Redis dies after the 2nd and 5th worker kill (and so on): early, with every stage busy.
-        redis_after = {2 + 3 * i for i in range(args.redis_kills)}
+        # Redis dies right after the 1st and 3rd worker kill (and so on): early, with every stage busy.
+        redis_after = {1 + 2 * i for i in range(args.redis_kills)}
         while len(watch.ended) < len(job_ids) and time.monotonic() - started < args.timeout:
             try:
                 anyio.run(observe, chaos, job_ids, watch, settings)
@@ -411,7 +422,8 @@ def render(args, r: dict) -> str:
     rows = [
         ("jobs (audio)", f"{r['jobs']} ({r['audio_minutes']:.0f} min, 8 s to {args.max_minutes:g} min each)"),
         ("faults", f"{r['worker_kills']} worker SIGKILLs (every {args.kill_every.replace(',', '–')} s), "
-                   f"{r['redis_kills']} Redis SIGKILLs + restart from the append-only file"),
+                   f"{r['redis_kills']} Redis SIGKILLs + restart from the append-only file, "
+                   f"{args.orphans} submits dead before their enqueue"),
         ("done", str(r["done"])),
         ("failed", str(len(r["failed"])) + ("".join(f"<br>{f}" for f in r["failed"]) if r["failed"] else "")),
         ("**lost** (not ended)", str(len(r["lost"])) + (f": {', '.join(r['lost'])}" if r["lost"] else "")),
@@ -425,7 +437,7 @@ def render(args, r: dict) -> str:
     ]
     lines = [
         f"`python bench/chaos.py --jobs {args.jobs} --max-minutes {args.max_minutes:g} --engine {args.engine} "
-        f"--kill-every {args.kill_every} --redis-kills {args.redis_kills} --lease {args.lease:g} "
+        f"--kill-every {args.kill_every} --redis-kills {args.redis_kills} --orphans {args.orphans} --lease {args.lease:g} "
         f"--sweep-interval {args.sweep_interval:g} --tries {args.tries}` on {machine()}; "
         "2 CPU + 2 GPU-queue workers and Redis on the same cores.",
         "",
