@@ -49,7 +49,6 @@ import anyio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app import constants  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.jobs import JobStore  # noqa: E402
 from app.messages import JobRecord, TranscribeOptions  # noqa: E402
@@ -250,9 +249,9 @@ async def observe(chaos: Chaos, job_ids: list[str], watch: Watch, settings: Sett
         await redis.aclose()
 
 
-async def submit_all(chaos: Chaos, inputs: list[Path], options: TranscribeOptions, orphans: int) -> list[str]:
+async def submit_all(chaos: Chaos, inputs: list[Path], options: TranscribeOptions, orphans: int) -> list[tuple[str, str]]:
     """What ``vtp submit --no-reuse`` does (in process: the CLI offers no ``noop`` engine);
-    ``orphans`` of the submits die between the record and the enqueue."""
+    ``orphans`` of the submits die between the record and the enqueue. (job id, input name) pairs."""
     from app.storage import open_storage
     from app.submit import submit_file
 
@@ -270,10 +269,10 @@ async def submit_all(chaos: Chaos, inputs: list[Path], options: TranscribeOption
     step = len(inputs) // orphans if orphans else 0
     try:
         return [
-            (await submit_file(
+            ((await submit_file(
                 store, storage, die_before_enqueue if step and i % step == step // 2 else enqueue,
                 path, options, basename=path.stem, reuse=False,
-            )).record.id
+            )).record.id, path.stem)
             for i, path in enumerate(inputs)
         ]
     finally:
@@ -292,6 +291,7 @@ def main() -> None:
     p.add_argument("--kill-every", default="5,20", help="seconds between worker kills: MIN,MAX")
     p.add_argument("--redis-kills", type=int, default=2)
     p.add_argument("--orphans", type=int, default=2, help="submits that die between the record and the enqueue")
+    p.add_argument("--copies", type=int, default=1, help="submit every input this many times (more work under the same faults)")
     p.add_argument("--lease", type=float, default=10.0, help="VTP_LEASE for the workers")
     p.add_argument("--sweep-interval", type=float, default=10.0, help="VTP_SWEEP_INTERVAL for the workers")
     p.add_argument("--tries", type=int, default=6, help="VTP_JOB_TRIES: kills every few seconds use tries up")
@@ -331,8 +331,9 @@ def main() -> None:
         for name in names:
             chaos.start_worker(name)
         time.sleep(3)
-        job_ids = anyio.run(submit_all, chaos, inputs, options, args.orphans)
-        names_of = dict(zip(job_ids, (p.stem for p in inputs)))
+        submitted = anyio.run(submit_all, chaos, inputs * args.copies, options, args.orphans)
+        job_ids = [job_id for job_id, _ in submitted]
+        names_of = dict(submitted)
         chaos.t0 = started = time.monotonic()
         chaos.note(f"submitted {len(job_ids)} jobs")
         next_kill = started + rng.uniform(kill_min, kill_max)
@@ -400,8 +401,8 @@ async def summarize(chaos: Chaos, job_ids, names_of, refs, watch: Watch, batch_s
                 failed.append(f"{names_of[job_id]}: {record.error}")
                 continue
             done.append(job_id)
-            await download_outputs(storage, record.outputs, out, names_of[job_id])
-            if view(out, names_of[job_id]) != refs[names_of[job_id]]:
+            await download_outputs(storage, record.outputs, out / job_id, names_of[job_id])
+            if view(out / job_id, names_of[job_id]) != refs[names_of[job_id]]:
                 wrong.append(names_of[job_id])
     finally:
         await store.aclose()
@@ -420,7 +421,7 @@ def print_result(args, r: dict) -> None:
 def render(args, r: dict) -> str:
     reruns = r["starts"] - r["distinct"]
     rows = [
-        ("jobs (audio)", f"{r['jobs']} ({r['audio_minutes']:.0f} min, 8 s to {args.max_minutes:g} min each)"),
+        ("jobs (audio)", f"{r['jobs']} ({r['audio_minutes'] * args.copies:.0f} min, 8 s to {args.max_minutes:g} min each)"),
         ("faults", f"{r['worker_kills']} worker SIGKILLs (every {args.kill_every.replace(',', '–')} s), "
                    f"{r['redis_kills']} Redis SIGKILLs + restart from the append-only file, "
                    f"{args.orphans} submits dead before their enqueue"),
@@ -433,10 +434,11 @@ def render(args, r: dict) -> str:
         ("sweeper re-drives", str(r["redrives"])),
         ("longest time a job's record did not change", f"{r['longest_idle']:.0f} s ({r['longest_idle_job']})"),
         ("longest time a job had no stage queued or running", f"{r['longest_orphan']:.0f} s"),
-        ("wall, all jobs (local runner, one at a time, undisturbed)", f"{r['wall']:.0f} s ({r['local_wall']:.0f} s)"),
+        ("wall, all jobs under chaos (the local runner on each distinct input once, undisturbed)",
+         f"{r['wall']:.0f} s ({r['local_wall']:.0f} s)"),
     ]
     lines = [
-        f"`python bench/chaos.py --jobs {args.jobs} --max-minutes {args.max_minutes:g} --engine {args.engine} "
+        f"`python bench/chaos.py --jobs {args.jobs} --copies {args.copies} --max-minutes {args.max_minutes:g} --engine {args.engine} "
         f"--kill-every {args.kill_every} --redis-kills {args.redis_kills} --orphans {args.orphans} --lease {args.lease:g} "
         f"--sweep-interval {args.sweep_interval:g} --tries {args.tries}` on {machine()}; "
         "2 CPU + 2 GPU-queue workers and Redis on the same cores.",
