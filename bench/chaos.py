@@ -337,8 +337,8 @@ def main() -> None:
         chaos.t0 = started = time.monotonic()
         chaos.note(f"submitted {len(job_ids)} jobs")
         next_kill = started + rng.uniform(kill_min, kill_max)
-        # Redis dies right after the 1st and 3rd worker kill (and so on): early, with every stage busy.
-        redis_after = {1 + 2 * i for i in range(args.redis_kills)}
+        # Redis dies right after each of the first worker kills: early, with every stage busy.
+        redis_after = {1 + i for i in range(args.redis_kills)}
         while len(watch.ended) < len(job_ids) and time.monotonic() - started < args.timeout:
             try:
                 anyio.run(observe, chaos, job_ids, watch, settings)
