@@ -450,7 +450,7 @@ def worker_settings(
         ]
         default_concurrency = os.cpu_count() or 2
     elif queue == "gpu":
-        # transcribe alone: the in-progress TTL (largest timeout + 10 s) stays one batch long.
+        # transcribe alone: GPU hosts hold the model and nothing else (the lease, not the timeout, bounds reruns)
         functions = [func(transcribe_task, name=constants.FN_TRANSCRIBE, timeout=settings.transcribe_timeout + BACKSTOP_S)]
         default_concurrency = 1  # one model on one device
     else:
