@@ -94,7 +94,12 @@ async def test_gpu_worker_killed_mid_batch(redis_server_factory, make_cluster, r
 
         async def mid_second_batch():  # batch 0 is in, batch 1 is running on the victim
             record = await store.get(job_id)
-            return record.chunks_done == 1 and await store.redis.exists(IN_PROGRESS + second)
+            return (
+                record.chunks_done == 1
+                and await store.redis.exists(IN_PROGRESS + second)
+                # inside the stage, not just claimed: arq logs the start after the claim
+                and starts(c, second, "gpu-victim") == 1
+            )
 
         await wait_until(mid_second_batch, 60, "the victim to start batch 1", c)
         c.kill("gpu-victim")

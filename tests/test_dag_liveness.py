@@ -163,7 +163,11 @@ async def test_sigterm_during_a_stage_does_not_use_up_a_try(redis_server_factory
     try:
         (job_id,) = c.submit(data_dir / "jfk.flac")
         extract = constants.arq_job_id(job_id, "extract")
-        await wait_until(lambda: store.redis.exists(IN_PROGRESS + extract), 30, "extract to start", c)
+
+        async def inside_extract():  # the stage itself has begun (not only arq's claim of it)
+            return (await store.get(job_id)).state == "extracting"
+
+        await wait_until(inside_extract, 30, "extract to start", c)
         c.kill("old", signal.SIGTERM)
         c.start_worker("cpu", "new")
         record = await finish(store, job_id, c)
