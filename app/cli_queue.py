@@ -51,6 +51,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--idempotency-key", default="", help="submitting again with the same key returns the same job (KEY:N for the Nth of several files)")
     s.add_argument("--owner", default="", help="who the jobs belong to (scopes idempotency keys and reuse)")
     s.add_argument("--no-reuse", action="store_true", help="transcribe again even if a finished job has the same media and options")
+    s.add_argument("--stall-timeout", type=float, default=None, metavar="S",
+                   help="with --wait: give up on a job that shows no progress for S seconds (default $VTP_STALL_TIMEOUT, 900)")
     add_transcribe_options(s)
     # Unset --batch-size means VTP_BATCH_SIZE: in the DAG it is also the fan-out unit.
     s.set_defaults(batch_size=None, func=cmd_submit)
@@ -72,6 +74,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from workers import arq_runner
 
     if args.check:
+        for warning in asyncio.run(redis_warnings(settings)):
+            print(f"vtp: warning: {warning}", file=sys.stderr, flush=True)
         ok, detail = asyncio.run(arq_runner.check_health(args.queue, settings, name=args.name))
         print(detail, file=sys.stdout if ok else sys.stderr, flush=True)
         return 0 if ok else 1
@@ -88,6 +92,23 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         )
     )
     return 0
+
+
+async def redis_warnings(settings: Settings) -> list[str]:
+    """What about this Redis could lose jobs: an eviction policy other than ``noeviction``."""
+    store = JobStore.open(settings.redis_url, outage_s=1)
+    try:
+        policy = await store.eviction_policy()
+    except errors.QueueError:
+        return []  # unreachable: check_health says so
+    finally:
+        await store.aclose()
+    if policy is None or policy == "noeviction":
+        return []
+    return [
+        f"Redis maxmemory-policy is {policy}: under memory pressure Redis would evict job records and "
+        "queued stages, and jobs would be lost; set maxmemory-policy noeviction"
+    ]
 
 
 # -- submit -----------------------------------------------------------------------------------
@@ -147,7 +168,11 @@ async def _submit(args: argparse.Namespace, settings: Settings, options) -> int:
             for path, base, record in accepted:
                 bar = ProgressBar(path.name, enabled=not args.quiet)
                 try:
-                    final = await store.wait(record.id, on_event=bar)
+                    final = await store.wait(record.id, on_event=bar, stall_s=args.stall_timeout or settings.stall_timeout)
+                except errors.JobStalled as exc:  # reported, not waited on forever; the job may still move later
+                    failed += 1
+                    error(f"{path}: {exc}")
+                    continue
                 finally:
                     bar.close()
                 if final.state != "done":
@@ -183,13 +208,20 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         store = JobStore.open(settings.redis_url, result_ttl=settings.result_ttl, outage_s=3)
         missing = 0
         try:
-            ids = args.job_ids or await store.list_ids(20)
+            ids = args.job_ids or await store.list_ids(200)
+            shown = 0
             for job_id in ids:
+                if not args.job_ids and shown >= 20:
+                    break
                 record = await store.find(job_id)
                 if record is None:
+                    if not args.job_ids:
+                        continue  # listing: an expired record is simply no longer listed
                     missing += 1
                     error(f"no job {job_id!r} (unknown id, or its record has expired)")
-                elif args.json:
+                    continue
+                shown += 1
+                if args.json:
                     print(msgspec.json.encode(record).decode(), flush=True)
                 else:
                     print(_status_line(record), flush=True)

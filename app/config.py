@@ -49,6 +49,17 @@ class Settings:
     #: ``VTP_RETRY_DELAY``: seconds before a stage's first retry after a transient error; doubles
     #: with every further try, capped at a minute.
     retry_delay: float = 2.0
+    #: ``VTP_LEASE``: seconds a worker's claim on a running stage lasts unless renewed. A live
+    #: worker renews it every third of that for the stages it runs, so a dead worker's stage is
+    #: rerun by another within this (plus a poll), however long the stage itself may take.
+    lease: float = 60.0
+    #: ``VTP_SWEEP_INTERVAL``: seconds between the CPU workers' sweeps for stuck jobs (one sweeper
+    #: at a time across workers); a job with no stage queued or running that has not changed for
+    #: this long is re-driven or failed, and ended jobs' artifacts older than ``result_ttl`` go.
+    sweep_interval: float = 30.0
+    #: ``VTP_STALL_TIMEOUT``: seconds ``vtp submit --wait`` waits on a job that shows no progress
+    #: (no state change, no live stage) before it reports the job as stopped.
+    stall_timeout: float = 900.0
     #: ``VTP_TEST_STAGE_DELAY``: TEST-ONLY. ``"extract:5,transcribe:3"`` makes the arq workers
     #: sleep that long inside those stages, so crash tests can kill a worker mid-stage without
     #: relying on timing luck. Never set it in production.
@@ -132,6 +143,9 @@ class Settings:
         "cpu_timeout": "VTP_CPU_TIMEOUT",
         "result_ttl": "VTP_RESULT_TTL",
         "retry_delay": "VTP_RETRY_DELAY",
+        "lease": "VTP_LEASE",
+        "sweep_interval": "VTP_SWEEP_INTERVAL",
+        "stall_timeout": "VTP_STALL_TIMEOUT",
         "test_stage_delay": "VTP_TEST_STAGE_DELAY",
         "models": "VTP_MODELS",
         "api_tokens": "VTP_API_TOKENS",

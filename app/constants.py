@@ -35,6 +35,18 @@ DAG_PREFIX = "vtp:dag:"
 #: ``vtp:health:<queue>:<worker name>``: set by a live worker every few seconds (``vtp worker --check``).
 HEALTH_PREFIX = "vtp:health:"
 
+#: ``vtp:active``: sorted set of the jobs that have not ended, scored by creation time (what the
+#: sweeper looks at; a job leaves it when it ends).
+ACTIVE_INDEX = "vtp:active"
+#: ``vtp:ended``: sorted set of ended jobs scored by when they ended, kept beyond their records:
+#: the sweeper deletes their storage artifacts ``VTP_RESULT_TTL`` after that.
+ENDED_INDEX = "vtp:ended"
+#: ``vtp:beat:<id>``: set (to the Unix time) by the worker running one of the job's stages, renewed
+#: with its lease: the job is being worked on (``vtp submit --wait`` tells slow from stopped).
+BEAT_PREFIX = "vtp:beat:"
+#: ``vtp:sweep:lock``: held by the one worker sweeping right now (SET NX PX, token-checked release).
+SWEEP_LOCK = "vtp:sweep:lock"
+
 #: Names of the arq functions (what ``enqueue_job`` names and the workers register).
 FN_EXTRACT = "extract"
 FN_SEGMENT = "segment"
@@ -59,6 +71,10 @@ def events_key(job_id: str) -> str:
 
 def dag_key(job_id: str, part: str) -> str:
     return f"{DAG_PREFIX}{job_id}:{part}"
+
+
+def beat_key(job_id: str) -> str:
+    return BEAT_PREFIX + job_id
 
 
 def health_key(queue: str, name: str) -> str:

@@ -15,20 +15,24 @@ traceback::
     │   ├── MediaTooLong         more audio than the duration limit (VTP_MAX_DURATION), declared or decoded
     │   └── UnsupportedFormat    a container ffmpeg reads but vtp refuses (playlists, devices, ...)
     ├── OptionsError             bad engine/model/format options
-    │   └── Forbidden            a URL the SSRF guard refuses (private, loopback, metadata)
-    │   ├── ModelNotFound        --model names neither a directory nor a loadable model
-    ├── EngineError              the speech model failed while running (may be transient)
+    │   ├── Forbidden            a URL the SSRF guard refuses (private, loopback, metadata)
+    │   └── ModelNotFound        --model names neither a directory nor a loadable model
+    ├── EngineError              the speech model failed while running, or could not be fetched (transient)
+    ├── ResourceError            the machine ran out of something: disk full, memory (CUDA OOM), time (transient)
     ├── StorageError             artifact storage failed (transient)
     ├── QueueError               Redis / the job queue is unreachable (transient)
     ├── JobError                 a job-level failure (unknown id, cancelled, invalid transition)
     │   ├── JobNotFound
-    │   └── JobCancelled
+    │   ├── JobCancelled
+    │   └── JobStalled           a job shows no progress (``vtp submit --wait`` stops waiting)
     └── FleetError               the fleet controller's cloud API failed (Fly Machines, Kubernetes)
         ├── FleetAuthError       the API rejected the token / credentials: the controller exits
         └── NoCapacity           a region or machine kind could not place or start a machine
 
 ``permanent`` tells the distributed runner whether a retry could help: input and option
-errors fail a job at once, everything else is retried with backoff.
+errors (corrupt media, bad options, a missing model directory) fail a job at once; everything
+else (a full disk, an ffmpeg timeout, a network error while fetching a model, CUDA out of
+memory, storage or Redis away) is retried with backoff.
 """
 
 from __future__ import annotations
@@ -88,6 +92,10 @@ class EngineError(VtpError):
     pass
 
 
+class ResourceError(VtpError):
+    pass
+
+
 class StorageError(VtpError):
     pass
 
@@ -105,6 +113,10 @@ class JobNotFound(JobError):
 
 
 class JobCancelled(JobError):
+    pass
+
+
+class JobStalled(JobError):
     pass
 
 

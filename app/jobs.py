@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any, TypeVar
@@ -76,7 +77,7 @@ LABEL: dict[str, str] = {
     "rendering": "render",
 }
 #: Scratch parts under ``vtp:dag:<id>:`` (see app.constants.DAG_PREFIX).
-DAG_PARTS = ("audio", "segmentation", "pending", "finished", "parts", "done", "runs")
+DAG_PARTS = ("audio", "segmentation", "pending", "finished", "parts", "done", "runs", "transcript", "redrives")
 _EVENT_FIELD = b"e"
 _STREAM_MAXLEN = 2000
 
@@ -93,6 +94,38 @@ _RETRY_ON = [redis_errors.ConnectionError, redis_errors.TimeoutError]
 UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
 T = TypeVar("T")
+
+
+class OutageClock:
+    """Seconds the operations of one task spent waiting for an unreachable Redis.
+
+    A stage's deadline leaves this time out (``workers.arq_runner``): a stage that waited
+    through a Redis restart is not slow, and must not be failed or retried for it.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._since: float | None = None
+        self._waiting = 0
+
+    def begin(self) -> None:
+        if self._waiting == 0:
+            self._since = time.monotonic()
+        self._waiting += 1
+
+    def end(self) -> None:
+        self._waiting -= 1
+        if self._waiting == 0 and self._since is not None:
+            self.total += time.monotonic() - self._since
+            self._since = None
+
+    def waited(self) -> float:
+        """Seconds spent waiting so far, counting a wait still under way."""
+        return self.total + (time.monotonic() - self._since if self._since is not None else 0.0)
+
+
+#: The clock that ``retrying`` adds its waits to in this task (None: nobody is counting).
+OUTAGE_CLOCK: ContextVar[OutageClock | None] = ContextVar("vtp_outage_clock", default=None)
 
 
 def redis_retry(retries: int = REDIS_RETRIES) -> Retry:
@@ -118,16 +151,23 @@ async def retrying(op: Callable[[], Awaitable[T]], *, where: str, outage_s: floa
     error is a ``QueueError`` at once. Operations must be safe to repeat (JobStore's are)."""
     started = time.monotonic()
     pause = 0.05
-    while True:
-        try:
-            return await op()
-        except UNREACHABLE as exc:
-            if time.monotonic() - started >= outage_s:
-                raise errors.QueueError(f"cannot reach Redis at {where}: {exc}") from exc
-            await anyio.sleep(pause)
-            pause = min(pause * 2, 1.0)
-        except redis_errors.RedisError as exc:
-            raise errors.QueueError(f"Redis at {where} failed: {exc}") from exc
+    clock = None
+    try:
+        while True:
+            try:
+                return await op()
+            except UNREACHABLE as exc:
+                if time.monotonic() - started >= outage_s:
+                    raise errors.QueueError(f"cannot reach Redis at {where}: {exc}") from exc
+                if clock is None and (clock := OUTAGE_CLOCK.get()) is not None:
+                    clock.begin()
+                await anyio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+            except redis_errors.RedisError as exc:
+                raise errors.QueueError(f"Redis at {where} failed: {exc}") from exc
+    finally:
+        if clock is not None:
+            clock.end()
 
 
 def check_transition(job_id: str, current: str, to: str) -> None:
@@ -219,6 +259,16 @@ class JobStore:
     async def ping(self) -> None:
         await self.redis.ping()
 
+    @_mapped
+    async def eviction_policy(self) -> str | None:
+        """Redis's ``maxmemory-policy`` (None where CONFIG is disabled, as on some managed Redis)."""
+        try:
+            reply = await self.redis.config_get("maxmemory-policy")
+        except redis_errors.ResponseError:
+            return None
+        value = reply.get("maxmemory-policy") or reply.get(b"maxmemory-policy")
+        return value.decode() if isinstance(value, bytes) else value
+
     # -- records --------------------------------------------------------------------------
 
     @_mapped
@@ -226,31 +276,33 @@ class JobStore:
         """Store a new ``queued`` record; ``(record, True)``.
 
         With ``record.idempotency_key``, a second create with the same owner and key returns
-        the first job's record and False instead (the key is claimed with SET NX, so two
-        concurrent submits agree on one winner).
+        the first job's record and False instead. The key and the record are written in one
+        MULTI, watched on the key: whoever sees the key sees its record, so two concurrent
+        submits agree on one winner (a key whose record has expired is free again).
         """
         now = time.time()
         record = msgspec.structs.replace(record, state="queued", created_at=now, updated_at=now, state_since=now)
-        if record.idempotency_key:
-            idem = f"{constants.IDEMPOTENCY_PREFIX}{record.owner}:{record.idempotency_key}"
-            for _ in range(3):
-                if await self.redis.set(idem, record.id, nx=True, ex=self.result_ttl):
-                    break
-                existing_id = await self.redis.get(idem)
-                if existing_id is not None and existing_id.decode() == record.id:
-                    break  # ours: this is a repeat of a SET whose reply was lost
-                if existing_id is not None:
-                    existing = await self.find(existing_id.decode())
+        idem = f"{constants.IDEMPOTENCY_PREFIX}{record.owner}:{record.idempotency_key}" if record.idempotency_key else None
+
+        async def attempt(pipe) -> tuple[JobRecord, bool]:
+            if idem is not None:
+                holder = await pipe.get(idem)
+                if holder is not None and holder.decode() != record.id:  # (our own id: a repeat whose reply was lost)
+                    existing = await pipe.get(constants.job_key(holder.decode()))
                     if existing is not None:
-                        return existing, False
-                    await self.redis.delete(idem)  # its job expired: the key is free again
-        async with self.redis.pipeline(transaction=True) as pipe:
+                        return decode(existing, JobRecord), False
+            pipe.multi()
+            if idem is not None:
+                pipe.set(idem, record.id, ex=self.result_ttl)
             pipe.set(constants.job_key(record.id), encode(record))
             pipe.zadd(constants.JOBS_INDEX, {record.id: now})
             pipe.zadd(constants.owner_jobs_key(record.owner), {record.id: now})
+            pipe.zadd(constants.ACTIVE_INDEX, {record.id: now})
             self._queue_event(pipe, event_of(record))
-            await pipe.execute()
-        return record, True
+            return record, True
+
+        watch = (idem,) if idem is not None else ()
+        return await self.redis.transaction(attempt, *watch, value_from_callable=True)
 
     @_mapped
     async def find_by_key(self, owner: str, idempotency_key: str) -> JobRecord | None:
@@ -352,6 +404,8 @@ class JobStore:
     def _queue_expiry(self, pipe, record: JobRecord) -> None:
         """A finished job's keys live ``result_ttl`` more seconds, then Redis drops them."""
         pipe.expire(constants.job_key(record.id), self.result_ttl)
+        pipe.zrem(constants.ACTIVE_INDEX, record.id)
+        pipe.zadd(constants.ENDED_INDEX, {record.id: record.finished_at or time.time()})
         for part in DAG_PARTS:
             pipe.expire(constants.dag_key(record.id, part), self.result_ttl)
         if record.idempotency_key:
@@ -492,16 +546,20 @@ class JobStore:
             await pipe.execute()
 
     async def events(
-        self, job_id: str, *, since: str = "0-0", poll_s: float = 1.0, reconnect_s: float = 90.0
+        self, job_id: str, *, since: str = "0-0", poll_s: float = 1.0, reconnect_s: float = 90.0,
+        stall_s: float | None = None,
     ) -> AsyncIterator[ProgressEvent]:
         """The job's events from ``since`` (all of them by default), ending with its final one.
 
         Survives Redis going away for up to ``reconnect_s`` seconds (it reads on from the last
         event it saw); raises ``QueueError`` after that, ``JobNotFound`` for an unknown job.
+        With ``stall_s``, raises ``JobStalled`` once the job has shown no progress for that long:
+        no change to its record and no worker renewing a lease on one of its stages.
         """
         key = constants.events_key(job_id)
         last: str | bytes = since
         lost_at: float | None = None
+        started = time.time()
         while True:
             try:
                 reply = await self.redis.xread({key: last}, count=200, block=max(int(poll_s * 1000), 1))
@@ -527,10 +585,29 @@ class JobStore:
                 if record.terminal:  # its final event was trimmed or expired: the record says it all
                     yield event_of(record)
                     return
+                if stall_s is not None:
+                    await self._check_stalled(record, started, stall_s)
 
-    async def wait(self, job_id: str, on_event: Callable[[ProgressEvent], None] | None = None) -> JobRecord:
-        """Follow the job's events until it ends; its final record."""
-        async for event in self.events(job_id):
+    async def _check_stalled(self, record: JobRecord, started: float, stall_s: float) -> None:
+        now = time.time()
+        if now - max(record.updated_at, started) < stall_s:
+            return
+        beat = await self.last_beat(record.id)
+        if beat is not None and now - beat < stall_s:
+            return  # a worker is on one of its stages
+        idle = now - max(record.updated_at, started, beat or 0.0)
+        queue = "gpu" if record.state == "transcribing" else "cpu"
+        raise errors.JobStalled(
+            f"job {record.id} stopped moving: no progress for {idle:.0f} s while {record.state}"
+            f" (is a `vtp worker --queue {queue}` running? `vtp status {record.id}` shows where it is)"
+        )
+
+    async def wait(
+        self, job_id: str, on_event: Callable[[ProgressEvent], None] | None = None, *, stall_s: float | None = None
+    ) -> JobRecord:
+        """Follow the job's events until it ends; its final record. With ``stall_s``, ``JobStalled``
+        once the job shows no progress for that long (see ``events``)."""
+        async for event in self.events(job_id, stall_s=stall_s):
             if on_event is not None:
                 on_event(event)
         return await self.get(job_id)
@@ -591,6 +668,63 @@ class JobStore:
     async def runs(self, job_id: str) -> dict[str, int]:
         raw = await self.redis.hgetall(constants.dag_key(job_id, "runs"))
         return {k.decode(): int(v) for k, v in raw.items()}
+
+    # -- liveness and housekeeping (used by workers/sweeper.py and `submit --wait`) -----------
+
+    @_mapped
+    async def active_ids(self, limit: int = 10000) -> list[str]:
+        """Jobs that have not ended, oldest first."""
+        return [i.decode() for i in await self.redis.zrange(constants.ACTIVE_INDEX, 0, limit - 1)]
+
+    @_mapped
+    async def forget_active(self, job_id: str) -> None:
+        """Drop a job from the active index (it ended, or its record is gone)."""
+        await self.redis.zrem(constants.ACTIVE_INDEX, job_id)
+
+    @_mapped
+    async def ended_before(self, cutoff: float, limit: int = 500) -> list[str]:
+        """Jobs that ended before ``cutoff`` (Unix time) and whose artifacts are still kept."""
+        raw = await self.redis.zrangebyscore(constants.ENDED_INDEX, "-inf", cutoff, start=0, num=limit)
+        return [i.decode() for i in raw]
+
+    @_mapped
+    async def forget_ended(self, job_id: str) -> None:
+        """The job's artifacts are gone: drop it from the ended and listing indexes."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(constants.ENDED_INDEX, job_id)
+            pipe.zrem(constants.JOBS_INDEX, job_id)
+            await pipe.execute()
+
+    @_mapped
+    async def claim_sweep(self, token: str, ttl_ms: int) -> bool:
+        """Take the sweeper's lock unless another worker holds it (it expires, never released)."""
+        return bool(await self.redis.set(constants.SWEEP_LOCK, token, nx=True, px=ttl_ms))
+
+    @_mapped
+    async def has_part(self, job_id: str, part: str) -> bool:
+        return bool(await self.redis.exists(constants.dag_key(job_id, part)))
+
+    @_mapped
+    async def finished_batches(self, job_id: str) -> set[int]:
+        """Indexes of the batches whose results are in."""
+        return {int(i) for i in await self.redis.smembers(constants.dag_key(job_id, "finished"))}
+
+    @_mapped
+    async def count_redrive(self, job_id: str, state: str) -> int:
+        """Count one re-drive of the job's ``state`` by the sweeper; the count so far."""
+        return int(await self.redis.hincrby(constants.dag_key(job_id, "redrives"), state, 1))
+
+    @_mapped
+    async def redrives(self, job_id: str) -> dict[str, int]:
+        """state -> times the sweeper re-drove the job in that state."""
+        raw = await self.redis.hgetall(constants.dag_key(job_id, "redrives"))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    @_mapped
+    async def last_beat(self, job_id: str) -> float | None:
+        """When a worker last renewed its lease on one of the job's stages (None: no live stage)."""
+        raw = await self.redis.get(constants.beat_key(job_id))
+        return None if raw is None else float(raw)
 
 
 def _closed_timings(rec: JobRecord) -> dict[str, float]:

@@ -77,7 +77,14 @@ _STDERR_REASONS: tuple[tuple[str, type[errors.InputError], str], ...] = (
 )
 
 
-def reason_from_stderr(stderr: str, name: str) -> errors.InputError:
+#: ffmpeg's words for a machine problem, not a media problem: retried, never blamed on the input.
+_RESOURCE_NEEDLES = ("No space left on device", "Disk quota exceeded", "Cannot allocate memory")
+
+
+def reason_from_stderr(stderr: str, name: str) -> errors.InputError | errors.ResourceError:
+    for needle in _RESOURCE_NEEDLES:
+        if needle in stderr:
+            return errors.ResourceError(f"{name}: ffmpeg could not write the audio: {needle.lower()}")
     for needle, kind, reason in _STDERR_REASONS:
         if needle in stderr:
             return kind(f"{name}: {reason}")

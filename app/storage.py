@@ -17,10 +17,11 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import anyio
 
@@ -71,6 +72,29 @@ class Storage(Protocol):
         ...
 
 
+def _temp_name(dest: Path, suffix: str = "") -> Path:
+    """A temporary name beside ``dest``, unique per write: two containers on one shared volume
+    often have the same PID, and one process may write the same key twice at once."""
+    return dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp{suffix}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _disk_errors(key: str):
+    """A full disk (or any OS error writing an artifact) is a StorageError: transient, retried."""
+    try:
+        yield
+    except OSError as exc:
+        raise errors.StorageError(f"cannot write artifact {key!r}: {exc.strerror or exc}") from exc
+
+
 class LocalStorage:
     """Objects are files under ``root``."""
 
@@ -92,10 +116,18 @@ class LocalStorage:
 
     def _write(self, key: str, data: bytes) -> None:
         dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)  # readers never see half an object
+        with _disk_errors(key):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _temp_name(dest)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())  # on disk before it is visible under its name
+                os.replace(tmp, dest)  # readers never see half an object
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
 
     async def put_bytes(self, key: str, data: bytes) -> None:
         await anyio.to_thread.run_sync(self._write, key, data)
@@ -130,10 +162,16 @@ class LocalStorage:
         dest = self.path(key)
 
         def copy() -> None:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
+            with _disk_errors(key):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _temp_name(dest)
+                try:
+                    shutil.copyfile(path, tmp)
+                    _fsync(tmp)
+                    os.replace(tmp, dest)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
 
         await anyio.to_thread.run_sync(copy)
 
@@ -154,11 +192,14 @@ class LocalStorage:
     @contextlib.asynccontextmanager
     async def new_local_file(self, key: str, suffix: str = "") -> AsyncIterator[Path]:
         dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp{suffix}")
+        with _disk_errors(key):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_name(dest, suffix)
         try:
             yield tmp
-            os.replace(tmp, dest)
+            with _disk_errors(key):
+                _fsync(tmp)
+                os.replace(tmp, dest)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -286,5 +327,6 @@ def open_storage(url: str) -> LocalStorage | S3Storage:
             raise errors.OptionsError(f"VTP_STORAGE {url!r} names no bucket")
         return S3Storage(parsed.netloc, parsed.path)
     if parsed.scheme in ("", "file"):
-        return LocalStorage(parsed.path if parsed.scheme else url)
+        # file: URLs are percent-encoded (Path.as_uri writes a space as %20)
+        return LocalStorage(unquote(parsed.path) if parsed.scheme else url)
     raise errors.OptionsError(f"unsupported storage URL {url!r}: use file:///dir or s3://bucket/prefix")

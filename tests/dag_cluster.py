@@ -22,13 +22,16 @@ from app import constants
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: Settings the workers and the CLI share in tests: several batches per file, quick retries.
+#: Settings the workers and the CLI share in tests: several batches per file, quick retries,
+#: short leases (a killed worker's stage reruns within 5 s) and a sweep every 2 s.
 BASE_ENV = {
     "VTP_BATCH_SIZE": "1",
     "VTP_JOB_TRIES": "3",
     "VTP_RETRY_DELAY": "0.3",
     "VTP_TRANSCRIBE_TIMEOUT": "30",
     "VTP_CPU_TIMEOUT": "30",
+    "VTP_LEASE": "5",
+    "VTP_SWEEP_INTERVAL": "2",
 }
 
 

@@ -243,3 +243,35 @@ async def test_unreachable_redis_is_a_queue_error():
             await store.get("job1")
     finally:
         await store.aclose()
+
+
+async def test_concurrent_submits_on_separate_connections_make_one_job(redis_url):
+    """Eight submitters, each its own client (as eight `vtp submit` processes), one key, many
+    rounds: always exactly one job, and every loser is handed the winner's record."""
+    stores = [JobStore.open(redis_url, result_ttl=600) for _ in range(8)]
+    try:
+        for round_ in range(50):
+            results = []
+
+            async def create(i: int, store: JobStore) -> None:
+                results.append(await store.create(new_record(f"r{round_}j{i}", idempotency_key=f"key{round_}")))
+
+            async with anyio.create_task_group() as tg:
+                for i, s in enumerate(stores):
+                    tg.start_soon(create, i, s)
+            assert sum(created for _, created in results) == 1
+            assert len({r.id for r, _ in results}) == 1
+            winner = results[0][0].id
+            assert await stores[0].redis.exists(constants.job_key(winner))
+        assert len(await stores[0].list_ids(1000)) == 50
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
+async def test_idempotency_key_of_an_expired_job_is_free_again(store):
+    first, _ = await store.create(new_record("old", idempotency_key="k"))
+    await store.redis.delete(constants.job_key("old"))  # its record expired before its key
+    again, created = await store.create(new_record("new", idempotency_key="k"))
+    assert created and again.id == "new"
+    assert (await store.find_by_key("", "k")).id == "new"

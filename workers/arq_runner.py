@@ -27,14 +27,20 @@ tries; the last failure fails the job. arq's own ``max_tries`` is one more than 
 try that arq starts after its worker was killed (arq counts that try too) still reaches this
 code and fails the job cleanly instead of arq dropping it and leaving the record stuck.
 
-**Timeouts and dead workers.** arq marks a running job with ``arq:in-progress:<id>``, whose TTL
-is the largest ``timeout`` of the functions the worker serves plus 10 s, set once at start and
-never refreshed; if the worker dies, the job stays in the queue and another worker reruns it
-when that key expires. So the GPU worker serves ``transcribe`` alone, with a timeout sized to
-one batch (``VTP_TRANSCRIBE_TIMEOUT``): a dead GPU worker's batch is rerun within that plus
-~11 s, whatever the CPU stages' timeout (``VTP_CPU_TIMEOUT``). Each stage runs under its own
-deadline (those settings); arq's function timeout is one second longer, a backstop only, so a
-slow stage is reported and retried here rather than killed by arq without a word.
+**Timeouts and dead workers.** arq marks a running job with ``arq:in-progress:<id>``; if the
+worker dies, the job stays in the queue and another worker reruns it when that key expires.
+arq sets its TTL once, to the largest function timeout + 10 s (an hour and more with long CPU
+stages). Here it is a short lease (``VTP_LEASE``, 60 s) that the worker renews for the stages
+it runs (``_Worker``): a dead worker's stage reruns within a lease, whatever its length,
+while a long, healthy stage keeps its own. Each stage runs under its own deadline
+(``VTP_TRANSCRIBE_TIMEOUT`` / ``VTP_CPU_TIMEOUT``) that leaves out time spent waiting for
+Redis (``_within``); arq's function timeout is a backstop well past it (``BACKSTOP_S``), so a
+slow stage is reported and retried here rather than failed by arq without a word. A SIGTERM
+(a deploy) drains the worker: the stages in flight finish, and a second signal stops at once
+and hands back the tries they were charged (``workers.lifecycle``). Whatever still
+leaves a job with no stage queued or running (a submit that died before its enqueue, a
+stage arq dropped) is found by the sweeper (``workers.sweeper``, run by every CPU worker,
+seen through ``ArqStages``), which re-drives the stage or fails the job.
 
 **Redis outages.** Every Redis operation of a stage waits through an outage of up to a minute
 (``app.jobs.retrying``), and the worker's polling loop pauses instead of dying (``_Worker``),
@@ -57,12 +63,24 @@ from typing import TYPE_CHECKING, Any, Literal
 from arq import Retry
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
+from arq.jobs import deserialize_result
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 
 from app import constants, costs, errors, keys
 from app.config import Settings
-from app.jobs import ORDER, UNREACHABLE, JobStore, connect as connect_plain, redis_location, redis_retry, retrying
+from app.jobs import (
+    ORDER,
+    OUTAGE_CLOCK,
+    OUTAGE_S,
+    UNREACHABLE,
+    JobStore,
+    OutageClock,
+    connect as connect_plain,
+    redis_location,
+    redis_retry,
+    retrying,
+)
 from app.messages import (
     ExtractedAudio,
     ExtractRequest,
@@ -78,6 +96,7 @@ from app.messages import (
     encode,
 )
 from app.storage import open_storage
+from workers import sweeper
 from workers.lifecycle import IdleExit, Lifecycle  # light: no speech stack
 
 if TYPE_CHECKING:
@@ -107,8 +126,12 @@ HEALTH_INTERVAL_S = 5
 #: arq keeps each finished stage's result this long: while it exists, enqueueing the same
 #: deterministic id again is a no-op (the job record's state guards the stages beyond that).
 KEEP_RESULT_S = 3600
-#: arq's function timeout is the stage's own deadline plus this, so the stage's fires first.
-BACKSTOP_S = 1.0
+#: arq's function timeout is the stage's own deadline plus this: a backstop only, for code that
+#: ignores cancellation. The stage's deadline fires first, and it leaves out time spent waiting
+#: for Redis, as does the failure handling after it (each Redis wait lasts up to OUTAGE_S), so the
+#: backstop allows for a few outages. Should it fire anyway, arq records a plain failure and the
+#: sweeper re-drives the stage.
+BACKSTOP_S = 4 * OUTAGE_S + 30.0
 #: Seconds between checks of the queue: the floor of each stage transition's latency.
 POLL_DELAY_S = 0.05
 #: Seconds between progress events of a long stage (extract, segment): the bar moves, Redis is not flooded.
@@ -277,17 +300,32 @@ async def _delayed(delay: float, body: Body, record: JobRecord) -> str:
 
 
 async def _within(timeout: float, work: Awaitable[str]) -> str:
-    """``work`` under a deadline that fires on time even when the work sits in a thread.
+    """``work`` under a deadline that fires on time even when the work sits in a thread, and
+    that does not count the time its Redis operations spent waiting for Redis.
 
     A plain ``asyncio.timeout`` cannot interrupt the engine's native code: the cancellation
     waits for the thread, arq's own (backstop) timeout fires meanwhile, and arq records a plain
     failure behind our back, leaving the job stuck. Here the overrunning work is abandoned
     instead (cancelled: it stops at its next await, once its thread returns, so it hands
     nothing on) and TimeoutError is raised at once, to be retried like any transient error.
+    Time the work spent waiting out a Redis outage (``app.jobs.OutageClock``) extends the
+    deadline: a stage that sat through a Redis restart is not a slow stage.
     """
-    task = asyncio.ensure_future(work)
+    clock = OutageClock()
+    token = OUTAGE_CLOCK.set(clock)
     try:
-        return await asyncio.wait_for(asyncio.shield(task), timeout)
+        task = asyncio.ensure_future(work)  # the task copies the context: its waits go to `clock`
+    finally:
+        OUTAGE_CLOCK.reset(token)
+    started = time.monotonic()
+    try:
+        while True:
+            left = timeout - (time.monotonic() - started - clock.waited())
+            if left <= 0:
+                raise TimeoutError
+            done, _ = await asyncio.wait({task}, timeout=left)
+            if done:
+                return task.result()
     finally:
         if not task.done():
             task.cancel()
@@ -431,6 +469,7 @@ async def merge_task(ctx: dict, job_id: str) -> str:
         from workers.local_runner import with_timings
 
         transcript = with_timings(transcript, timings, time.time() - record.created_at)
+        await store.put_part(job_id, "transcript", transcript)  # what the sweeper re-drives render from
         await store.count_run(job_id, "merge")
         nxt = RenderRequest(job_id=job_id, transcript=transcript, formats=record.options.formats, basename=record.basename)
         await _enqueue(
@@ -518,7 +557,7 @@ def worker_settings(
         ]
         default_concurrency = os.cpu_count() or 2
     elif queue == "gpu":
-        # transcribe alone: the in-progress TTL (largest timeout + 10 s) stays one batch long.
+        # transcribe alone: GPU hosts hold the model and nothing else (the lease, not the timeout, bounds reruns)
         functions = [func(transcribe_task, name=constants.FN_TRANSCRIBE, timeout=settings.transcribe_timeout + BACKSTOP_S)]
         default_concurrency = 1  # one model on one device
     else:
@@ -557,16 +596,51 @@ async def _startup(ctx: dict) -> None:
 
 
 class _Worker(Worker):
-    """arq's worker, but a Redis outage pauses its polling instead of ending it.
+    """arq's worker with short, renewed leases, and a Redis outage pauses its polling instead of
+    ending it.
 
-    arq's loop raises out of ``main()`` on the first failed Redis call; here a failed poll is
-    logged and retried a second later, while the jobs in flight keep running (their own Redis
-    calls wait for Redis through ``app.jobs.retrying``), so a Redis restart costs no rerun.
+    **Leases.** arq marks a started job ``arq:in-progress:<id>`` for the largest function
+    timeout + 10 s, once; a dead worker's stage waits that long to be rerun. Here the key lives
+    ``VTP_LEASE`` seconds and this worker renews it (``PEXPIRE``, never recreating an expired
+    key) every third of that for the jobs it is running, from its polling loop, so a dead worker's
+    stage is rerun within a lease while a long, healthy stage keeps its own. The same renewal
+    sets ``vtp:beat:<job id>``: the job is being worked on (``vtp submit --wait`` reads it).
+
+    **Outages.** arq's loop raises out of ``main()`` on the first failed Redis call; here a failed
+    poll is logged and retried a second later, while the jobs in flight keep running (their own
+    Redis calls wait for Redis through ``app.jobs.retrying``), so a Redis restart costs no rerun.
+
+    **Shutdown.** SIGINT/SIGTERM drains (``workers.lifecycle``): no new jobs, the running ones
+    finish; a second signal stops at once and hands back the tries of the jobs it cut short.
     """
 
     _outage_since: float | None = None
     #: Idle exit and SIGTERM drain (``workers/lifecycle.py``); None: arq's own behaviour.
     lifecycle: Lifecycle | None = None
+
+    def __init__(self, *args: Any, lease: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lease = lease
+        self.in_progress_timeout_s = lease  # arq's own: the largest function timeout + 10 s
+        self._renewed_at = 0.0
+        self._renewed: set[str] = set()
+
+    async def heart_beat(self) -> None:
+        await super().heart_beat()
+        await self.renew_leases()
+
+    async def renew_leases(self) -> None:
+        running = {job_id for job_id, task in self.tasks.items() if not task.done()}
+        now = time.monotonic()
+        if not running or (now - self._renewed_at < self.lease / 3 and running <= self._renewed):
+            return
+        ms = int(self.lease * 1000)
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for arq_id in running:
+                pipe.pexpire(in_progress_key_prefix + arq_id, ms)
+                pipe.set(constants.beat_key(arq_id.split(":", 1)[0]), f"{time.time():.3f}", px=ms)
+            await pipe.execute()
+        self._renewed_at, self._renewed = now, running
 
     async def _poll_iteration(self) -> None:
         try:
@@ -590,6 +664,64 @@ class _Worker(Worker):
             self.lifecycle.on_signal(self, signum)
 
 
+class ArqStages:
+    """The sweeper's view of arq (``workers.sweeper.StageQueue``): which stage jobs are queued
+    or running, what arq recorded when it dropped one, and enqueueing one again."""
+
+    def __init__(self, redis: ArqRedis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+
+    async def pending(self, arq_ids: list[str]) -> bool:
+        async def attempt() -> bool:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for arq_id in arq_ids:
+                    pipe.exists(in_progress_key_prefix + arq_id)
+                    for queue in constants.QUEUES.values():
+                        pipe.zscore(queue, arq_id)
+                replies = await pipe.execute()
+            return any(r for r in replies)  # EXISTS 1, or a score: queued (perhaps deferred)
+
+        return await retrying(attempt, where=redis_location(self.settings.redis_url))
+
+    async def failure(self, arq_id: str) -> str | None:
+        raw = await retrying(lambda: self.redis.get(result_key_prefix + arq_id), where=redis_location(self.settings.redis_url))
+        if raw is None:
+            return None
+        try:
+            result = deserialize_result(raw)
+        except Exception:  # noqa: BLE001 - an unreadable result is no failure we can name
+            return None
+        return None if result.success else f"{type(result.result).__name__}: {result.result}"
+
+    async def redrive(self, step: sweeper.Step) -> None:
+        async def forget() -> None:
+            # Nothing of these ids is queued or running (the sweeper checked): what arq still
+            # keeps of them (a result, a try count, a job key left by a lost queue entry) would
+            # make it refuse the enqueue or drop the job at once.
+            prefixes = (result_key_prefix, retry_key_prefix, job_key_prefix)
+            names = [p + i for i in (step.arq_id, *step.clear) for p in prefixes]
+            await self.redis.delete(*names)
+
+        await retrying(forget, where=redis_location(self.settings.redis_url))
+        await _enqueue(self.redis, self.settings, step.function, *step.args, queue=step.queue, arq_id=step.arq_id)
+
+
+async def sweep_forever(settings: Settings) -> None:
+    """The CPU worker's sweeper (``workers.sweeper``), on its own Redis connection."""
+    while True:
+        try:
+            redis = await create_pool(redis_settings(settings, conn_retries=0), default_queue_name=constants.QUEUE_CPU)
+            break
+        except (redis_errors.RedisError, OSError, asyncio.TimeoutError):
+            await asyncio.sleep(5.0)  # the worker itself says Redis is away; try again later
+    store = JobStore(redis, result_ttl=settings.result_ttl, where=redis_location(settings.redis_url))
+    try:
+        await sweeper.Sweeper(store, open_storage(settings.storage_url), ArqStages(redis, settings), settings).run_forever()
+    finally:
+        await redis.aclose()
+
+
 async def run_worker(
     queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None, burst: bool = False,
     idle_exit: float | None = None,
@@ -603,6 +735,18 @@ async def run_worker(
     as Redis answers; jobs the old one was running are rerun by arq once their in-progress
     keys expire.
     """
+    sweeping = asyncio.ensure_future(sweep_forever(settings)) if queue == "cpu" and not burst else None
+    try:
+        await _run_worker(queue, settings, concurrency=concurrency, name=name, burst=burst)
+    finally:
+        if sweeping is not None:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+
+
+async def _run_worker(
+    queue: QueueName, settings: Settings, *, concurrency: int | None, name: str | None, burst: bool
+) -> None:
     engines = _engine_pool()
     where = redis_location(settings.redis_url)
     lifecycle = Lifecycle(
@@ -613,7 +757,7 @@ async def run_worker(
     pause = 1.0
     while True:
         kwargs = worker_settings(queue, settings, concurrency=concurrency, name=name, engines=engines)
-        worker = _Worker(**kwargs, burst=burst)
+        worker = _Worker(**kwargs, burst=burst, lease=settings.lease)
         worker.lifecycle = lifecycle
         started = time.monotonic()
         try:

@@ -167,7 +167,9 @@ async def run_bounded(
                 await process.wait()
         except TimeoutError:
             await _kill(process)
-            raise errors.CorruptMedia(f"{name}: ffmpeg did not finish decoding within {timeout:g} s") from None
+            # A busy or slow host as often as a pathological file: transient (retried, then failed
+            # with this reason once the tries are used up).
+            raise errors.ResourceError(f"{name}: ffmpeg did not finish decoding within {timeout:g} s") from None
         except BaseException:
             await _kill(process)
             raise

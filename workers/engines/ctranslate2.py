@@ -49,6 +49,42 @@ def resolve_model(name: str) -> str:
     return name  # a hub name ("large-v3", "Systran/faster-whisper-small"): downloaded on first use
 
 
+#: Exceptions (by class name, anywhere in the MRO: the hub's HTTP stack varies by version)
+#: that mean the hub could not be *reached*, not that the model does not exist.
+_NETWORK_ERRORS = frozenset({
+    "ConnectionError", "TimeoutError", "LocalEntryNotFoundError", "ConnectError", "ConnectTimeout",
+    "ReadTimeout", "TimeoutException", "NetworkError", "RemoteProtocolError", "ProtocolError",
+})
+_MISSING_ON_HUB = frozenset({
+    "RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError",
+    "HFValidationError", "DisabledRepoError", "OfflineModeIsEnabled",
+})
+
+
+def load_error(exc: BaseException, options: TranscribeOptions, source: str) -> errors.VtpError:
+    """Why a model did not load, transient or permanent: out of memory (CUDA OOM) and a network
+    error on the way to the hub are retried; a model that is not there, or whose files are
+    corrupt, fails the job at once."""
+    text = _one_line(exc)
+    if "out of memory" in text.lower() or isinstance(exc, MemoryError):
+        return errors.ResourceError(f"cannot load model {options.model!r} on {options.device}: out of memory ({text})")
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    chain: set[str] = set()  # the hub wraps the connection error: look down the causes too
+    cause: BaseException | None = exc
+    while cause is not None and len(chain) < 200:
+        chain |= {cls.__name__ for cls in type(cause).__mro__}
+        cause = cause.__cause__ or cause.__context__
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    from_hub = not Path(source).is_dir()
+    # (LocalEntryNotFoundError is an EntryNotFoundError, but means "offline and not cached")
+    missing = bool(names & _MISSING_ON_HUB) and "LocalEntryNotFoundError" not in names
+    if from_hub and not missing:
+        if chain & _NETWORK_ERRORS or (isinstance(status, int) and (status >= 500 or status == 429)):
+            return errors.EngineError(f"cannot load model {options.model!r}: the Hugging Face hub is unreachable ({text})")
+    hint = "" if not from_hub else " (not bundled: it is downloaded from the Hugging Face hub on first use)"
+    return errors.ModelNotFound(f"cannot load model {options.model!r}{hint}: {text}")
+
+
 class FasterWhisperEngine:
     name = "ctranslate2"
 
@@ -79,9 +115,8 @@ class FasterWhisperEngine:
             )
         except ValueError as exc:  # CTranslate2 rejects an unsupported compute type/device this way
             raise errors.OptionsError(f"cannot load {options.model} on {device}/{compute_type}: {_one_line(exc)}") from exc
-        except Exception as exc:  # hub errors, corrupt model files, missing CUDA: all mean "no model"
-            hint = "" if Path(source).is_dir() else " (not bundled: it is downloaded from the Hugging Face hub on first use)"
-            raise errors.ModelNotFound(f"cannot load model {options.model!r}{hint}: {_one_line(exc)}") from exc
+        except Exception as exc:  # hub errors, corrupt model files, missing CUDA, out of memory
+            raise load_error(exc, options, source) from exc
         return cls(model, options.model, workers)
 
     def _tokenizer(self, language: str):

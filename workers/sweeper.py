@@ -1,0 +1,257 @@
+"""The sweeper: no job stays stuck, and ended jobs' artifacts do not stay forever.
+
+arq reruns a stage whose worker died (its lease runs out, ``workers.arq_runner._Worker``), but
+some failures leave a job with *no* stage queued or running at all, and nothing would ever move
+it again:
+
+* a ``submit`` that died between writing the record and enqueueing the first stage;
+* a stage job that arq dropped: expired in its queue (``expires``), failed by arq's backstop
+  timeout (a plain failure, no retry), or started once too often ("max retries exceeded", e.g.
+  after repeated worker kills), so vtp's own code never ran to fail the job;
+* a handoff lost between two stages (a successor refused because arq still kept an old result).
+
+Every CPU worker runs ``Sweeper.run_forever``; a Redis lock (``vtp:sweep:lock``, SET NX with a
+TTL of most of an interval) lets one pass run per interval across all of them. A pass looks at
+every job that has not ended (``vtp:active``): one whose record has not changed for
+``VTP_SWEEP_INTERVAL`` and that has no stage job queued or running is *re-driven*: the stage its
+state needs next is enqueued again under its deterministic arq id (arq's old result and retry
+count for that id are cleared first, else arq would refuse it or drop it at once). The stages
+are idempotent (state checks, exactly-once fan-in), so a re-drive that races a late worker
+costs a duplicate computation, never a duplicate chunk. A job re-driven ``VTP_JOB_TRIES`` times
+in one state, or whose stage arq gave up on after its last try, is failed with a one-line reason.
+
+The same pass deletes the storage artifacts (``jobs/<id>/``) of jobs that ended more than
+``VTP_RESULT_TTL`` ago (``vtp:ended``), when their Redis keys expire too. (On S3 an object
+lifecycle rule on the ``jobs/`` prefix does the same job without the sweeper: see
+docs/distributed.md.)
+
+arq itself stays in ``workers.arq_runner``: the sweeper sees the queue through ``StageQueue``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app import constants, errors, keys
+from app.config import Settings
+from app.jobs import JobStore
+from app.messages import (
+    ExtractedAudio,
+    ExtractRequest,
+    JobRecord,
+    RenderRequest,
+    Segmentation,
+    SegmentRequest,
+    Transcript,
+    TranscribeRequest,
+    encode,
+)
+from app.storage import Storage
+
+log = logging.getLogger("vtp.sweeper")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage job to enqueue again: its arq function, arguments, queue and deterministic id."""
+
+    arq_id: str
+    function: str
+    args: tuple
+    queue: str
+    #: ids of successors whose kept arq results must go too (else arq refuses their enqueue)
+    clear: tuple[str, ...] = ()
+
+
+class StageQueue(Protocol):
+    """What the sweeper needs from the job queue (``workers.arq_runner.ArqStages``)."""
+
+    async def pending(self, arq_ids: list[str]) -> bool:
+        """Is any of these stage jobs queued (possibly deferred) or running under a live lease?"""
+        ...
+
+    async def failure(self, arq_id: str) -> str | None:
+        """The error arq recorded for this stage job, if its kept result is a failure."""
+        ...
+
+    async def redrive(self, step: Step) -> None:
+        """Forget arq's result and try count for ``step.arq_id`` (and ``step.clear``), enqueue it."""
+        ...
+
+
+@dataclass
+class SweepReport:
+    redriven: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+
+
+#: arq's words when it drops a job it started too often (arq.worker: "max {n} retries exceeded").
+_MAX_TRIES = "retries exceeded"
+
+
+class Sweeper:
+    def __init__(self, store: JobStore, storage: Storage, queue: StageQueue, settings: Settings) -> None:
+        self.store = store
+        self.storage = storage
+        self.queue = queue
+        self.settings = settings
+        self.token = uuid.uuid4().hex
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        """Sweep every ``VTP_SWEEP_INTERVAL`` (when this worker wins the lock) until cancelled."""
+        interval = self.settings.sweep_interval
+        await asyncio.sleep(random.uniform(0, min(interval, 5.0)))  # workers started together spread out
+        while True:
+            try:
+                if await self.claim():
+                    report = await self.sweep()
+                    if report.redriven or report.failed or report.expired:
+                        log.warning(
+                            "sweep: re-drove %s, failed %s, expired artifacts of %d jobs",
+                            report.redriven, report.failed, len(report.expired),
+                        )
+            except errors.VtpError as exc:  # Redis or storage away: the next pass tries again
+                log.warning("sweep skipped: %s", exc)
+            except Exception:  # noqa: BLE001 - the sweeper must outlive any one bad record
+                log.exception("sweep failed")
+            await asyncio.sleep(interval)
+
+    async def claim(self) -> bool:
+        """One pass per interval across every worker: the lock is left to expire, not released."""
+        ttl_ms = max(int(self.settings.sweep_interval * 900), 100)
+        return await self.store.claim_sweep(self.token, ttl_ms)
+
+    # -- one pass --------------------------------------------------------------------------
+
+    async def sweep(self, now: float | None = None) -> SweepReport:
+        now = time.time() if now is None else now
+        report = SweepReport()
+        for job_id in await self.store.active_ids():
+            record = await self.store.find(job_id)
+            if record is None or record.terminal:  # expired record, or ended meanwhile
+                await self.store.forget_active(job_id)
+                continue
+            if now - record.updated_at < self.settings.sweep_interval:
+                continue  # it moved recently
+            try:
+                outcome = await self.check(record)
+            except errors.JobError as exc:  # its scratch state is gone: it can never finish
+                outcome = f"failed: {exc}"
+                await self.store.fail(job_id, str(exc))
+            if outcome.startswith("re-drove"):
+                report.redriven.append(job_id)
+            elif outcome.startswith("failed"):
+                report.failed.append(job_id)
+        report.expired = await self.expire_artifacts(now)
+        return report
+
+    async def check(self, record: JobRecord) -> str:
+        """Re-drive or fail one job that has not changed for a while, unless a stage of it is
+        queued or running; what was done."""
+        job_id = record.id
+        if await self.queue.pending(await self._stage_ids(record)):
+            return "alive"
+        steps = await self.plan(record)
+        label = steps[0].arq_id.split(":")[1] if steps else record.state
+        for step in steps:
+            failure = await self.queue.failure(step.arq_id)
+            if failure and _MAX_TRIES in failure:
+                reason = f"{label} gave up after {self.settings.job_tries} tries (worker lost or timed out)"
+                await self.store.fail(job_id, reason)
+                return f"failed: {reason}"
+        count = await self.store.count_redrive(job_id, record.state)
+        if count > self.settings.job_tries:
+            reason = f"{label} made no progress after {count - 1} re-drives (stage jobs lost: is a worker for it running?)"
+            await self.store.fail(job_id, reason)
+            log.warning("job %s failed: %s", job_id, reason)
+            return f"failed: {reason}"
+        for step in steps:
+            failure = await self.queue.failure(step.arq_id)
+            log.warning(
+                "job %s %s for %.0f s with no stage queued or running%s: re-driving %s (%d of %d)",
+                job_id, record.state, time.time() - record.updated_at,
+                f" (arq: {failure})" if failure else "", step.arq_id, count, self.settings.job_tries,
+            )
+            await self.queue.redrive(step)
+        return f"re-drove {[s.arq_id for s in steps]}"
+
+    async def plan(self, record: JobRecord) -> list[Step]:
+        """The stage job(s) that move a job on from its current state."""
+        job_id = record.id
+        cpu, gpu = constants.QUEUE_CPU, constants.QUEUE_GPU
+        ids = constants.arq_job_id
+        state = record.state
+
+        def extract() -> Step:
+            req = ExtractRequest(job_id=job_id, media_key=record.media_key, source_name=record.input_name)
+            return Step(ids(job_id, "extract"), constants.FN_EXTRACT, (encode(req),), cpu, clear=(ids(job_id, "segment"),))
+
+        async def segment() -> Step:
+            audio = await self.store.get_part(job_id, "audio", ExtractedAudio)
+            req = SegmentRequest(job_id=job_id, audio=audio, options=record.options)
+            return Step(ids(job_id, "segment"), constants.FN_SEGMENT, (encode(req),), cpu)
+
+        def merge() -> Step:
+            return Step(ids(job_id, "merge"), constants.FN_MERGE, (job_id,), cpu, clear=(ids(job_id, "render"),))
+
+        if state == "queued":
+            return [extract()]
+        if state == "extracting":  # extract finished (its audio is in) and lost its successor, or not
+            if await self.store.has_part(job_id, "audio"):
+                return [await segment()]
+            return [extract()]
+        if state == "segmenting":
+            return [await segment()]
+        if state == "transcribing":
+            seg = await self.store.get_part(job_id, "segmentation", Segmentation)
+            finished = await self.store.finished_batches(job_id)
+            missing = [b for b in seg.batches if b.index not in finished]
+            if not missing:  # every batch is in: the fan-in's merge was lost
+                return [merge()]
+            return [
+                Step(
+                    ids(job_id, "transcribe", b.index), constants.FN_TRANSCRIBE,
+                    (encode(TranscribeRequest(job_id=job_id, batch=b, options=record.options)),), gpu,
+                )
+                for b in missing
+            ]
+        if state == "merging":
+            return [merge()]
+        if state == "rendering":
+            transcript = await self.store.get_part(job_id, "transcript", Transcript)
+            req = RenderRequest(job_id=job_id, transcript=transcript, formats=record.options.formats, basename=record.basename)
+            return [Step(ids(job_id, "render"), constants.FN_RENDER, (encode(req),), cpu, clear=(ids(job_id, "notify"),))]
+        raise errors.JobError(f"job {job_id}: the sweeper cannot move a job in state {state}")
+
+    async def _stage_ids(self, record: JobRecord) -> list[str]:
+        """Every arq id a stage of this job can have (its batches once the segmentation is in)."""
+        job_id = record.id
+        out = [constants.arq_job_id(job_id, s) for s in ("extract", "segment", "merge", "render", "notify")]
+        if await self.store.has_part(job_id, "segmentation"):
+            seg = await self.store.get_part(job_id, "segmentation", Segmentation)
+            out += [constants.arq_job_id(job_id, "transcribe", b.index) for b in seg.batches]
+        return out
+
+    # -- artifacts of ended jobs -----------------------------------------------------------
+
+    async def expire_artifacts(self, now: float) -> list[str]:
+        """Delete ``jobs/<id>/`` of jobs that ended more than ``VTP_RESULT_TTL`` seconds ago."""
+        gone = []
+        for job_id in await self.store.ended_before(now - self.settings.result_ttl):
+            try:
+                await self.storage.delete_prefix(keys.job_prefix(job_id))
+            except errors.VtpError as exc:
+                log.warning("job %s: could not delete its artifacts: %s", job_id, exc)
+                continue
+            await self.store.forget_ended(job_id)
+            gone.append(job_id)
+        return gone
