@@ -737,7 +737,7 @@ async def run_worker(
     """
     sweeping = asyncio.ensure_future(sweep_forever(settings)) if queue == "cpu" and not burst else None
     try:
-        await _run_worker(queue, settings, concurrency=concurrency, name=name, burst=burst)
+        await _run_worker(queue, settings, concurrency=concurrency, name=name, burst=burst, idle_exit=idle_exit)
     finally:
         if sweeping is not None:
             sweeping.cancel()
@@ -745,7 +745,8 @@ async def run_worker(
 
 
 async def _run_worker(
-    queue: QueueName, settings: Settings, *, concurrency: int | None, name: str | None, burst: bool
+    queue: QueueName, settings: Settings, *, concurrency: int | None, name: str | None, burst: bool,
+    idle_exit: float | None,
 ) -> None:
     engines = _engine_pool()
     where = redis_location(settings.redis_url)
