@@ -15,6 +15,12 @@ from pathlib import Path
 from app import errors
 
 
+def default_cache_dir() -> str:
+    """Where converted models are cached (``$XDG_CACHE_HOME/vtp``, else ``~/.cache/vtp``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "vtp")
+
+
 def _default_data_dir() -> str:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return str(Path(base) / "vtp")
@@ -53,6 +59,26 @@ class Settings:
     #: ``VTP_IDLE_EXIT``: a worker exits (code 0) once its queue has been empty and nothing has
     #: run for this many seconds (0: never). On Fly this stops the machine when the queue drains.
     idle_exit: float = 0.0
+    # -- the GPU worker's hardware: its settings, not the job's (workers/gpu_worker.py) ------
+    #: ``VTP_ENGINE``: the speech engine of a ``vtp worker --queue gpu``: ``transformers``,
+    #: ``ctranslate2``, or ``auto`` (transformers on a CUDA GPU, ctranslate2 otherwise).
+    engine: str = "auto"
+    #: ``VTP_DEVICE``: ``cuda``, ``cpu`` or ``auto`` (CUDA when there is a GPU).
+    device: str = "auto"
+    #: ``VTP_COMPUTE_TYPE``: ``auto`` (float16 on CUDA; int8 for ctranslate2 / float32 for
+    #: transformers on CPU), or a compute type (``float16``, ``bfloat16``, ``int8_float16``, ...).
+    compute_type: str = "auto"
+    #: ``VTP_MODELS``: comma list of the models a GPU worker serves, all loaded at start before
+    #: it takes work; the first is the default. A job naming another model fails at once.
+    models: str = "tiny.en"
+    #: ``VTP_GPU_JOBS``: transcribe jobs a GPU worker runs at once (arq ``max_jobs``); their
+    #: chunks share the worker's decode batches (``workers/batcher.py``).
+    gpu_jobs: int = 4
+    #: ``VTP_DECODE_BATCH``: chunks the GPU worker decodes in one model call (across jobs);
+    #: separate from ``VTP_BATCH_SIZE``, the chunks per transcribe job.
+    decode_batch: int = 16
+    #: ``VTP_BATCH_WAIT_MS``: how long the batcher waits for more chunks to fill a decode batch.
+    batch_wait_ms: float = 30.0
 
     _ENV = {
         "redis_url": "REDIS_URL",
@@ -68,6 +94,13 @@ class Settings:
         "retry_delay": "VTP_RETRY_DELAY",
         "test_stage_delay": "VTP_TEST_STAGE_DELAY",
         "idle_exit": "VTP_IDLE_EXIT",
+        "engine": "VTP_ENGINE",
+        "device": "VTP_DEVICE",
+        "compute_type": "VTP_COMPUTE_TYPE",
+        "models": "VTP_MODELS",
+        "gpu_jobs": "VTP_GPU_JOBS",
+        "decode_batch": "VTP_DECODE_BATCH",
+        "batch_wait_ms": "VTP_BATCH_WAIT_MS",
     }
 
     @classmethod
@@ -89,6 +122,11 @@ class Settings:
         if not settings.storage_url:
             object.__setattr__(settings, "storage_url", Path(settings.data_dir).resolve().as_uri())
         return settings
+
+    @property
+    def model_list(self) -> list[str]:
+        """``VTP_MODELS`` as a list, the default model first."""
+        return [m.strip() for m in self.models.split(",") if m.strip()] or ["tiny.en"]
 
     @property
     def max_input_bytes(self) -> int | None:
