@@ -80,6 +80,7 @@ from app.messages import (
 from app.storage import open_storage
 from workers import stages
 from workers.engines.base import EnginePool
+from workers.gpu_worker import GpuEngines
 from workers.lifecycle import IdleExit, Lifecycle
 from workers.local_runner import with_timings
 
@@ -396,7 +397,7 @@ def default_name() -> str:
 
 def worker_settings(
     queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None,
-    engines: EnginePool | None = None,
+    engines: EnginePool | GpuEngines | None = None,
 ) -> dict[str, Any]:
     """arq ``Worker`` keyword arguments for the ``cpu`` or the ``gpu`` queue."""
     cpu_timeout = settings.cpu_timeout + BACKSTOP_S
@@ -412,7 +413,8 @@ def worker_settings(
     elif queue == "gpu":
         # transcribe alone: the in-progress TTL (largest timeout + 10 s) stays one batch long.
         functions = [func(transcribe_task, name=constants.FN_TRANSCRIBE, timeout=settings.transcribe_timeout + BACKSTOP_S)]
-        default_concurrency = 1  # one model on one device
+        # Several jobs at once, one model: their chunks share decode batches (workers/batcher.py).
+        default_concurrency = settings.gpu_jobs
     else:
         raise errors.OptionsError(f"unknown queue {queue!r}: use cpu or gpu")
     return {
@@ -428,7 +430,7 @@ def worker_settings(
         "health_check_key": constants.health_key(queue, name or default_name()),
         "poll_delay": POLL_DELAY_S,
         "expires_extra_ms": max(settings.result_ttl, 86400) * 1000,
-        "ctx": {"settings": settings, "engines": engines or EnginePool()},
+        "ctx": {"settings": settings, "engines": engines or (GpuEngines(settings) if queue == "gpu" else EnginePool())},
         "on_startup": _startup,
         "log_results": True,
     }
@@ -436,6 +438,8 @@ def worker_settings(
 
 async def _startup(ctx: dict) -> None:
     settings: Settings = ctx["settings"]
+    if isinstance(ctx["engines"], GpuEngines):  # the models load before the first job is taken
+        await asyncio.to_thread(ctx["engines"].load_all)
     ctx["store"] = JobStore(ctx["redis"], result_ttl=settings.result_ttl, where=redis_location(settings.redis_url))
     ctx["stage_ctx"] = stages.StageContext(
         storage=open_storage(settings.storage_url), settings=settings, engines=ctx["engines"]
@@ -469,11 +473,30 @@ class _Worker(Worker):
                 log.warning("Redis is back after %.1f s", time.monotonic() - self._outage_since)
                 self._outage_since = None
 
+    async def record_health(self) -> None:
+        before = self._last_health_check
+        await super().record_health()
+        engines = self.ctx.get("engines")
+        if self._last_health_check != before and isinstance(engines, GpuEngines):
+            await publish_gpu_stats(self.pool, self.health_check_key, engines, ttl_s=self.health_check_interval + 1)
+
     def handle_sig(self, signum: int) -> None:
         if self.lifecycle is None:
             super().handle_sig(signum)
         else:  # drain: finish the running jobs, take no more (a second signal stops at once)
             self.lifecycle.on_signal(self, signum)
+
+
+async def publish_gpu_stats(redis: ArqRedis, health_key: str, engines: GpuEngines, *, ttl_s: float) -> None:
+    """The loaded models in the health key (APPEND keeps its TTL), and the batcher's counters in
+    ``vtp:gpustats:<name>`` (a hash, for the web process's /metrics)."""
+    name = health_key.rsplit(":", 1)[-1]
+    stats_key = constants.gpu_stats_key(name)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.append(health_key, f" {engines.describe()}".encode())
+        pipe.hset(stats_key, mapping={k: str(v) for k, v in engines.stats().items()})
+        pipe.expire(stats_key, max(int(ttl_s), 1) * 6)
+        await pipe.execute()
 
 
 async def run_worker(
@@ -489,7 +512,7 @@ async def run_worker(
     as Redis answers; jobs the old one was running are rerun by arq once their in-progress
     keys expire.
     """
-    engines = EnginePool()
+    engines = GpuEngines(settings) if queue == "gpu" else EnginePool()
     where = redis_location(settings.redis_url)
     lifecycle = Lifecycle(
         idle_exit=settings.idle_exit if idle_exit is None else idle_exit,
