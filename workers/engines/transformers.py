@@ -114,6 +114,9 @@ def pick_attention(device: str, dtype) -> str:
 
 class TransformersEngine:
     name = "transformers"
+    #: BENCHMARK-ONLY: generate exactly this many tokens per chunk (random weights never stop on
+    #: their own; bench/gpu_throughput.py forces a realistic ~100). None: stop at end of text.
+    force_tokens: int | None = None
 
     def __init__(self, model, tokenizer, model_name: str, device: str, dtype, alignment_heads: list[list[int]]) -> None:
         from faster_whisper.feature_extractor import FeatureExtractor
@@ -256,7 +259,8 @@ class TransformersEngine:
             num_beams=options.beam_size,
             do_sample=False,
             length_penalty=1.0,
-            max_new_tokens=MAX_LENGTH - len(prompt),
+            max_new_tokens=self.force_tokens or MAX_LENGTH - len(prompt),
+            min_new_tokens=self.force_tokens or 0,
             suppress_tokens=list(suppress),
             # suppress_blank: no blank and no end of text as the first token
             begin_suppress_tokens=[*tokenizer.encode(" "), tokenizer.eot],
