@@ -72,8 +72,8 @@ class Settings:
     #: it takes work; the first is the default. A job naming another model fails at once.
     models: str = "tiny.en"
     #: ``VTP_GPU_JOBS``: transcribe jobs a GPU worker runs at once (arq ``max_jobs``); their
-    #: chunks share the worker's decode batches (``workers/batcher.py``).
-    gpu_jobs: int = 4
+    #: chunks share the worker's decode batches (``workers/batcher.py``). 0: 4 on CUDA, 1 on CPU.
+    gpu_jobs: int = 0
     #: ``VTP_DECODE_BATCH``: chunks the GPU worker decodes in one model call (across jobs);
     #: separate from ``VTP_BATCH_SIZE``, the chunks per transcribe job.
     decode_batch: int = 16

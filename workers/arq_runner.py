@@ -414,7 +414,10 @@ def worker_settings(
         # transcribe alone: the in-progress TTL (largest timeout + 10 s) stays one batch long.
         functions = [func(transcribe_task, name=constants.FN_TRANSCRIBE, timeout=settings.transcribe_timeout + BACKSTOP_S)]
         # Several jobs at once, one model: their chunks share decode batches (workers/batcher.py).
-        default_concurrency = settings.gpu_jobs
+        # On CPU one job's batch already keeps every core busy: more at once would only stretch
+        # each job's time towards its deadline, so "auto" (0) is 4 on a GPU and 1 on CPU.
+        engines = engines or GpuEngines(settings)
+        default_concurrency = settings.gpu_jobs or (4 if getattr(engines, "hardware", None) and engines.hardware.device == "cuda" else 1)
     else:
         raise errors.OptionsError(f"unknown queue {queue!r}: use cpu or gpu")
     return {
