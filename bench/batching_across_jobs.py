@@ -167,9 +167,12 @@ def main() -> None:
             for n, (label, together, gpu_env) in enumerate(passes):
                 with Workers(work, url, gpu_env) as workers:
                     anyio.run(run_pass, workers.env, files[:2], True, f"warm{n}-")  # warm-up
-                    wall = anyio.run(run_pass, workers.env, files, together, f"p{n}-")
                     time.sleep(5.5)  # the next health refresh publishes the batcher's counters
-                    stats = workers.stats()
+                    before = workers.stats()
+                    wall = anyio.run(run_pass, workers.env, files, together, f"p{n}-")
+                    time.sleep(5.5)
+                    after = workers.stats()
+                stats = {k: float(after.get(k, 0)) - float(before.get(k, 0)) for k in ("batches", "chunks", "slots", "shared_batches")}
                 rows.append((label, wall, audio / wall, stats))
                 print(rows[-1], flush=True)
         finally:
@@ -180,14 +183,14 @@ def main() -> None:
         "(distinct cuts of the test speech), one CPU worker and one GPU-queue worker (engine auto = CTranslate2 int8 on "
         "CPU, tiny.en), fan-out VTP_BATCH_SIZE=8, after a warm-up. Command: `python bench/batching_across_jobs.py --write docs/benchmarks.md`.",
         "",
-        "| submitted | wall s | x realtime | throughput vs one after another | decode batches | mean batch | fill ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| submitted | wall s | x realtime | throughput vs one after another | decode batches | of them shared by jobs | mean batch | fill ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, wall, x, stats in rows:
-        batches = int(stats.get("batches", 0) or 0)
-        chunks = int(stats.get("chunks", 0) or 0)
+        batches, chunks, slots = int(stats["batches"]), int(stats["chunks"]), stats["slots"]
         mean = chunks / batches if batches else 0
-        lines.append(f"| {label} | {wall:.1f} | {x:.1f}x | {x / base:.2f} | {batches} | {mean:.1f} | {float(stats.get('fill_ratio', 0)):.2f} |")
+        fill = chunks / slots if slots else 0
+        lines.append(f"| {label} | {wall:.1f} | {x:.1f}x | {x / base:.2f} | {batches} | {int(stats['shared_batches'])} | {mean:.1f} | {fill:.2f} |")
     table = "\n".join(lines)
     print(table)
     if args.write:
