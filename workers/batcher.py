@@ -165,7 +165,7 @@ class GpuBatcher:
 
     def _decode(self, picked: list[tuple[_Request, int]]) -> None:
         # Chunk indexes are per job and may collide: renumber for the call, map back after.
-        chunks = [Chunk(index=k, start=r.chunks[i].start, end=r.chunks[i].end) for k, (r, i) in enumerate(picked)]
+        chunks = [msgspec.structs.replace(r.chunks[i], index=k) for k, (r, i) in enumerate(picked)]
         audio = [r.audio[i] for r, i in picked]
         requests = list(dict.fromkeys(r for r, _ in picked))
         started = time.perf_counter()
