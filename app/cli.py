@@ -3,6 +3,7 @@
     vtp transcribe FILE... [-o DIR]   transcribe here, in this process (no Redis, no GPU)
     vtp worker --queue cpu|gpu        run an arq worker on Redis ($REDIS_URL)
     vtp submit FILE... [--wait]       enqueue on Redis; with --wait, show progress and write outputs
+    vtp web [--host H] [--port P]     the web process: upload form, jobs API, OpenAI-compatible endpoint
 
 Errors are one line on stderr (``vtp: error: <file>: <reason>``), never a traceback; the exit
 status is 1 if any input failed, 2 for bad usage.
@@ -74,14 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_transcribe_options(t)
     t.set_defaults(func=cmd_transcribe)
 
+    c = sub.add_parser("controller", help="start and stop worker machines from the GPU queue's depth (Fly or Kubernetes)")
+    c.add_argument(
+        "--backend", choices=["fly", "kubernetes", "keda"], required=True,
+        help="where worker machines run (keda: start nothing, only serve the figure on --port for a KEDA ScaledJob)",
+    )
+    c.add_argument("--port", type=int, default=None, help="serve the last look at the queue as JSON on :PORT/metrics")
+    c.set_defaults(func=cmd_controller)
+
     from app import cli_queue  # the Redis-backed commands live beside, to keep this module local-only
 
     cli_queue.add_commands(sub)
+    from app import web
+
+    web.add_command(sub)
     return parser
 
 
 def unique_basenames(paths: list[Path]) -> list[str]:
-    from workers.local_runner import safe_basename
+    from app.media import safe_basename
 
     seen: dict[str, int] = {}
     names = []
@@ -134,6 +146,34 @@ def cmd_transcribe(args: argparse.Namespace, settings: Settings) -> int:
     except errors.OptionsError:
         return 2
     return 1 if failed else 0
+
+
+def cmd_controller(args: argparse.Namespace, settings: Settings) -> int:
+    """``vtp controller``: runs until SIGINT/SIGTERM; a rejected token exits 1 with its reason."""
+    import asyncio
+    import signal
+
+    from workers.controller.loop import Figures, open_backend, run_controller, serve_figures
+
+    logging.getLogger("vtp").setLevel(logging.INFO)
+
+    async def run() -> None:
+        backend = open_backend(args.backend, settings)
+        task = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+        figures = Figures()
+        server = await serve_figures(figures, args.port) if args.port else None
+        try:
+            await run_controller(backend, settings, figures=figures)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if server is not None:
+                await server.cleanup()
+
+    asyncio.run(run())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

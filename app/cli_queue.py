@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from app import errors
+from app import costs, errors
 from app.cli import add_transcribe_options, error, options_from_args, summary_line, unique_basenames
 from app.config import Settings
 from app.jobs import JobStore, redis_location
@@ -171,6 +171,9 @@ def _status_line(r: JobRecord) -> str:
         line += f"  {r.wall_seconds:.1f} s"
     if r.error:
         line += f"  ({r.error})"
+    cost = costs.summary(r)
+    if cost:
+        line += f"  [{cost}]"
     return line
 
 

@@ -56,6 +56,28 @@ class Settings:
     #: sleep that long inside those stages, so crash tests can kill a worker mid-stage without
     #: relying on timing luck. Never set it in production.
     test_stage_delay: str = ""
+    #: ``VTP_MAX_DURATION``: media longer than this many seconds is refused (0: no limit).
+    max_duration: float = 21600.0
+    #: ``VTP_MODELS``: comma list of the models a client may ask for and the GPU workers serve
+    #: (each loaded at start); the first is the default.
+    models: str = "tiny.en"
+    #: ``VTP_API_TOKENS``: comma list of bearer tokens of the web API; each owns its jobs. None:
+    #: the web process serves loopback only (or a public address with ``--insecure``).
+    api_tokens: str = ""
+    #: ``VTP_MAX_UPLOAD_MB``: larger uploads (and URL downloads) are cut off with 413.
+    max_upload_mb: int = 1024
+    #: ``PORT``: the web process's port (what Fly and most hosts set).
+    port: int = 8000
+    #: ``VTP_WEBHOOK_SECRET``: ``whsec_<base64>`` key signing webhooks (Standard Webhooks); jobs
+    #: may ask for a webhook only when it is set.
+    webhook_secret: str = ""
+    #: ``VTP_WEBHOOK_TRIES``: delivery attempts per webhook before it is given up.
+    webhook_tries: int = 8
+    #: ``VTP_WEBHOOK_RETRY_DELAY``: seconds before the second attempt; doubles (with jitter) after.
+    webhook_retry_delay: float = 5.0
+    #: ``VTP_PRIVATE_ALLOWLIST``: comma list of CIDRs that URL ingest and webhooks may reach
+    #: although they are loopback, private or link-local (refused otherwise).
+    private_allowlist: str = ""
     #: ``VTP_IDLE_EXIT``: a worker exits (code 0) once its queue has been empty and nothing has
     #: run for this many seconds (0: never). On Fly this stops the machine when the queue drains.
     idle_exit: float = 0.0
@@ -68,9 +90,8 @@ class Settings:
     #: ``VTP_COMPUTE_TYPE``: ``auto`` (float16 on CUDA; int8 for ctranslate2 / float32 for
     #: transformers on CPU), or a compute type (``float16``, ``bfloat16``, ``int8_float16``, ...).
     compute_type: str = "auto"
-    #: ``VTP_MODELS``: comma list of the models a GPU worker serves, all loaded at start before
-    #: it takes work; the first is the default. A job naming another model fails at once.
-    models: str = "tiny.en"
+    # ``VTP_MODELS`` (``models`` above) is also the GPU worker's allow-list: it loads every one
+    # at start, before it takes work; a job naming another model fails at once.
     #: ``VTP_GPU_JOBS``: transcribe jobs a GPU worker runs at once (arq ``max_jobs``); their
     #: chunks share the worker's decode batches (``workers/batcher.py``). 0: 4 on CUDA, 1 on CPU.
     gpu_jobs: int = 0
@@ -79,6 +100,49 @@ class Settings:
     decode_batch: int = 16
     #: ``VTP_BATCH_WAIT_MS``: how long the batcher waits for more chunks to fill a decode batch.
     batch_wait_ms: float = 30.0
+
+    # -- the fleet controller (`vtp controller`, workers/controller/) and cost accounting --
+    #: ``VTP_MAX_MACHINES``: worker machines the controller runs at most.
+    max_machines: int = 4
+    #: ``VTP_DRAIN_TARGET``: seconds in which the controller aims to drain the queued audio.
+    drain_target: float = 600.0
+    #: ``VTP_MACHINE_THROUGHPUT``: audio seconds one machine transcribes per wall second (measure it).
+    machine_throughput: float = 30.0
+    #: ``VTP_WARM_POOL``: stopped machines kept for fast starts; surplus ones are destroyed.
+    warm_pool: int = 2
+    #: ``VTP_STOPPED_GRACE``: seconds a surplus stopped machine is kept before it is destroyed.
+    stopped_grace: float = 600.0
+    #: ``VTP_BOOT_GRACE``: seconds a machine may run without a live worker before it counts as broken.
+    boot_grace: float = 300.0
+    #: ``VTP_CONTROLLER_INTERVAL``: seconds between two looks at the queue.
+    controller_interval: float = 5.0
+    #: ``VTP_WORKER_IMAGE``: the image worker machines run (default ``FLY_IMAGE_REF``: this app's).
+    worker_image: str = ""
+    #: ``FLY_IMAGE_REF``: set by Fly inside its machines (the image of the running release).
+    fly_image_ref: str = ""
+    #: ``FLY_API_HOSTNAME``: the Machines API (``http://_api.internal:4280`` from inside Fly).
+    fly_api_hostname: str = "https://api.machines.dev"
+    #: ``FLY_API_TOKEN``: a token that may manage the app's machines (``fly tokens deploy``).
+    fly_api_token: str = ""
+    #: ``FLY_APP_NAME``: the app the worker machines belong to (set by Fly inside its machines).
+    fly_app_name: str = ""
+    #: ``VTP_FLY_REGIONS``: comma list of regions to try in order (empty: Fly picks).
+    fly_regions: str = ""
+    #: ``VTP_FLY_GUESTS``: comma list of machine kinds to try in order: a GPU (``a100-40gb``,
+    #: ``a100-80gb``, ``l40s``) or a CPU size (``performance-8x``, ``shared-cpu-4x``...).
+    fly_guests: str = "performance-8x"
+    #: ``VTP_K8S_NAMESPACE``: where the controller creates worker Jobs (default: its own namespace).
+    k8s_namespace: str = ""
+    #: ``VTP_K8S_GPUS``: ``nvidia.com/gpu`` requested per worker Job (0: a CPU worker).
+    k8s_gpus: int = 1
+    #: ``VTP_K8S_JOB_TTL``: ``ttlSecondsAfterFinished`` of the worker Jobs.
+    k8s_job_ttl: int = 300
+    #: ``VTP_MACHINE_KIND``: what this worker runs on (a Fly guest kind or size, or any name);
+    #: the controller sets it on the machines it starts.
+    machine_kind: str = ""
+    #: ``VTP_MACHINE_PRICE_HOUR``: $ per hour of this worker's machine (0: the list price of
+    #: ``machine_kind`` from ``app.costs.PRICES``, or nothing recorded for an unknown kind).
+    machine_price_hour: float = 0.0
 
     _ENV = {
         "redis_url": "REDIS_URL",
@@ -93,15 +157,51 @@ class Settings:
         "result_ttl": "VTP_RESULT_TTL",
         "retry_delay": "VTP_RETRY_DELAY",
         "test_stage_delay": "VTP_TEST_STAGE_DELAY",
+        "max_duration": "VTP_MAX_DURATION",
+        "models": "VTP_MODELS",
+        "api_tokens": "VTP_API_TOKENS",
+        "max_upload_mb": "VTP_MAX_UPLOAD_MB",
+        "port": "PORT",
+        "webhook_secret": "VTP_WEBHOOK_SECRET",
+        "webhook_tries": "VTP_WEBHOOK_TRIES",
+        "webhook_retry_delay": "VTP_WEBHOOK_RETRY_DELAY",
+        "private_allowlist": "VTP_PRIVATE_ALLOWLIST",
         "idle_exit": "VTP_IDLE_EXIT",
         "engine": "VTP_ENGINE",
         "device": "VTP_DEVICE",
         "compute_type": "VTP_COMPUTE_TYPE",
-        "models": "VTP_MODELS",
         "gpu_jobs": "VTP_GPU_JOBS",
         "decode_batch": "VTP_DECODE_BATCH",
         "batch_wait_ms": "VTP_BATCH_WAIT_MS",
+        "max_machines": "VTP_MAX_MACHINES",
+        "drain_target": "VTP_DRAIN_TARGET",
+        "machine_throughput": "VTP_MACHINE_THROUGHPUT",
+        "warm_pool": "VTP_WARM_POOL",
+        "stopped_grace": "VTP_STOPPED_GRACE",
+        "boot_grace": "VTP_BOOT_GRACE",
+        "controller_interval": "VTP_CONTROLLER_INTERVAL",
+        "worker_image": "VTP_WORKER_IMAGE",
+        "fly_image_ref": "FLY_IMAGE_REF",
+        "fly_api_hostname": "FLY_API_HOSTNAME",
+        "fly_api_token": "FLY_API_TOKEN",
+        "fly_app_name": "FLY_APP_NAME",
+        "fly_regions": "VTP_FLY_REGIONS",
+        "fly_guests": "VTP_FLY_GUESTS",
+        "k8s_namespace": "VTP_K8S_NAMESPACE",
+        "k8s_gpus": "VTP_K8S_GPUS",
+        "k8s_job_ttl": "VTP_K8S_JOB_TTL",
+        "machine_kind": "VTP_MACHINE_KIND",
+        "machine_price_hour": "VTP_MACHINE_PRICE_HOUR",
     }
+    #: Settings of the controller itself, never handed on to the workers it starts.
+    _CONTROLLER_ONLY = frozenset(
+        {
+            "max_machines", "drain_target", "machine_throughput", "warm_pool", "stopped_grace", "boot_grace",
+            "controller_interval", "worker_image", "fly_image_ref", "fly_api_hostname",
+            "fly_api_token", "fly_app_name", "fly_regions", "fly_guests", "k8s_namespace", "k8s_gpus",
+            "k8s_job_ttl", "machine_kind", "machine_price_hour", "data_dir",
+        }
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -123,14 +223,43 @@ class Settings:
             object.__setattr__(settings, "storage_url", Path(settings.data_dir).resolve().as_uri())
         return settings
 
+    def worker_env(self) -> dict[str, str]:
+        """The environment of a worker the controller starts: Redis, storage, and every pipeline
+        setting that differs from its default (the controller's own settings and the Fly token
+        stay here; S3 credentials come from the platform's secrets)."""
+        env = {"REDIS_URL": self.redis_url, "VTP_STORAGE": self.storage_url}
+        for f in fields(self):
+            var = self._ENV.get(f.name)
+            value = getattr(self, f.name)
+            if var and f.name not in self._CONTROLLER_ONLY and var not in env and value != f.default:
+                env[var] = str(value)
+        return env
+
     @property
-    def model_list(self) -> list[str]:
-        """``VTP_MODELS`` as a list, the default model first."""
-        return [m.strip() for m in self.models.split(",") if m.strip()] or ["tiny.en"]
+    def fleet_idle_exit(self) -> float:
+        """The ``--idle-exit`` of the machines the controller starts: they always stop when idle."""
+        return self.idle_exit if self.idle_exit > 0 else 60.0
+
+    @property
+    def image(self) -> str:
+        """The worker machines' image: ``VTP_WORKER_IMAGE``, else this Fly release's own."""
+        return self.worker_image or self.fly_image_ref
 
     @property
     def max_input_bytes(self) -> int | None:
         return self.max_input_mb * 1024 * 1024 if self.max_input_mb > 0 else None
+
+    @property
+    def model_list(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.models.split(",") if m.strip()) or ("tiny.en",)
+
+    @property
+    def token_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.api_tokens.split(",") if t.strip())
+
+    @property
+    def max_upload_bytes(self) -> int | None:
+        return self.max_upload_mb * 1024 * 1024 if self.max_upload_mb > 0 else None
 
     def stage_delay(self, stage: str) -> float:
         """TEST-ONLY: the extra seconds ``VTP_TEST_STAGE_DELAY`` puts into ``stage`` (0: none)."""

@@ -19,6 +19,8 @@ QUEUES = {"cpu": QUEUE_CPU, "gpu": QUEUE_GPU}
 JOB_PREFIX = "vtp:job:"
 #: ``vtp:jobs``: sorted set of every job id, scored by creation time (listing, the web page).
 JOBS_INDEX = "vtp:jobs"
+#: ``vtp:owner:<owner>``: sorted set of one owner's job ids, scored by creation time (``GET /v1/jobs``).
+OWNER_JOBS_PREFIX = "vtp:owner:"
 #: ``vtp:events:<id>``: stream of ``messages.ProgressEvent`` (msgpack in field ``e``).
 EVENTS_PREFIX = "vtp:events:"
 #: ``vtp:idem:<owner>:<key>``: job id created with that idempotency key.
@@ -45,10 +47,15 @@ FN_TRANSCRIBE = "transcribe"
 FN_MERGE = "merge"
 FN_RENDER = "render"
 FN_NOTIFY = "notify"
+FN_WEBHOOK = "webhook"
 
 
 def job_key(job_id: str) -> str:
     return JOB_PREFIX + job_id
+
+
+def owner_jobs_key(owner: str) -> str:
+    return OWNER_JOBS_PREFIX + owner
 
 
 def events_key(job_id: str) -> str:
@@ -70,3 +77,9 @@ def gpu_stats_key(name: str) -> str:
 def arq_job_id(job_id: str, stage: str, index: int | None = None) -> str:
     """The deterministic arq job id of one stage of one job."""
     return f"{job_id}:{stage}" if index is None else f"{job_id}:{stage}:{index}"
+
+
+#: arq's own key prefixes (``arq.constants``), for readers that do not import arq (the fleet
+#: controller): the pickled job, and the marker a worker sets while it runs the job.
+ARQ_JOB_PREFIX = "arq:job:"
+ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"

@@ -12,15 +12,20 @@ traceback::
     │   ├── CorruptMedia         ffmpeg cannot read it (truncated, random bytes, wrong name)
     │   ├── NoAudioStream        a video with no audio track
     │   ├── MediaTooLarge        over the configured size limit
+    │   ├── MediaTooLong         over the configured duration limit (VTP_MAX_DURATION)
     │   └── UnsupportedFormat    a container ffmpeg reads but vtp refuses (playlists, devices, ...)
     ├── OptionsError             bad engine/model/format options
-    │   └── ModelNotFound        --model names neither a directory nor a loadable model
+    │   └── Forbidden            a URL the SSRF guard refuses (private, loopback, metadata)
+    │   ├── ModelNotFound        --model names neither a directory nor a loadable model
     ├── EngineError              the speech model failed while running (may be transient)
     ├── StorageError             artifact storage failed (transient)
     ├── QueueError               Redis / the job queue is unreachable (transient)
-    └── JobError                 a job-level failure (unknown id, cancelled, invalid transition)
-        ├── JobNotFound
-        └── JobCancelled
+    ├── JobError                 a job-level failure (unknown id, cancelled, invalid transition)
+    │   ├── JobNotFound
+    │   └── JobCancelled
+    └── FleetError               the fleet controller's cloud API failed (Fly Machines, Kubernetes)
+        ├── FleetAuthError       the API rejected the token / credentials: the controller exits
+        └── NoCapacity           a region or machine kind could not place or start a machine
 
 ``permanent`` tells the distributed runner whether a retry could help: input and option
 errors fail a job at once, everything else is retried with backoff.
@@ -59,6 +64,10 @@ class MediaTooLarge(InputError):
     pass
 
 
+class MediaTooLong(InputError):
+    pass
+
+
 class UnsupportedFormat(InputError):
     pass
 
@@ -68,6 +77,10 @@ class OptionsError(VtpError):
 
 
 class ModelNotFound(OptionsError):
+    pass
+
+
+class Forbidden(OptionsError):
     pass
 
 
@@ -92,4 +105,16 @@ class JobNotFound(JobError):
 
 
 class JobCancelled(JobError):
+    pass
+
+
+class FleetError(VtpError):
+    pass
+
+
+class FleetAuthError(FleetError):
+    permanent = True
+
+
+class NoCapacity(FleetError):
     pass

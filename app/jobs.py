@@ -247,6 +247,7 @@ class JobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(constants.job_key(record.id), encode(record))
             pipe.zadd(constants.JOBS_INDEX, {record.id: now})
+            pipe.zadd(constants.owner_jobs_key(record.owner), {record.id: now})
             self._queue_event(pipe, event_of(record))
             await pipe.execute()
         return record, True
@@ -271,6 +272,43 @@ class JobStore:
     async def list_ids(self, limit: int = 50) -> list[str]:
         """Newest first."""
         return [i.decode() for i in await self.redis.zrevrange(constants.JOBS_INDEX, 0, limit - 1)]
+
+    @_mapped
+    async def list_owned(self, owner: str, *, offset: int = 0, limit: int = 20) -> tuple[list[JobRecord], int | None]:
+        """One owner's jobs, newest first, and the offset of the next page (None: no more).
+        Ids whose records have expired are dropped from the owner's index on the way."""
+        key = constants.owner_jobs_key(owner)
+        ids = [i.decode() for i in await self.redis.zrevrange(key, offset, offset + limit - 1)]
+        raws = await self.redis.mget([constants.job_key(i) for i in ids]) if ids else []
+        gone = [i for i, raw in zip(ids, raws) if raw is None]
+        if gone:
+            await self.redis.zrem(key, *gone)
+        records = [decode(raw, JobRecord) for raw in raws if raw is not None]
+        more = len(ids) == limit and await self.redis.zcard(key) > offset + limit - len(gone)
+        return records, (offset + limit - len(gone)) if more else None
+
+    @_mapped
+    async def delete(self, record: JobRecord) -> None:
+        """Forget a finished job: its record, events, scratch state and index entries."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(constants.job_key(record.id), constants.events_key(record.id))
+            pipe.delete(*(constants.dag_key(record.id, part) for part in DAG_PARTS))
+            pipe.zrem(constants.JOBS_INDEX, record.id)
+            pipe.zrem(constants.owner_jobs_key(record.owner), record.id)
+            if record.idempotency_key:
+                pipe.delete(f"{constants.IDEMPOTENCY_PREFIX}{record.owner}:{record.idempotency_key}")
+            if record.sha256:
+                pipe.delete(self._sha_key(record.owner, record.sha256, record.options))
+            await pipe.execute()
+
+    @_mapped
+    async def set_webhook(self, job_id: str, delivery: msgspec.Struct) -> JobRecord | None:
+        """Record a webhook's delivery state on a finished job (no progress event)."""
+
+        def change(rec: JobRecord) -> JobRecord | None:
+            return msgspec.structs.replace(rec, webhook=delivery)
+
+        return await self._update(job_id, change, publish=False)
 
     async def _update(
         self,
@@ -522,6 +560,17 @@ class JobStore:
         the count is in before the job can be seen ``done``); tests check that nothing ran
         twice to completion."""
         await self.redis.hincrby(constants.dag_key(job_id, "runs"), stage, 1)
+
+    @_mapped
+    async def add_usage(self, job_id: str, stage: str, seconds: float, cost_usd: float) -> None:
+        """Add a stage's machine time and its cost to the record (every try counts: the machine
+        was busy either way); also on a job that has ended, whose last stages may finish after it."""
+
+        def change(rec: JobRecord) -> JobRecord:
+            used = {**rec.machine_seconds, stage: round(rec.machine_seconds.get(stage, 0.0) + seconds, 3)}
+            return msgspec.structs.replace(rec, machine_seconds=used, cost_usd=round(rec.cost_usd + cost_usd, 6))
+
+        await self._update(job_id, change, publish=False)
 
     @_mapped
     async def runs(self, job_id: str) -> dict[str, int]:

@@ -58,12 +58,18 @@ class ExtractedAudio(Struct, frozen=True, kw_only=True):
     sample_rate: int = SAMPLE_RATE
 
 
-class Chunk(Struct, frozen=True, kw_only=True):
+class Chunk(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A stretch of audio of at most one Whisper window, cut at pauses."""
 
     index: int
     start: float
     end: float
+    #: The speech regions the VAD found inside it: each must come back covered by words
+    #: (``workers.coverage``), or that stretch is decoded again on its own.
+    speech: list[tuple[float, float]] = []
+    #: A loud stretch the VAD rejected (``workers.levels``): its words are kept only where
+    #: Whisper itself is sure it heard speech.
+    probe: bool = False
 
     @property
     def duration(self) -> float:
@@ -123,12 +129,37 @@ class TranscribeRequest(Struct, frozen=True, kw_only=True):
     options: TranscribeOptions
 
 
+class CoverageStats(Struct, frozen=True, kw_only=True):
+    """What the transcribe stage did so that no speech is lost (``workers.coverage``)."""
+
+    #: Stretches of VAD speech that came back without words and were decoded again on their
+    #: own, and how many of those then gave words (with their seconds).
+    gaps: int = 0
+    repaired: int = 0
+    repaired_seconds: float = 0.0
+    #: Loud stretches the VAD rejected that went to Whisper, and those kept as speech.
+    probes: int = 0
+    rescued: int = 0
+    rescued_seconds: float = 0.0
+
+    def __add__(self, other: CoverageStats) -> CoverageStats:
+        return CoverageStats(
+            gaps=self.gaps + other.gaps,
+            repaired=self.repaired + other.repaired,
+            repaired_seconds=round(self.repaired_seconds + other.repaired_seconds, 3),
+            probes=self.probes + other.probes,
+            rescued=self.rescued + other.rescued,
+            rescued_seconds=round(self.rescued_seconds + other.rescued_seconds, 3),
+        )
+
+
 class BatchTranscript(Struct, frozen=True, kw_only=True):
     batch_index: int
     segments: list[Segment]
     language: str
     audio_seconds: float
     wall_seconds: float
+    coverage: CoverageStats = CoverageStats()
 
 
 class StageTiming(Struct, frozen=True, kw_only=True):
@@ -141,6 +172,7 @@ class TranscriptStats(Struct, frozen=True, kw_only=True):
     model: str
     chunks: int
     speech_seconds: float
+    coverage: CoverageStats = CoverageStats()
     #: Filled in by the runner once every stage has finished.
     wall_seconds: float = 0.0
     realtime_factor: float = 0.0
@@ -224,7 +256,41 @@ def options_from(values: dict) -> TranscribeOptions:
         raise errors.OptionsError(f"invalid option: {exc}") from exc
 
 
+class JobCost(Struct, frozen=True, kw_only=True):
+    """What a job cost (``app.costs.cost_of``), as an API shows it beside the managed-STT price."""
+
+    machine_seconds: float
+    cost_usd: float
+    #: $ per hour of media; None before the duration is known.
+    per_audio_hour_usd: float | None
+    #: Managed speech-to-text list prices per audio hour, for comparison.
+    managed_stt_per_audio_hour_usd: tuple[float, float]
+
+
 TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
+
+
+class WebhookAttempt(Struct, frozen=True, kw_only=True):
+    """One delivery attempt of a job's webhook (``app.webhooks``)."""
+
+    #: Unix seconds when it was made.
+    at: float
+    #: HTTP status of the receiver's answer (0: no answer: refused, timed out, unreachable).
+    status: int = 0
+    error: str = ""
+    #: Seconds until the next attempt (0: none: delivered or given up).
+    retry_in: float = 0.0
+
+
+class WebhookDelivery(Struct, kw_only=True):
+    """The webhook of a finished job: sent by the CPU workers' ``webhook`` task."""
+
+    #: ``webhook-id``: the same on every attempt, so receivers can deduplicate.
+    id: str
+    #: ``job.completed``, ``job.failed`` or ``job.cancelled``.
+    event: str
+    state: Literal["pending", "delivered", "failed"] = "pending"
+    attempts: list[WebhookAttempt] = []
 
 
 class JobRecord(Struct, kw_only=True):
@@ -266,6 +332,14 @@ class JobRecord(Struct, kw_only=True):
     error: str = ""
     #: format -> storage key of the rendered output.
     outputs: dict[str, str] = {}
+    #: Where to POST the Standard Webhooks event when the job ends (checked against the SSRF guard).
+    webhook_url: str = ""
+    #: Its delivery, once the job has ended.
+    webhook: WebhookDelivery | None = None
+    #: Machine seconds each stage used, every try included (``app.costs``).
+    machine_seconds: dict[str, float] = {}
+    #: What those seconds cost at the machines' $/hour (``VTP_MACHINE_PRICE_HOUR``).
+    cost_usd: float = 0.0
 
     @property
     def terminal(self) -> bool:
@@ -275,3 +349,79 @@ class JobRecord(Struct, kw_only=True):
     def wall_seconds(self) -> float:
         end = self.finished_at or self.updated_at
         return max(end - self.created_at, 0.0)
+
+
+class JobProgress(Struct, frozen=True, kw_only=True):
+    chunks_done: int
+    chunks_total: int
+    audio_done: float
+    audio_total: float
+    #: 0..1 of the speech transcribed (1 once done).
+    fraction: float
+
+
+class JobView(Struct, frozen=True, kw_only=True):
+    """A job as the web API shows it (``GET /v1/jobs/{id}``) and as webhooks carry it."""
+
+    id: str
+    status: Stage
+    input_name: str
+    created_at: float
+    finished_at: float | None
+    #: Media seconds (known after extraction).
+    duration: float
+    progress: JobProgress
+    #: Seconds in each stage (queue, extract, segment, transcribe, merge, render).
+    timings: dict[str, float]
+    wall_seconds: float
+    #: Media seconds per wall second, once done.
+    realtime_factor: float | None
+    error: str | None
+    model: str
+    language: str | None
+    #: Formats ready to download (``GET /v1/jobs/{id}/transcript.{fmt}``).
+    formats: list[str]
+    webhook: WebhookDelivery | None = None
+    #: Machine time and its price, beside managed STT's (``app.costs``); None until recorded.
+    cost: JobCost | None = None
+
+    @classmethod
+    def of(cls, r: JobRecord) -> JobView:
+        from app import costs  # costs reads these messages: imported here, not at the top
+
+        total = r.audio_total
+        fraction = 1.0 if r.state == "done" else (min(r.audio_done / total, 1.0) if total > 0 else 0.0)
+        wall = r.wall_seconds
+        return cls(
+            id=r.id,
+            status=r.state,
+            input_name=r.input_name,
+            created_at=r.created_at,
+            finished_at=r.finished_at or None,
+            duration=round(r.duration, 3),
+            progress=JobProgress(
+                chunks_done=r.chunks_done,
+                chunks_total=r.chunks_total,
+                audio_done=round(r.audio_done, 3),
+                audio_total=round(total, 3),
+                fraction=round(fraction, 4),
+            ),
+            timings=r.timings,
+            wall_seconds=round(wall, 3),
+            realtime_factor=round(r.duration / wall, 2) if r.state == "done" and wall > 0 else None,
+            error=r.error or None,
+            model=r.options.model,
+            language=r.options.language,
+            formats=sorted(r.outputs),
+            webhook=r.webhook,
+            cost=costs.cost_of(r),
+        )
+
+
+class WebhookEvent(Struct, frozen=True, kw_only=True):
+    """The body of a webhook (Standard Webhooks' ``type`` / ``timestamp`` / ``data``)."""
+
+    type: str
+    #: ISO 8601, UTC.
+    timestamp: str
+    data: JobView

@@ -62,13 +62,17 @@ async def submit_file(
     idempotency_key: str = "",
     max_bytes: int | None = None,
     reuse: bool = True,
+    input_name: str = "",
+    webhook_url: str = "",
+    sha256: str = "",
 ) -> Submitted:
     check_input_file(path, max_bytes=max_bytes)  # missing/empty/too large: no job at all
     if idempotency_key:
         earlier = await store.find_by_key(owner, idempotency_key)
         if earlier is not None:
             return Submitted(earlier, "idempotent")
-    sha = await anyio.to_thread.run_sync(sha256_of, path)
+    # The web process hashes uploads while they stream in: no second read of the file.
+    sha = sha256 or await anyio.to_thread.run_sync(sha256_of, path)
     if reuse:
         done = await store.find_reusable(owner, sha, options)
         if done is not None:
@@ -80,12 +84,13 @@ async def submit_file(
         JobRecord(
             id=job_id,
             owner=owner,
-            input_name=path.name,
+            input_name=input_name or path.name,
             basename=basename,
             media_key=keys.media_key(job_id),
             sha256=sha,
             idempotency_key=idempotency_key,
             options=options,
+            webhook_url=webhook_url,
         )
     )
     if not created:  # lost a race for the idempotency key: drop our upload, report the winner

@@ -59,3 +59,27 @@ def test_long_pauses_are_skipped():
     sr = 16000
     chunks = vad.chunk_regions([(0, 2 * sr), (10 * sr, 12 * sr), (13 * sr, 14 * sr)], opts)
     assert [(c.start, c.end) for c in chunks] == [(0.0, 2.0), (10.0, 14.0)]
+
+
+def _seconds(regions) -> float:
+    return sum(e - s for s, e in regions) / 16000
+
+
+def test_blocks_find_what_one_pass_finds(ivr):
+    """Streaming in one-minute blocks (memory flat in the length) finds the speech one pass does."""
+    one = vad.scan(*vad.array_reader(ivr), vad.ChunkingOptions(block_s=10_000)).regions
+    blocks = vad.scan(*vad.array_reader(ivr), vad.ChunkingOptions(block_s=60)).regions
+    assert abs(_seconds(one) - _seconds(blocks)) < 0.02 * _seconds(one)
+    assert abs(len(one) - len(blocks)) <= 2
+    for prev, cur in zip(blocks, blocks[1:]):
+        assert prev[1] <= cur[0]  # ordered and disjoint across block boundaries
+
+
+def test_pcm_file_and_array_give_the_same_chunks(ivr, tmp_path):
+    path = tmp_path / "audio.pcm"
+    (np.clip(ivr, -1, 1) * 32768).clip(-32768, 32767).astype("<i2").tofile(path)
+    opts = vad.ChunkingOptions()
+    from_file = vad.plan_chunks(vad.scan(*vad.pcm_reader(path), opts), opts)
+    assert [(round(c.start, 2), round(c.end, 2)) for c in from_file] == [
+        (round(c.start, 2), round(c.end, 2)) for c in vad.find_chunks(ivr, opts)
+    ]

@@ -18,3 +18,19 @@ def word_errors(reference: str, hypothesis: str) -> jiwer.WordOutput:
 
 def wer(reference: str, hypothesis: str) -> float:
     return word_errors(reference, hypothesis).wer
+
+
+def deletion_runs(reference: str, hypothesis: str, min_words: int = 5) -> list[str]:
+    """Speech lost: each run of at least ``min_words`` consecutive reference words that the
+    hypothesis has nothing for (jiwer's alignment), as the missing text.
+
+    WER hides these: one dropped sentence and a few wrong words can score alike, but only the
+    first loses what was said.
+    """
+    out = word_errors(reference, hypothesis)
+    runs: list[str] = []
+    for ref_words, chunks in zip(out.references, out.alignments):
+        for chunk in chunks:
+            if chunk.type == "delete" and chunk.ref_end_idx - chunk.ref_start_idx >= min_words:
+                runs.append(" ".join(ref_words[chunk.ref_start_idx : chunk.ref_end_idx]))
+    return runs

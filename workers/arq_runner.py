@@ -52,7 +52,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from arq import Retry
 from arq.connections import ArqRedis, RedisSettings, create_pool
@@ -60,7 +60,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 
-from app import constants, errors, keys
+from app import constants, costs, errors, keys
 from app.config import Settings
 from app.jobs import ORDER, UNREACHABLE, JobStore, connect as connect_plain, redis_location, redis_retry, retrying
 from app.messages import (
@@ -78,11 +78,35 @@ from app.messages import (
     encode,
 )
 from app.storage import open_storage
-from workers import stages
-from workers.engines.base import EnginePool
-from workers.gpu_worker import GpuEngines
-from workers.lifecycle import IdleExit, Lifecycle
-from workers.local_runner import with_timings
+from workers.lifecycle import IdleExit, Lifecycle  # light: no speech stack
+
+if TYPE_CHECKING:
+    from workers import stages
+    from workers.engines.base import EnginePool
+    from workers.gpu_worker import GpuEngines
+
+
+def _speech():
+    """The stages and the speech stack, imported by workers only: the web process imports this
+    module to enqueue (``enqueue_first_stage``, ``enqueue_webhook``) and must stay light."""
+    from workers import stages
+
+    return stages
+
+
+def _engine_pool() -> EnginePool:
+    from workers.engines.base import EnginePool
+
+    return EnginePool()
+
+
+def _engines(queue: str, settings: Settings) -> EnginePool | GpuEngines:
+    """A CPU worker's pool, or the GPU worker's engines (its own hardware, models loaded at start)."""
+    if queue == "gpu":
+        from workers.gpu_worker import GpuEngines
+
+        return GpuEngines(settings)
+    return _engine_pool()
 
 log = logging.getLogger("vtp.worker")
 
@@ -126,20 +150,38 @@ async def connect(settings: Settings, *, conn_retries: int = 0) -> ArqRedis:
         raise errors.QueueError(f"cannot reach Redis at {redis_location(settings.redis_url)}: {exc}") from exc
 
 
-async def _enqueue(redis: ArqRedis, settings: Settings, function: str, *args: Any, queue: str, arq_id: str) -> None:
+def client(settings: Settings) -> ArqRedis:
+    """An arq-capable Redis client that connects on first use (the web process starts, and
+    answers 503, while Redis is away; ``connect`` instead fails at once)."""
+    return ArqRedis.from_url(
+        settings.redis_url, socket_connect_timeout=1, socket_timeout=10,
+        retry=redis_retry(1), retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+    )
+
+
+async def _enqueue(
+    redis: ArqRedis, settings: Settings, function: str, *args: Any, queue: str, arq_id: str,
+    defer: float | None = None, outage_s: float | None = None,
+) -> None:
     async def attempt() -> None:
         job = await redis.enqueue_job(
-            function, *args, _job_id=arq_id, _queue_name=queue, _expires=max(settings.result_ttl, 86400)
+            function, *args, _job_id=arq_id, _queue_name=queue, _expires=max(settings.result_ttl, 86400),
+            _defer_by=defer,
         )
         # None is normal: the same deterministic id is already queued, running or finished.
         # But arq also returns None when its WATCH broke on a lost connection: check.
         if job is None and not await redis.exists(job_key_prefix + arq_id, result_key_prefix + arq_id):
             raise redis_errors.ConnectionError(f"enqueueing {arq_id} was interrupted")
 
-    await retrying(attempt, where=redis_location(settings.redis_url))
+    if outage_s is None:
+        await retrying(attempt, where=redis_location(settings.redis_url))
+    else:
+        await retrying(attempt, where=redis_location(settings.redis_url), outage_s=outage_s)
 
 
-async def enqueue_first_stage(redis: ArqRedis, record: JobRecord, *, settings: Settings) -> None:
+async def enqueue_first_stage(
+    redis: ArqRedis, record: JobRecord, *, settings: Settings, outage_s: float | None = None
+) -> None:
     """What ``submit`` calls once the job record exists: queue its extraction."""
     req = ExtractRequest(job_id=record.id, media_key=record.media_key, source_name=record.input_name)
     await _enqueue(
@@ -149,6 +191,15 @@ async def enqueue_first_stage(redis: ArqRedis, record: JobRecord, *, settings: S
         encode(req),
         queue=constants.QUEUE_CPU,
         arq_id=constants.arq_job_id(record.id, "extract"),
+        outage_s=outage_s,
+    )
+
+
+async def enqueue_webhook(redis: ArqRedis, job_id: str, *, settings: Settings, outage_s: float | None = None) -> None:
+    """Queue the webhook of a job that has ended (a no-op while one is queued or running)."""
+    await _enqueue(
+        redis, settings, constants.FN_WEBHOOK, job_id,
+        queue=constants.QUEUE_CPU, arq_id=constants.arq_job_id(job_id, "webhook"), outage_s=outage_s,
     )
 
 
@@ -162,7 +213,9 @@ async def _run_stage(ctx: dict, job_id: str, label: str, state: Stage, body: Bod
     """Run one stage of one job: check state, enter ``state``, run ``body`` under its deadline,
     and turn failures into a failed job or an arq retry."""
     try:
-        return await _checked_run(ctx, job_id, label, state, body, enter=enter)
+        outcome = await _checked_run(ctx, job_id, label, state, body, enter=enter)
+        await _webhook_if_ended(ctx, job_id)
+        return outcome
     except errors.QueueError as exc:
         # Redis itself failed beyond the client's retries, so nothing can be recorded now.
         # Let arq run this stage again later (if Redis is still away, arq cannot even record
@@ -170,6 +223,15 @@ async def _run_stage(ctx: dict, job_id: str, label: str, state: Stage, body: Bod
         delay = min(ctx["settings"].retry_delay * 2 ** (ctx["job_try"] - 1), 60.0)
         log.warning("%s of job %s: %s; retrying in %.1f s", label, job_id, exc, delay)
         raise Retry(defer=delay) from exc
+
+
+async def _webhook_if_ended(ctx: dict, job_id: str) -> None:
+    """Every way a job ends (done, failed, cancelled meanwhile) passes through a stage that
+    returns: queue its webhook there (once: the arq id is deterministic, and the task itself
+    skips a webhook already delivered or given up)."""
+    record = await ctx["store"].find(job_id)
+    if record is not None and record.terminal and record.webhook_url and record.webhook is None:
+        await enqueue_webhook(ctx["redis"], job_id, settings=ctx["settings"])
 
 
 async def _checked_run(ctx: dict, job_id: str, label: str, state: Stage, body: Body, *, enter: bool) -> str:
@@ -195,11 +257,25 @@ async def _checked_run(ctx: dict, job_id: str, label: str, state: Stage, body: B
         if enter:
             entered = await store.transition(job_id, state)
             record = entered or record
-        return await _within(timeout, _delayed(settings.stage_delay(label), body, record))
+        return await _within(timeout, _metered(ctx, job_id, label, _delayed(settings.stage_delay(label), body, record)))
     except Exception as exc:  # noqa: BLE001 - every failure is classified below
         if isinstance(exc, TimeoutError):
             exc = errors.EngineError(f"{label} took longer than {timeout:g} s")
         return await _handle_failure(ctx, job_id, label, exc)
+
+
+async def _metered(ctx: dict, job_id: str, label: str, work: Awaitable[str]) -> str:
+    """Run a stage's work and add its machine time and cost to the job (app.costs), whether it
+    succeeded or not: the machine was busy either way."""
+    started = time.monotonic()
+    try:
+        return await work
+    finally:
+        seconds = time.monotonic() - started
+        try:
+            await ctx["store"].add_usage(job_id, label, seconds, seconds * ctx.get("usage_rate", 0.0))
+        except errors.VtpError as exc:  # accounting never fails a stage
+            log.warning("job %s: could not record %s's machine time: %s", job_id, label, exc)
 
 
 async def _delayed(delay: float, body: Body, record: JobRecord) -> str:
@@ -261,7 +337,7 @@ async def extract_task(ctx: dict, data: bytes) -> str:
     store: JobStore = ctx["store"]
 
     async def body(record: JobRecord) -> str:
-        extracted = await stages.extract_audio(_stage_ctx(ctx), req)
+        extracted = await _speech().extract_audio(_stage_ctx(ctx), req)
         await store.put_part(req.job_id, "audio", extracted)
         await store.note(req.job_id, duration=extracted.duration)
         await store.count_run(req.job_id, "extract")
@@ -281,7 +357,7 @@ async def segment_task(ctx: dict, data: bytes) -> str:
     job_id = req.job_id
 
     async def body(record: JobRecord) -> str:
-        seg = await stages.segment(_stage_ctx(ctx), req)
+        seg = await _speech().segment(_stage_ctx(ctx), req)
         await store.put_part(job_id, "segmentation", seg)
         await store.start_fan_out(job_id, len(seg.batches))
         await store.note(job_id, chunks_total=len(seg.chunks), audio_total=seg.speech_seconds)
@@ -310,7 +386,7 @@ async def transcribe_task(ctx: dict, data: bytes) -> str:
     job_id = req.job_id
 
     async def body(record: JobRecord) -> str:
-        part = await stages.transcribe(_stage_ctx(ctx), req)
+        part = await _speech().transcribe(_stage_ctx(ctx), req)
         await store.count_run(job_id, "transcribe")
         fan = await store.record_batch(job_id, part, len(req.batch.chunks))
         await store.progress(job_id, chunks_done=fan.chunks_done, audio_done=fan.audio_done)
@@ -338,8 +414,10 @@ async def merge_task(ctx: dict, job_id: str) -> str:
         seg = await store.get_part(job_id, "segmentation", Segmentation)
         parts = await store.batch_parts(job_id)
         req = MergeRequest(job_id=job_id, audio=audio, segmentation=seg, parts=parts, options=record.options)
-        transcript = await stages.merge(_stage_ctx(ctx), req)
+        transcript = await _speech().merge(_stage_ctx(ctx), req)
         timings = {**record.timings, "merge": round(time.perf_counter() - started, 3)}
+        from workers.local_runner import with_timings
+
         transcript = with_timings(transcript, timings, time.time() - record.created_at)
         await store.count_run(job_id, "merge")
         nxt = RenderRequest(job_id=job_id, transcript=transcript, formats=record.options.formats, basename=record.basename)
@@ -357,7 +435,7 @@ async def render_task(ctx: dict, data: bytes) -> str:
     store: JobStore = ctx["store"]
 
     async def body(record: JobRecord) -> str:
-        rendered = await stages.render(_stage_ctx(ctx), req)
+        rendered = await _speech().render(_stage_ctx(ctx), req)
         await store.count_run(req.job_id, "render")
         await _enqueue(
             ctx["redis"], ctx["settings"], constants.FN_NOTIFY, req.job_id, encode(rendered),
@@ -388,6 +466,21 @@ async def notify_task(ctx: dict, job_id: str, data: bytes) -> str:
     return await _run_stage(ctx, job_id, "notify", "done", body, enter=False)
 
 
+async def webhook_task(ctx: dict, job_id: str) -> str:
+    """One delivery attempt of a finished job's webhook (``app.webhooks``); arq runs it again
+    after the backoff until it is delivered or given up."""
+    from app import webhooks
+
+    try:
+        wait = await webhooks.deliver(ctx["store"], ctx["settings"], ctx["guard"], job_id)
+    except errors.QueueError as exc:
+        log.warning("webhook of job %s: %s; retrying", job_id, exc)
+        raise Retry(defer=ctx["settings"].webhook_retry_delay) from exc
+    if wait is None:
+        return "webhook settled"
+    raise Retry(defer=wait)
+
+
 # -- worker settings: one per queue -----------------------------------------------------------
 
 
@@ -408,6 +501,8 @@ def worker_settings(
             func(merge_task, name=constants.FN_MERGE, timeout=cpu_timeout),
             func(render_task, name=constants.FN_RENDER, timeout=cpu_timeout),
             func(notify_task, name=constants.FN_NOTIFY, timeout=cpu_timeout),
+            # Its own tries are counted in the job record; arq's bound is a backstop only.
+            func(webhook_task, name=constants.FN_WEBHOOK, timeout=60, max_tries=settings.webhook_tries + 2),
         ]
         default_concurrency = os.cpu_count() or 2
     elif queue == "gpu":
@@ -416,11 +511,11 @@ def worker_settings(
         # Several jobs at once, one model: their chunks share decode batches (workers/batcher.py).
         # On CPU one job's batch already keeps every core busy: more at once would only stretch
         # each job's time towards its deadline, so "auto" (0) is 4 on a GPU and 1 on CPU.
-        engines = engines or GpuEngines(settings)
+        engines = engines or _engines(queue, settings)
         default_concurrency = settings.gpu_jobs or (4 if getattr(engines, "hardware", None) and engines.hardware.device == "cuda" else 1)
     else:
         raise errors.OptionsError(f"unknown queue {queue!r}: use cpu or gpu")
-    return {
+    kwargs = {
         "functions": functions,
         "queue_name": constants.QUEUES[queue],
         "redis_settings": redis_settings(settings),
@@ -433,18 +528,24 @@ def worker_settings(
         "health_check_key": constants.health_key(queue, name or default_name()),
         "poll_delay": POLL_DELAY_S,
         "expires_extra_ms": max(settings.result_ttl, 86400) * 1000,
-        "ctx": {"settings": settings, "engines": engines or (GpuEngines(settings) if queue == "gpu" else EnginePool())},
+        "ctx": {"settings": settings, "engines": engines or _engines(queue, settings)},
         "on_startup": _startup,
         "log_results": True,
     }
+    # Each job's share of this machine's $/hour (app.costs): a worker running N at once charges 1/N.
+    kwargs["ctx"]["usage_rate"] = costs.rate_per_slot_second(settings, kwargs["max_jobs"])
+    return kwargs
 
 
 async def _startup(ctx: dict) -> None:
     settings: Settings = ctx["settings"]
-    if isinstance(ctx["engines"], GpuEngines):  # the models load before the first job is taken
+    if hasattr(ctx["engines"], "load_all"):  # a GPU worker: its models load before it takes a job
         await asyncio.to_thread(ctx["engines"].load_all)
     ctx["store"] = JobStore(ctx["redis"], result_ttl=settings.result_ttl, where=redis_location(settings.redis_url))
-    ctx["stage_ctx"] = stages.StageContext(
+    from app.netguard import Guard
+
+    ctx["guard"] = Guard(settings.private_allowlist)
+    ctx["stage_ctx"] = _speech().StageContext(
         storage=open_storage(settings.storage_url), settings=settings, engines=ctx["engines"]
     )
 
@@ -480,7 +581,7 @@ class _Worker(Worker):
         before = self._last_health_check
         await super().record_health()
         engines = self.ctx.get("engines")
-        if self._last_health_check != before and isinstance(engines, GpuEngines):
+        if self._last_health_check != before and hasattr(engines, "describe"):  # a GPU worker
             await publish_gpu_stats(self.pool, self.health_check_key, engines, ttl_s=self.health_check_interval + 1)
 
     def handle_sig(self, signum: int) -> None:
@@ -515,7 +616,7 @@ async def run_worker(
     as Redis answers; jobs the old one was running are rerun by arq once their in-progress
     keys expire.
     """
-    engines = GpuEngines(settings) if queue == "gpu" else EnginePool()
+    engines = _engines(queue, settings)
     where = redis_location(settings.redis_url)
     lifecycle = Lifecycle(
         idle_exit=settings.idle_exit if idle_exit is None else idle_exit,

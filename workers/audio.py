@@ -19,22 +19,10 @@ import ffmpeg
 import numpy as np
 
 from app import errors
-from app.media import DEMUXERS, check_input_file, ffmpeg_exe
+from app.media import DEMUXERS, check_input_file, ffmpeg_exe, reason_from_stderr
 from app.messages import SAMPLE_RATE
 
-__all__ = ["DEMUXERS", "check_input_file", "ffmpeg_exe", "extract_pcm", "pcm_to_float"]
-
-#: ffmpeg's own words -> the reason a user reads.
-_STDERR_REASONS: tuple[tuple[str, type[errors.InputError], str], ...] = (
-    ("matches no streams", errors.NoAudioStream, "no audio stream: the file has no audio track to transcribe"),
-    ("does not contain any stream", errors.NoAudioStream, "no audio stream: the file has no audio track to transcribe"),
-    ("moov atom not found", errors.CorruptMedia, "not a readable MP4/MOV: the file is truncated or is not a video (moov atom not found)"),
-    ("not on whitelist", errors.UnsupportedFormat, "unsupported input format: playlists, devices and network references are refused"),
-    ("No such file or directory", errors.InputNotFound, "file not found"),
-    ("Permission denied", errors.InputNotFound, "permission denied"),
-    ("Invalid data found when processing input", errors.CorruptMedia, "not a media file ffmpeg can read (corrupt, truncated or not audio/video)"),
-    ("EBML header parsing failed", errors.CorruptMedia, "not a readable Matroska/WebM file (corrupt or truncated)"),
-)
+__all__ = ["DEMUXERS", "check_input_file", "ffmpeg_exe", "extract_pcm", "pcm_to_float", "reason_from_stderr"]
 
 
 def ffmpeg_command(source: Path, dest: Path) -> list[str]:
@@ -45,14 +33,6 @@ def ffmpeg_command(source: Path, dest: Path) -> list[str]:
         .overwrite_output()
     )
     return stream.compile(cmd=ffmpeg_exe())
-
-
-def reason_from_stderr(stderr: str, name: str) -> errors.InputError:
-    for needle, kind, reason in _STDERR_REASONS:
-        if needle in stderr:
-            return kind(f"{name}: {reason}")
-    last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "unknown error")
-    return errors.CorruptMedia(f"{name}: ffmpeg could not decode it ({last})")
 
 
 async def extract_pcm(source: Path, dest: Path, *, name: str, timeout: float) -> float:

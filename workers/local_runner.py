@@ -7,7 +7,6 @@ on the one loaded model; each reports progress.
 
 from __future__ import annotations
 
-import re
 import tempfile
 import time
 import uuid
@@ -29,18 +28,13 @@ from app.messages import (
     TranscribeRequest,
 )
 from app import keys
+from app.media import safe_basename  # noqa: F401 - used here and by app.cli
 from app.storage import LocalStorage, download_outputs
-from workers import audio, stages
+from workers import audio, stages, vad
+from workers.coverage import CoverageOptions
 from workers.engines.base import EnginePool
 
 ProgressSink = Callable[[ProgressEvent], None]
-
-
-def safe_basename(name: str) -> str:
-    """A file stem that is safe in any directory: no separators, no dot-files, bounded length."""
-    stem = Path(name).stem if "." in Path(name).name else Path(name).name
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")
-    return stem[:120] or "transcript"
 
 
 @dataclass
@@ -50,9 +44,18 @@ class LocalResult:
 
 
 class LocalRunner:
-    def __init__(self, settings: Settings, engines: EnginePool | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engines: EnginePool | None = None,
+        *,
+        chunking: vad.ChunkingOptions | None = None,
+        coverage: CoverageOptions | None = None,
+    ) -> None:
         self.settings = settings
         self.engines = engines or EnginePool()
+        self.chunking = chunking or vad.ChunkingOptions()
+        self.coverage = coverage or CoverageOptions()
 
     async def run(
         self,
@@ -71,7 +74,9 @@ class LocalRunner:
         with tempfile.TemporaryDirectory(prefix="vtp-") as tmp:
             storage = LocalStorage(tmp)
             storage.adopt(keys.media_key(job_id), source)
-            ctx = stages.StageContext(storage=storage, settings=self.settings, engines=self.engines)
+            ctx = stages.StageContext(
+                storage=storage, settings=self.settings, engines=self.engines, chunking=self.chunking, coverage=self.coverage
+            )
 
             def clock(stage: str, t0: float) -> None:
                 timings[stage] = round(time.perf_counter() - t0, 3)
@@ -85,7 +90,12 @@ class LocalRunner:
 
             report(ProgressEvent(job_id=job_id, state="segmenting", audio_total=extracted.duration))
             t0 = time.perf_counter()
-            seg = await stages.segment(ctx, SegmentRequest(job_id=job_id, audio=extracted, options=options))
+            async def segmenting(done: float, total: float) -> None:
+                report(ProgressEvent(job_id=job_id, state="segmenting", audio_done=round(done, 3), audio_total=round(total, 3)))
+
+            seg = await stages.segment(
+                ctx, SegmentRequest(job_id=job_id, audio=extracted, options=options), progress=segmenting
+            )
             clock("segment", t0)
 
             total, done_chunks, done_audio = len(seg.chunks), 0, 0.0

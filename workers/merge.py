@@ -11,7 +11,7 @@ from collections import Counter
 
 import msgspec
 
-from app.messages import BatchTranscript, Segment, Segmentation, Transcript, TranscriptStats
+from app.messages import BatchTranscript, CoverageStats, Segment, Segmentation, Transcript, TranscriptStats
 
 
 def merge_parts(
@@ -36,6 +36,7 @@ def merge_parts(
         model=model,
         chunks=len(segmentation.chunks),
         speech_seconds=round(segmentation.speech_seconds, 3),
+        coverage=sum((p.coverage for p in by_batch.values()), CoverageStats()),
     )
     return Transcript(language=language, duration=round(duration, 3), segments=segments, stats=stats)
 

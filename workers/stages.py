@@ -13,7 +13,9 @@ storage keys inside its return message, so consecutive stages may run on differe
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import numpy as np
@@ -21,6 +23,7 @@ import numpy as np
 from app import errors, formats
 from app.config import Settings
 from app.messages import (
+    SAMPLE_RATE,
     BatchTranscript,
     ChunkBatch,
     ExtractedAudio,
@@ -35,8 +38,11 @@ from app.messages import (
 )
 from app.keys import audio_key, batch_audio_key, job_prefix, media_key, output_key
 from app.storage import Storage
-from workers import audio, merge as merging, vad
+from workers import audio, coverage, merge as merging, vad
 from workers.engines.base import EnginePool
+
+#: How a long stage reports how far it got: (seconds of audio done, seconds in all, 0 if unknown).
+Progress = Callable[[float, float], Awaitable[None]]
 
 
 @dataclass
@@ -45,6 +51,7 @@ class StageContext:
     settings: Settings
     engines: EnginePool = field(default_factory=EnginePool)
     chunking: vad.ChunkingOptions = field(default_factory=vad.ChunkingOptions)
+    coverage: coverage.CoverageOptions = field(default_factory=coverage.CoverageOptions)
 
 
 async def extract_audio(ctx: StageContext, req: ExtractRequest) -> ExtractedAudio:
@@ -58,22 +65,44 @@ async def extract_audio(ctx: StageContext, req: ExtractRequest) -> ExtractedAudi
     return ExtractedAudio(audio_key=key, duration=round(duration, 3))
 
 
-async def segment(ctx: StageContext, req: SegmentRequest) -> Segmentation:
-    """VAD: speech chunks of at most one Whisper window, grouped into batches stored for fan-out."""
-    pcm = await ctx.storage.get_bytes(req.audio.audio_key)
-    samples = audio.pcm_to_float(pcm)
-    chunks = await anyio.to_thread.run_sync(vad.find_chunks, samples, ctx.chunking)
-    size = req.options.batch_size
-    batches: list[ChunkBatch] = []
-    for index, start in enumerate(range(0, len(chunks), size)):
-        members = chunks[start : start + size]
-        key = batch_audio_key(req.job_id, index)
-        # int16 slices of the extracted PCM: half the bytes of float32 on the wire to GPU hosts.
-        pieces = [pcm[c.sample_range[0] * 2 : c.sample_range[1] * 2] for c in members]
-        await ctx.storage.put_bytes(key, b"".join(pieces))
-        batches.append(ChunkBatch(index=index, chunks=members, audio_key=key))
+async def segment(ctx: StageContext, req: SegmentRequest, progress: Progress | None = None) -> Segmentation:
+    """VAD: speech chunks of at most one Whisper window, grouped into batches stored for fan-out.
+
+    Memory stays flat in the input's length: the VAD reads the PCM in blocks, and each batch's
+    audio is read back from the file by its chunks' byte ranges.
+    """
+    async with ctx.storage.local_path(req.audio.audio_key) as path:
+        read, samples = vad.pcm_reader(path)
+        found = await anyio.to_thread.run_sync(vad.scan, read, samples, ctx.chunking, _blocking(progress))
+        chunks = vad.plan_chunks(found, ctx.chunking)
+        size = req.options.batch_size
+        batches: list[ChunkBatch] = []
+        for index, start in enumerate(range(0, len(chunks), size)):
+            members = chunks[start : start + size]
+            key = batch_audio_key(req.job_id, index)
+            # int16 slices of the extracted PCM: half the bytes of float32 on the wire to GPU hosts.
+            data = await anyio.to_thread.run_sync(_read_ranges, path, [c.sample_range for c in members])
+            await ctx.storage.put_bytes(key, data)
+            batches.append(ChunkBatch(index=index, chunks=members, audio_key=key))
     speech = sum(c.duration for c in chunks)
     return Segmentation(chunks=chunks, batches=batches, speech_seconds=round(speech, 3))
+
+
+def _read_ranges(path: Path, ranges: list[tuple[int, int]]) -> bytes:
+    with path.open("rb") as f:
+        pieces = []
+        for first, last in ranges:
+            f.seek(first * 2)
+            pieces.append(f.read((last - first) * 2))
+    return b"".join(pieces)
+
+
+def _blocking(progress: Progress | None) -> Callable[[int, int], None] | None:
+    """``progress`` for code in a worker thread that counts samples."""
+    if progress is None:
+        return None
+    rate = float(SAMPLE_RATE)
+    return lambda done, total: anyio.from_thread.run(progress, done / rate, total / rate)
 
 
 def split_batch_audio(data: bytes, batch: ChunkBatch) -> list[np.ndarray]:
@@ -90,16 +119,20 @@ def split_batch_audio(data: bytes, batch: ChunkBatch) -> list[np.ndarray]:
 
 
 async def transcribe(ctx: StageContext, req: TranscribeRequest) -> BatchTranscript:
-    """The engine on one batch of chunks: the GPU stage, the only one that holds a model."""
+    """The engine on one batch of chunks, with the coverage guarantee: the GPU stage, the only
+    one that holds a model."""
     started = time.perf_counter()
     data = await ctx.storage.get_bytes(req.batch.audio_key)
     pieces = split_batch_audio(data, req.batch)
     engine = await anyio.to_thread.run_sync(ctx.engines.get, req.options)
-    segments, language = await anyio.to_thread.run_sync(engine.transcribe_batch, pieces, req.batch.chunks, req.options)
+    segments, language, covered = await anyio.to_thread.run_sync(
+        coverage.transcribe_covered, engine, pieces, req.batch.chunks, req.options, ctx.coverage
+    )
     return BatchTranscript(
         batch_index=req.batch.index,
         segments=segments,
         language=language,
+        coverage=covered,
         audio_seconds=round(req.batch.audio_seconds, 3),
         wall_seconds=round(time.perf_counter() - started, 3),
     )

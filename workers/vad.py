@@ -5,16 +5,42 @@ simply offset by the chunk start. A chunk never exceeds ``max_chunk_s``, kept be
 30 s window on purpose: Whisper silently drops whatever falls past 30 s, which is how batched
 pipelines lose words when VAD padding pushes a chunk over the edge. Pauses longer than
 ``max_gap_s`` end a chunk and are not transcribed at all (no hallucinations in silence).
+
+**The VAD hears a conditioned copy.** Silero misses speech under loud low-frequency noise (hum,
+rumble, a different room): measured on speech 37 dB below such noise, it found no speech at
+all. A high-pass filter (``highpass_hz``) on the VAD's copy removes that band and it finds all
+of it, while noise alone stays silent; Whisper still hears the original audio.
+
+**Streaming.** ``scan`` reads the audio through a ``read(first, end)`` callable in blocks of
+``block_s`` seconds (a PCM file is read with ``np.fromfile``, never loaded whole), so memory is
+flat however long the input. Each block starts a little before the previous one's end
+(``LEAD_S``: the filter and the VAD's recurrent state settle), and a speech region that may go
+on past a block's end is left to the next block, which starts where that region starts. The
+scan also keeps the level of every 100 ms of the conditioned audio (``workers.levels``), a few
+hundred kilobytes for hours, for the safety net that sends loud stretches the VAD rejected to
+Whisper.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from app.messages import SAMPLE_RATE, WHISPER_WINDOW_S, Chunk
+from workers import levels
+
+#: Audio read before a block's start so the filter and the VAD's state have settled by it.
+LEAD_S = 2.0
+#: A region ending this close to a block's end may continue: the next block decides it.
+TAIL_S = 5.0
+
+Reader = Callable[[int, int], np.ndarray]
+BlockDone = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -32,11 +58,44 @@ class ChunkingOptions:
     threshold: float = 0.5
     #: Regions shorter than this are dropped (clicks, breaths).
     min_speech_ms: int = 120
+    #: High-pass cutoff of the VAD's copy of the audio (0: off). Speech keeps its formants
+    #: above it; hum and rumble, which blind Silero, live below it.
+    highpass_hz: float = 300.0
+    #: Seconds of audio the VAD holds at once: bounds memory whatever the input length.
+    block_s: float = 60.0
+    #: The safety net for loud stretches the VAD rejected (``workers.levels``).
+    probes: levels.ProbeOptions = field(default_factory=levels.ProbeOptions)
 
 
-def speech_regions(audio: np.ndarray, opts: ChunkingOptions) -> list[tuple[int, int]]:
-    """Sample ranges that hold speech, none longer than ``opts.max_chunk_s``."""
-    if audio.size == 0:
+@dataclass
+class Scan:
+    """What one pass over the audio found."""
+
+    samples: int
+    #: Sample ranges of speech, ordered and disjoint, each within ``max_chunk_s``.
+    regions: list[tuple[int, int]]
+    #: Level (dB) of each ``levels.FRAME`` samples of the conditioned audio.
+    frame_db: np.ndarray
+
+
+@functools.cache
+def _highpass(cutoff_hz: float) -> np.ndarray:
+    from scipy.signal import butter
+
+    return butter(8, cutoff_hz, btype="highpass", fs=SAMPLE_RATE, output="sos")
+
+
+def condition(audio: np.ndarray, opts: ChunkingOptions) -> np.ndarray:
+    """The VAD's copy of the audio: low-frequency noise filtered out."""
+    if not opts.highpass_hz or audio.size == 0:
+        return audio
+    from scipy.signal import sosfilt
+
+    return sosfilt(_highpass(opts.highpass_hz), audio).astype(np.float32, copy=False)
+
+
+def _vad(conditioned: np.ndarray, opts: ChunkingOptions) -> list[tuple[int, int]]:
+    if conditioned.size == 0:
         return []
     vad = VadOptions(
         threshold=opts.threshold,
@@ -46,7 +105,65 @@ def speech_regions(audio: np.ndarray, opts: ChunkingOptions) -> list[tuple[int, 
         # The padding is added after the split, so leave room for it on both sides.
         max_speech_duration_s=opts.max_chunk_s - 2 * opts.speech_pad_ms / 1000,
     )
-    return [(int(r["start"]), int(r["end"])) for r in get_speech_timestamps(audio, vad, sampling_rate=SAMPLE_RATE)]
+    return [(int(r["start"]), int(r["end"])) for r in get_speech_timestamps(conditioned, vad, sampling_rate=SAMPLE_RATE)]
+
+
+def scan(read: Reader, samples: int, opts: ChunkingOptions, on_block: BlockDone | None = None) -> Scan:
+    """VAD and levels over ``samples`` samples of audio, ``block_s`` seconds at a time."""
+    block = max(int(opts.block_s * SAMPLE_RATE), int((TAIL_S + 2 * opts.max_chunk_s) * SAMPLE_RATE))
+    lead, tail = int(LEAD_S * SAMPLE_RATE), int(TAIL_S * SAMPLE_RATE)
+    regions: list[tuple[int, int]] = []
+    meter = levels.LevelMeter()
+    pos = 0
+    while pos < samples:
+        end = min(pos + block, samples)
+        first = max(0, pos - lead)
+        conditioned = condition(read(first, end), opts)
+        last = end >= samples
+        cut = end if last else end - tail
+        nxt = cut
+        for start, stop in _vad(conditioned, opts):
+            start, stop = start + first, stop + first
+            if not last and stop >= cut:  # may go on past this block: the next one decides
+                nxt = min(nxt, start)
+            elif stop > pos:  # regions ending before pos were found by the previous block
+                regions.append((max(start, pos), stop))
+        nxt = nxt if nxt > pos else cut
+        meter.feed(conditioned, first, until=nxt if not last else end)
+        if on_block:
+            on_block(nxt if not last else end, samples)
+        pos = nxt if not last else end
+    return Scan(samples=samples, regions=_bounded(_merged(regions), int(opts.max_chunk_s * SAMPLE_RATE)), frame_db=meter.result())
+
+
+def pcm_reader(path: Path) -> tuple[Reader, int]:
+    """Read s16le PCM from a file by sample ranges, as float32."""
+    samples = path.stat().st_size // 2
+
+    def read(first: int, end: int) -> np.ndarray:
+        data = np.fromfile(path, dtype="<i2", count=end - first, offset=first * 2)
+        return data.astype(np.float32) / 32768.0
+
+    return read, samples
+
+
+def array_reader(audio: np.ndarray) -> tuple[Reader, int]:
+    return (lambda first, end: audio[first:end]), int(audio.size)
+
+
+def speech_regions(audio: np.ndarray, opts: ChunkingOptions) -> list[tuple[int, int]]:
+    """Sample ranges that hold speech, none longer than ``opts.max_chunk_s``."""
+    return scan(*array_reader(audio), opts).regions
+
+
+def _merged(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(regions):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
 
 
 def _bounded(regions: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
@@ -61,20 +178,45 @@ def _bounded(regions: list[tuple[int, int]], limit: int) -> list[tuple[int, int]
 
 
 def chunk_regions(regions: list[tuple[int, int]], opts: ChunkingOptions) -> list[Chunk]:
-    """Greedily pack consecutive speech regions into chunks of at most ``max_chunk_s``."""
+    """Greedily pack consecutive speech regions into chunks of at most ``max_chunk_s``.
+
+    Each chunk remembers the speech regions it holds (``Chunk.speech``): the transcribe stage
+    checks that every one of them is covered by words (``workers.coverage``).
+    """
     limit = int(opts.max_chunk_s * SAMPLE_RATE)
     max_gap = int(opts.max_gap_s * SAMPLE_RATE)
-    spans: list[tuple[int, int]] = []
+    spans: list[list[tuple[int, int]]] = []
     for start, end in _bounded(regions, limit):
         if spans:
-            cur_start, cur_end = spans[-1]
-            if end - cur_start <= limit and start - cur_end <= max_gap:
-                spans[-1] = (cur_start, max(cur_end, end))
+            members = spans[-1]
+            if end - members[0][0] <= limit and start - members[-1][1] <= max_gap:
+                members.append((start, end))
                 continue
-        spans.append((start, end))
-    return [Chunk(index=i, start=s / SAMPLE_RATE, end=e / SAMPLE_RATE) for i, (s, e) in enumerate(spans)]
+        spans.append([(start, end)])
+    return [
+        Chunk(
+            index=i,
+            start=m[0][0] / SAMPLE_RATE,
+            end=max(e for _, e in m) / SAMPLE_RATE,
+            speech=[(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in m],
+        )
+        for i, m in enumerate(spans)
+    ]
+
+
+def plan_chunks(found: Scan, opts: ChunkingOptions) -> list[Chunk]:
+    """Speech chunks, plus probe chunks for loud stretches the VAD rejected, in time order."""
+    speech = chunk_regions(found.regions, opts)
+    taken = [c.sample_range for c in speech]
+    stretches = levels.loud_rejected_stretches(found.frame_db, found.regions, taken, found.samples, opts.probes)
+    probes = [
+        Chunk(index=0, start=s / SAMPLE_RATE, end=e / SAMPLE_RATE, probe=True)
+        for s, e in _bounded(stretches, int(opts.max_chunk_s * SAMPLE_RATE))
+    ]
+    ordered = sorted(speech + probes, key=lambda c: c.start)
+    return [Chunk(index=i, start=c.start, end=c.end, speech=c.speech, probe=c.probe) for i, c in enumerate(ordered)]
 
 
 def find_chunks(audio: np.ndarray, opts: ChunkingOptions | None = None) -> list[Chunk]:
     opts = opts or ChunkingOptions()
-    return chunk_regions(speech_regions(audio, opts), opts)
+    return plan_chunks(scan(*array_reader(audio), opts), opts)

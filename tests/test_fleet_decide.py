@@ -1,0 +1,113 @@
+"""The controller's decision function: pure, so every rule is checked case by case."""
+
+from __future__ import annotations
+
+from workers.controller.decide import Machine, Policy, QueueView, decide, machines_for
+
+NOW = 1_000_000.0
+POLICY = Policy(max_machines=4, drain_target_s=300, throughput=30, warm_pool=1, stopped_grace_s=600, boot_grace_s=120)
+
+
+def m(id: str, state: str = "started", *, alive: bool = True, running: int = 0, age: float = 10.0, restartable: bool = True) -> Machine:
+    return Machine(id=id, state=state, since=NOW - age, alive=alive, running=running, restartable=restartable)
+
+
+def test_nothing_queued_means_no_machines():
+    plan = decide(QueueView(), [], POLICY, NOW)
+    assert plan.start == 0 and plan.destroy == () and plan.target == 0
+
+
+def test_sized_to_drain_the_queued_audio_within_the_target():
+    # 9000 s of audio at 30 s/s per machine within 300 s: exactly 1 machine; 9001 s: 2.
+    assert machines_for(40, 9000, POLICY) == 1
+    assert machines_for(40, 9001, POLICY) == 2
+    assert decide(QueueView(queued=40, queued_audio_s=20_000), [], POLICY, NOW).start == 3
+    # at least one for anything queued, never more than there are batches
+    assert machines_for(1, 0.5, POLICY) == 1
+    assert machines_for(2, 100_000, POLICY) == 2
+
+
+def test_capped_by_max_machines():
+    plan = decide(QueueView(queued=500, queued_audio_s=500 * 240), [], POLICY, NOW)
+    assert plan.start == 4 and plan.target == 4
+
+
+def test_idle_live_machines_serve_the_queue_before_new_ones_start():
+    plan = decide(QueueView(queued=3, queued_audio_s=90), [m("a")], POLICY, NOW)
+    assert plan.start == 0
+    # a machine that is booting (no worker yet) counts as well
+    plan = decide(QueueView(queued=3, queued_audio_s=90), [m("a", "starting", alive=False)], POLICY, NOW)
+    assert plan.start == 0
+
+
+def test_no_machine_for_work_a_live_worker_holds():
+    busy = m("a", running=1)
+    plan = decide(QueueView(queued=0, in_progress=1), [busy], POLICY, NOW)
+    assert plan.start == 0 and plan.destroy == () and plan.target == 1
+
+
+def test_orphaned_work_of_a_dead_worker_gets_a_machine():
+    # in progress, but no live worker runs anything: its worker died (SIGKILL, lost host)
+    dead = m("a", "stopped", alive=False, age=5)
+    plan = decide(QueueView(queued=0, in_progress=1), [dead], POLICY, NOW)
+    assert plan.start == 1 and plan.destroy == ()
+
+
+def test_busy_machines_are_never_destroyed_even_past_a_lowered_cap():
+    machines = [m(str(i), running=1, age=10_000) for i in range(6)]
+    plan = decide(QueueView(queued=10, queued_audio_s=3000, in_progress=6), machines, POLICY, NOW)
+    assert plan.destroy == () and plan.start == 0 and plan.target == 6
+
+
+def test_broken_machines_are_destroyed():
+    machines = [
+        m("boot-stuck", "started", alive=False, age=POLICY.boot_grace_s + 1),
+        m("booting", "started", alive=False, age=POLICY.boot_grace_s - 1),
+        m("failed", "failed", alive=False),
+    ]
+    plan = decide(QueueView(queued=2, queued_audio_s=60), machines, POLICY, NOW)
+    assert set(plan.destroy) == {"boot-stuck", "failed"}
+    assert plan.start == 0  # "booting" will serve the queue
+
+
+def test_warm_pool_surplus_destroyed_after_grace_only():
+    machines = [
+        m("new", "stopped", alive=False, age=10),
+        m("old1", "stopped", alive=False, age=5000),
+        m("old2", "stopped", alive=False, age=6000),
+    ]
+    plan = decide(QueueView(), machines, POLICY, NOW)
+    # warm_pool=1 keeps the newest; the others are past the grace period
+    assert set(plan.destroy) == {"old1", "old2"}
+    young = [m("s1", "stopped", alive=False, age=10), m("s2", "stopped", alive=False, age=20)]
+    assert decide(QueueView(), young, POLICY, NOW).destroy == ()
+
+
+def test_stopped_machines_about_to_be_started_are_kept():
+    machines = [m(f"s{i}", "stopped", alive=False, age=5000 + i) for i in range(3)]
+    plan = decide(QueueView(queued=3, queued_audio_s=30_000), machines, POLICY, NOW)
+    assert plan.start == 3 and plan.destroy == ()
+
+
+def test_finished_jobs_that_cannot_restart_are_cleaned_after_grace():
+    done = m("job-1", "stopped", alive=False, age=5000, restartable=False)
+    assert decide(QueueView(), [done], POLICY, NOW).destroy == ("job-1",)
+
+
+def test_fleet_sim_runs_the_same_decision_function():
+    """bench/fleet_sim.py replays a trace through decide(): a small one loses no job and bills
+    at least the busy time (its numbers are in docs/benchmarks.md, not asserted here)."""
+    from bench import fleet_sim
+
+    arrivals = fleet_sim.trace(12, 0.2, seed=3)
+    for policy in ("controller", "always-on", "per-job"):
+        r = fleet_sim.simulate(policy, arrivals, 30.0, max_machines=3, seed=3)
+        assert len(r.latencies) == 12 and all(x > 0 for x in r.latencies)
+        assert 0 < r.busy_s <= r.billed_s
+        assert r.peak <= (3 if policy == "controller" else 12)
+
+
+def test_work_held_by_a_worker_the_backend_does_not_know_is_not_orphaned():
+    # e.g. a permanent GPU worker beside the fleet, or --backend keda (no machines listed)
+    plan = decide(QueueView(queued=0, in_progress=1, held=1), [], POLICY, NOW)
+    assert plan.start == 0

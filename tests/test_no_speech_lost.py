@@ -1,0 +1,162 @@
+"""No speech lost: every stretch that plain Whisper hears reaches the transcript.
+
+The yardstick is plain sequential Whisper (faster-whisper ``WhisperModel.transcribe``, beam 5) on
+the same loaded weights, run here on the same file. Beside WER, the tests count *deletion runs*:
+five or more consecutive reference words with nothing in the transcript — a lost sentence,
+which WER alone can hide behind a few wrong words.
+
+The media are built from the repository's real speech (``tests/media.py``): speech under loud
+low-frequency noise that blinds Silero at its defaults, six minutes with 1-3 s pauses after
+every sentence end, and music and noise with no words at all.
+"""
+
+from __future__ import annotations
+
+import anyio
+import numpy as np
+import pytest
+from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+from app.config import Settings
+from app.messages import Chunk, TranscribeOptions
+from tests import media
+from tests.wer import deletion_runs, word_errors
+from workers import coverage, vad
+from workers.local_runner import LocalRunner
+
+SHARED = ("talk_tts.mp4", "ivr_prompts.mp4", "jfk.flac")
+
+
+@pytest.fixture(scope="module")
+def runner(engines, tmp_path_factory):
+    return LocalRunner(Settings.from_env(data_dir=str(tmp_path_factory.mktemp("data"))), engines=engines)
+
+
+@pytest.fixture(scope="module")
+def model(engines):
+    """The very WhisperModel vtp's engine holds: the same weights for the sequential yardstick."""
+    return engines.get(TranscribeOptions()).model
+
+
+@pytest.fixture(scope="module")
+def built(data_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("built")
+    noisy, noisy_ref, noisy_span = media.speech_under_noise(data_dir, tmp / "speech_under_noise.wav")
+    long, long_ref = media.long_with_pauses(data_dir, tmp / "long_with_pauses.wav")
+    return {"noisy": (noisy, noisy_ref, noisy_span), "long": (long, long_ref)}
+
+
+def vtp(runner, path, out, **options):
+    return anyio.run(lambda: runner.run(path, TranscribeOptions(formats=("json",), **options), out))
+
+
+def sequential(model, path) -> str:
+    segments, _info = model.transcribe(str(path), beam_size=5, language="en")
+    return " ".join(s.text for s in segments)
+
+
+def check_nothing_lost(reference: str, ours: str, plain: str, *, slack: float = 0.01) -> None:
+    runs = deletion_runs(reference, ours)
+    assert not runs, f"speech lost: {runs}"
+    mine, theirs = word_errors(reference, ours).wer, word_errors(reference, plain).wer
+    assert mine <= theirs + slack, f"WER {mine:.3f} vs sequential {theirs:.3f}"
+
+
+def test_low_frequency_noise_blinds_silero_at_its_defaults(built):
+    """The fixture keeps meaning something: plain Silero misses the noisy speech..."""
+    path, _ref, (start, end) = built["noisy"]
+    audio = media.load_pcm(path)
+    noisy = audio[int(start * media.RATE) : int(end * media.RATE)]
+    heard = sum(r["end"] - r["start"] for r in get_speech_timestamps(noisy, VadOptions())) / media.RATE
+    assert heard < 0.5 * noisy.size / media.RATE, f"Silero heard {heard:.1f} s of {noisy.size / media.RATE:.1f} s"
+    # ...and vtp's VAD, on its conditioned copy, hears it.
+    regions = vad.speech_regions(noisy, vad.ChunkingOptions())
+    assert sum(e - s for s, e in regions) / media.RATE > 0.8 * noisy.size / media.RATE
+
+
+def test_speech_under_loud_noise_is_not_lost(runner, model, built, tmp_path):
+    path, ref, _span = built["noisy"]
+    check_nothing_lost(ref, vtp(runner, path, tmp_path).transcript.text, sequential(model, path))
+
+
+def test_pauses_after_sentence_ends_lose_nothing(runner, model, built, tmp_path):
+    path, ref = built["long"]
+    result = vtp(runner, path, tmp_path)
+    check_nothing_lost(ref, result.transcript.text, sequential(model, path))
+    assert result.transcript.duration > 300  # about six minutes: many chunks, many pauses
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_speech_loses_nothing(name, runner, model, data_dir, tmp_path):
+    path = data_dir / name
+    check_nothing_lost(media.reference(data_dir, name), vtp(runner, path, tmp_path).transcript.text, sequential(model, path))
+
+
+@pytest.mark.parametrize("make", [media.chords, media.noise], ids=["music", "noise"])
+def test_music_and_noise_stay_out(make, runner, tmp_path):
+    result = vtp(runner, make(tmp_path / "input.wav"), tmp_path)
+    assert len(result.transcript.text.split()) <= 2, result.transcript.text
+    assert result.transcript.stats.coverage.rescued == 0
+
+
+def test_silence_stays_empty_and_is_never_probed(runner, data_dir, tmp_path):
+    result = vtp(runner, data_dir / "silence.mp4", tmp_path)
+    assert result.transcript.segments == []
+    assert result.transcript.stats.coverage.probes == 0
+
+
+def test_a_chunk_decoded_short_is_repaired_without_duplicates(engines, data_dir):
+    """Whisper stopping early, made certain: the real engine decodes jfk, everything after 6 s is
+    dropped as Whisper sometimes drops it, and the repair brings it back, each word once."""
+    audio = media.load_pcm(data_dir / "jfk.flac")
+    chunk = vad.find_chunks(audio)[0]
+    piece = audio[chunk.sample_range[0] : chunk.sample_range[1]]
+    options = TranscribeOptions(word_timestamps=True)
+    engine = engines.get(options)
+    full, _lang = engine.transcribe_batch([piece], [chunk], options)
+    cut = 6.0
+    early = [s for s in full if s.end <= cut]
+    assert early and len(early) < len(full)
+    by_chunk = {chunk.index: early}
+    stats = coverage.repair_gaps(engine, [piece], [chunk], by_chunk, options, coverage.CoverageOptions())
+    assert stats.repaired >= 1 and stats.repaired_seconds > 2
+    words = [w.word.strip() for s in sorted(by_chunk[chunk.index], key=lambda s: s.start) for w in s.words or []]
+    expected = [w.word.strip() for s in full for w in s.words or []]
+    assert word_errors(" ".join(expected), " ".join(words)).wer <= 0.1
+    assert len(words) <= len(expected) + 1  # nothing said twice where the stretches touch
+
+
+def test_uncovered_finds_speech_without_words():
+    from app.messages import Segment, Word
+
+    words = [Word(start=1.0, end=1.4, word=" a"), Word(start=1.5, end=2.0, word=" b"), Word(start=6.0, end=6.5, word=" c")]
+    segs = [Segment(start=1.0, end=6.5, text="a b c", words=words)]
+    opts = coverage.CoverageOptions()
+    # speech 0.5-9: covered around 0.75-2.25 and 5.75-6.75; 2.25-5.75 and 6.75-9 are not
+    assert coverage.uncovered([(0.5, 9.0)], segs, opts) == [(2.25, 5.75), (6.75, 9.0)]
+    assert coverage.uncovered([(0.5, 2.5)], segs, opts) == []  # short edges are not gaps
+
+
+def test_probe_verdict_needs_both_signs_of_speech():
+    from app.messages import Segment
+
+    opts = coverage.CoverageOptions()
+    sure = Segment(start=0, end=1, text="hello", avg_logprob=-0.3, no_speech_prob=0.2)
+    unsure = Segment(start=0, end=1, text="you", avg_logprob=-0.3, no_speech_prob=0.9)
+    garbled = Segment(start=0, end=1, text="la la", avg_logprob=-1.4, no_speech_prob=0.1)
+    assert coverage.probe_heard_speech([sure], opts)
+    assert not coverage.probe_heard_speech([unsure], opts)
+    assert not coverage.probe_heard_speech([garbled], opts)
+    assert not coverage.probe_heard_speech([], opts)
+
+
+def test_loud_stretches_the_vad_rejected_become_probe_chunks():
+    """A stretch the VAD rejected but loud above the file's floor is probed; quiet is not."""
+    rate = media.RATE
+    rng = np.random.default_rng(1)
+    audio = (0.001 * rng.standard_normal(20 * rate)).astype(np.float32)  # room tone
+    audio[8 * rate : 12 * rate] += 0.2 * np.sin(2 * np.pi * 440 * np.arange(4 * rate) / rate).astype(np.float32)
+    chunks = vad.find_chunks(audio)
+    probes = [c for c in chunks if c.probe]
+    assert len(probes) == 1 and probes[0].start < 8.0 < 12.0 < probes[0].end <= 12.5
+    assert all(isinstance(c, Chunk) for c in chunks)

@@ -1,0 +1,187 @@
+"""No speech lost: the coverage guarantee of the transcribe stage, for any engine.
+
+Whisper decoding a chunk can stop early: without timestamp tokens it may end the chunk after a
+sentence that is followed by a pause and never decode the speech after it (measured: 13 s of
+a lecture gone), and it sometimes skips a phrase that repeats its neighbour. Nothing in the
+output says so. So after the engine has decoded and word-aligned a batch, every stretch of
+the VAD's speech (``Chunk.speech``) that no aligned word covers, at least ``min_gap_s`` long,
+is decoded again as a chunk of its own — all such stretches of the batch in one engine call —
+and the words found there are merged in by time. A word that overlaps a word already there is
+dropped, so where stretches touch nothing is said twice. A stretch decoded again can itself
+stop early, so this runs up to ``rounds`` times on what is still uncovered.
+
+Probe chunks (``Chunk.probe``: loud audio the VAD rejected, see ``workers.levels``) are kept
+only where Whisper is sure it heard speech: its no-speech probability below and its average
+log-probability above Whisper's own thresholds. Music and noise stay out.
+
+Everything here uses only ``Engine.transcribe_batch`` and the words on segments, so every
+engine gets it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+
+from app.messages import SAMPLE_RATE, Chunk, CoverageStats, Segment, TranscribeOptions, Word
+from workers import cues
+from workers.engines.base import Engine
+
+
+@dataclass(frozen=True)
+class CoverageOptions:
+    #: Speech without words at least this long is decoded again.
+    min_gap_s: float = 1.0
+    #: Word edges from alignment are approximate: audio this close to a word counts as covered.
+    word_margin_s: float = 0.25
+    #: A stretch decoded again starts and ends this far into its neighbours (never past the
+    #: chunk), so its first and last words are not clipped.
+    context_s: float = 0.2
+    #: Passes over what is still uncovered.
+    rounds: int = 2
+    #: Whisper's own rule for "speech was heard", applied strictly to probe chunks.
+    no_speech_threshold: float = 0.6
+    logprob_threshold: float = -1.0
+
+
+Span = tuple[float, float]
+
+
+def _covered(segments: list[Segment], margin: float) -> list[Span]:
+    spans: list[Span] = []
+    for seg in segments:
+        if seg.words:
+            spans.extend((w.start - margin, w.end + margin) for w in seg.words)
+        else:  # an engine that gave no word timings: the segment covers its whole span
+            spans.append((seg.start - margin, seg.end + margin))
+    merged: list[Span] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def uncovered(speech: list[Span], segments: list[Segment], opts: CoverageOptions) -> list[Span]:
+    """Stretches of ``speech`` at least ``min_gap_s`` long that no word covers."""
+    covered = _covered(segments, opts.word_margin_s)
+    gaps: list[Span] = []
+    for start, end in speech:
+        for c_start, c_end in covered:
+            if c_end <= start or c_start >= end:
+                continue
+            if c_start - start >= opts.min_gap_s:
+                gaps.append((start, c_start))
+            start = max(start, c_end)
+            if start >= end:
+                break
+        if end - start >= opts.min_gap_s:
+            gaps.append((start, end))
+    return gaps
+
+
+def probe_heard_speech(segments: list[Segment], opts: CoverageOptions) -> bool:
+    """Whisper is sure: low no-speech probability *and* a confident decode (both, not either)."""
+    return bool(segments) and all(
+        s.no_speech_prob < opts.no_speech_threshold and s.avg_logprob > opts.logprob_threshold for s in segments
+    )
+
+
+def _overlaps(word: Word, existing: list[Span]) -> bool:
+    middle = (word.start + word.end) / 2
+    return any(start <= middle <= end for start, end in existing)
+
+
+def _words(segments: list[Segment]) -> list[Word]:
+    return [w for s in segments for w in s.words or []]
+
+
+def transcribe_covered(
+    engine: Engine,
+    audio: list[np.ndarray],
+    chunks: list[Chunk],
+    options: TranscribeOptions,
+    opts: CoverageOptions | None = None,
+) -> tuple[list[Segment], str, CoverageStats]:
+    """``engine.transcribe_batch`` with the coverage guarantee; segments in chunk, time order."""
+    opts = opts or CoverageOptions()
+    aligned = msgspec.structs.replace(options, word_timestamps=True)  # coverage needs the words
+    segments, language = engine.transcribe_batch(audio, chunks, aligned)
+    by_chunk: dict[int, list[Segment]] = defaultdict(list)
+    for seg in segments:
+        by_chunk[seg.chunk].append(seg)
+
+    probes = [c for c in chunks if c.probe]
+    rescued = [c for c in probes if probe_heard_speech(by_chunk.get(c.index, []), opts)]
+    for c in probes:
+        if c not in rescued:
+            by_chunk.pop(c.index, None)
+    repairs = repair_gaps(engine, audio, chunks, by_chunk, aligned, opts)
+
+    out: list[Segment] = []
+    for c in chunks:
+        for seg in sorted(by_chunk.get(c.index, []), key=lambda s: (s.start, s.end)):
+            out.append(seg if options.word_timestamps else msgspec.structs.replace(seg, words=None))
+    stats = msgspec.structs.replace(
+        repairs, probes=len(probes), rescued=len(rescued), rescued_seconds=round(sum(c.duration for c in rescued), 3)
+    )
+    return out, language, stats
+
+
+def repair_gaps(
+    engine: Engine,
+    audio: list[np.ndarray],
+    chunks: list[Chunk],
+    by_chunk: dict[int, list[Segment]],
+    options: TranscribeOptions,
+    opts: CoverageOptions,
+) -> CoverageStats:
+    """Decode again what no word covers, and merge the new words into ``by_chunk`` (chunk index
+    -> segments, with words), in place."""
+    gaps, repaired, repaired_seconds = 0, 0, 0.0
+    tried: set[tuple[int, float, float]] = set()
+    for _ in range(opts.rounds):
+        todo: list[tuple[int, Span, Span]] = []  # (position in batch, gap, stretch decoded)
+        for i, c in enumerate(chunks):
+            if c.probe:
+                continue
+            for gap in uncovered(c.speech or [(c.start, c.end)], by_chunk.get(c.index, []), opts):
+                key = (c.index, round(gap[0], 2), round(gap[1], 2))
+                if key not in tried:
+                    tried.add(key)
+                    todo.append((i, gap, (max(c.start, gap[0] - opts.context_s), min(c.end, gap[1] + opts.context_s))))
+        if not todo:
+            break
+        gaps += len(todo)
+        pieces, subs = [], []
+        for k, (i, _gap, (start, end)) in enumerate(todo):
+            offset = chunks[i].start
+            pieces.append(audio[i][round((start - offset) * SAMPLE_RATE) : round((end - offset) * SAMPLE_RATE)])
+            subs.append(Chunk(index=k, start=start, end=end))
+        found: dict[int, list[Segment]] = defaultdict(list)
+        for seg in engine.transcribe_batch(pieces, subs, options)[0]:
+            found[seg.chunk].append(seg)
+        for k, (i, (g_start, g_end), (start, end)) in enumerate(todo):
+            parent = chunks[i]
+            existing = _covered(by_chunk.get(parent.index, []), 0.0)
+            fresh = [w for w in _words(found.get(k, [])) if not _overlaps(w, existing)]
+            if not fresh:
+                continue
+            first = found[k][0]
+            by_chunk.setdefault(parent.index, []).extend(
+                cues.split_into_cues(
+                    Chunk(index=parent.index, start=start, end=end),
+                    "",
+                    fresh,
+                    keep_words=True,
+                    avg_logprob=first.avg_logprob,
+                    no_speech_prob=first.no_speech_prob,
+                )
+            )
+            repaired += 1
+            repaired_seconds += g_end - g_start
+    return CoverageStats(gaps=gaps, repaired=repaired, repaired_seconds=round(repaired_seconds, 3))
