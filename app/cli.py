@@ -39,8 +39,9 @@ def add_transcribe_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("transcription options")
     g.add_argument("--formats", type=_formats, default=d.formats, help="comma list of txt,srt,vtt,json (default: all)")
     g.add_argument("--model", default=d.model, help="model directory or name (default: the bundled tiny.en)")
-    g.add_argument("--engine", default=d.engine, choices=["ctranslate2", "noop"],
-                   help="speech engine (default: %(default)s; noop hears nothing, for benchmarks)")
+    g.add_argument("--engine", default=d.engine, choices=["ctranslate2", "transformers", "noop"],
+                   help="speech engine: ctranslate2 (faster-whisper) or transformers (torch; pip install 'vtp[gpu]'); "
+                   "noop hears nothing, for benchmarks (default: %(default)s)")
     g.add_argument("--device", default=d.device, choices=["cpu", "cuda", "auto"], help="default: %(default)s")
     g.add_argument("--compute-type", default=d.compute_type, help="CTranslate2 compute type (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="chunks decoded together (default: %(default)s)")

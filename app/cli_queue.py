@@ -32,7 +32,7 @@ from app.storage import Storage, download_outputs, open_storage
 def add_commands(sub: argparse._SubParsersAction) -> None:
     w = sub.add_parser("worker", help="run an arq worker for one queue on Redis ($REDIS_URL)")
     w.add_argument("--queue", choices=["cpu", "gpu"], required=True, help="cpu: extract, segment, merge, render, notify; gpu: transcribe")
-    w.add_argument("--concurrency", type=int, default=None, help="jobs at a time (default: CPU count for cpu, 1 for gpu)")
+    w.add_argument("--concurrency", type=int, default=None, help="jobs at a time (default: CPU count for cpu, $VTP_GPU_JOBS for gpu: 4 on CUDA, 1 on CPU)")
     w.add_argument("--name", default=None, help="this worker's name in its health key (default: the host name)")
     w.add_argument("--check", action="store_true", help="exit 0 if the named worker is alive, 1 if not (health checks)")
     w.add_argument("--burst", action="store_true", help="exit once the queue is empty")

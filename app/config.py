@@ -15,6 +15,12 @@ from pathlib import Path
 from app import errors
 
 
+def default_cache_dir() -> str:
+    """Where converted models are cached (``$XDG_CACHE_HOME/vtp``, else ``~/.cache/vtp``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "vtp")
+
+
 def _default_data_dir() -> str:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return str(Path(base) / "vtp")
@@ -64,7 +70,8 @@ class Settings:
     #: sleep that long inside those stages, so crash tests can kill a worker mid-stage without
     #: relying on timing luck. Never set it in production.
     test_stage_delay: str = ""
-    #: ``VTP_MODELS``: comma list of the models a client may ask for; the first is the default.
+    #: ``VTP_MODELS``: comma list of the models a client may ask for and the GPU workers serve
+    #: (each loaded at start); the first is the default.
     models: str = "tiny.en"
     #: ``VTP_API_TOKENS``: comma list of bearer tokens of the web API; each owns its jobs. None:
     #: the web process serves loopback only (or a public address with ``--insecure``).
@@ -86,6 +93,25 @@ class Settings:
     #: ``VTP_IDLE_EXIT``: a worker exits (code 0) once its queue has been empty and nothing has
     #: run for this many seconds (0: never). On Fly this stops the machine when the queue drains.
     idle_exit: float = 0.0
+    # -- the GPU worker's hardware: its settings, not the job's (workers/gpu_worker.py) ------
+    #: ``VTP_ENGINE``: the speech engine of a ``vtp worker --queue gpu``: ``transformers``,
+    #: ``ctranslate2``, or ``auto`` (transformers on a CUDA GPU, ctranslate2 otherwise).
+    engine: str = "auto"
+    #: ``VTP_DEVICE``: ``cuda``, ``cpu`` or ``auto`` (CUDA when there is a GPU).
+    device: str = "auto"
+    #: ``VTP_COMPUTE_TYPE``: ``auto`` (float16 on CUDA; int8 for ctranslate2 / float32 for
+    #: transformers on CPU), or a compute type (``float16``, ``bfloat16``, ``int8_float16``, ...).
+    compute_type: str = "auto"
+    # ``VTP_MODELS`` (``models`` above) is also the GPU worker's allow-list: it loads every one
+    # at start, before it takes work; a job naming another model fails at once.
+    #: ``VTP_GPU_JOBS``: transcribe jobs a GPU worker runs at once (arq ``max_jobs``); their
+    #: chunks share the worker's decode batches (``workers/batcher.py``). 0: 4 on CUDA, 1 on CPU.
+    gpu_jobs: int = 0
+    #: ``VTP_DECODE_BATCH``: chunks the GPU worker decodes in one model call (across jobs);
+    #: separate from ``VTP_BATCH_SIZE``, the chunks per transcribe job.
+    decode_batch: int = 16
+    #: ``VTP_BATCH_WAIT_MS``: how long the batcher waits for more chunks to fill a decode batch.
+    batch_wait_ms: float = 30.0
 
     # -- the fleet controller (`vtp controller`, workers/controller/) and cost accounting --
     #: ``VTP_MAX_MACHINES``: worker machines the controller runs at most.
@@ -156,6 +182,12 @@ class Settings:
         "webhook_retry_delay": "VTP_WEBHOOK_RETRY_DELAY",
         "private_allowlist": "VTP_PRIVATE_ALLOWLIST",
         "idle_exit": "VTP_IDLE_EXIT",
+        "engine": "VTP_ENGINE",
+        "device": "VTP_DEVICE",
+        "compute_type": "VTP_COMPUTE_TYPE",
+        "gpu_jobs": "VTP_GPU_JOBS",
+        "decode_batch": "VTP_DECODE_BATCH",
+        "batch_wait_ms": "VTP_BATCH_WAIT_MS",
         "max_machines": "VTP_MAX_MACHINES",
         "drain_target": "VTP_DRAIN_TARGET",
         "machine_throughput": "VTP_MACHINE_THROUGHPUT",

@@ -34,6 +34,11 @@ SHA_PREFIX = "vtp:sha:"
 DAG_PREFIX = "vtp:dag:"
 #: ``vtp:health:<queue>:<worker name>``: set by a live worker every few seconds (``vtp worker --check``).
 HEALTH_PREFIX = "vtp:health:"
+#: ``vtp:gpustats:<worker name>``: hash of a GPU worker's batching counters since it started
+#: (batches, chunks, slots, fill_ratio = chunks / slots, last_batch, shared_batches,
+#: busy_seconds, decode_batch, models, engine, device); refreshed with its health key, expires
+#: half a minute after the worker is gone. Read by ``/metrics``.
+GPU_STATS_PREFIX = "vtp:gpustats:"
 
 #: ``vtp:active``: sorted set of the jobs that have not ended, scored by creation time (what the
 #: sweeper looks at; a job leaves it when it ends).
@@ -79,6 +84,10 @@ def beat_key(job_id: str) -> str:
 
 def health_key(queue: str, name: str) -> str:
     return f"{HEALTH_PREFIX}{queue}:{name}"
+
+
+def gpu_stats_key(name: str) -> str:
+    return GPU_STATS_PREFIX + name
 
 
 def arq_job_id(job_id: str, stage: str, index: int | None = None) -> str:

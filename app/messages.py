@@ -28,7 +28,10 @@ class TranscribeOptions(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """What the user asked for; travels with the job through every stage."""
 
     #: ``noop`` returns no segments at once: for measuring the queue itself (bench/queue_overhead.py).
-    engine: Literal["ctranslate2", "noop"] = "ctranslate2"
+    #: ``transformers``: Whisper on torch (workers/engines/transformers.py), the GPU engine.
+    #: engine, device and compute_type are honoured by ``vtp transcribe``; a GPU worker uses its
+    #: own (``VTP_ENGINE``, ``VTP_DEVICE``, ``VTP_COMPUTE_TYPE``) whatever a job carries.
+    engine: Literal["ctranslate2", "noop", "transformers"] = "ctranslate2"
     #: A directory holding a model, or a model name; ``tiny.en`` is the bundled default.
     model: str = "tiny.en"
     device: Literal["cpu", "cuda", "auto"] = "cpu"

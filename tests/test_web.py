@@ -205,6 +205,8 @@ async def test_api_round_trip(web_server, data_dir):
         async with s.get(f"{base}/metrics", headers=auth()) as r:
             text = await r.text()
             assert 'vtp_jobs{state="done"}' in text and "vtp_queue_depth" in text and "vtp_stage_seconds_sum" in text
+            # the GPU worker's batching across jobs (its vtp:gpustats hash, refreshed with its health)
+            assert "vtp_gpu_batch_fill_ratio{worker=" in text and "vtp_gpu_decode_batch_size{worker=" in text
 
         async with s.delete(f"{base}/v1/jobs/{job['id']}", headers=auth()) as r:
             assert r.status == 204
@@ -477,7 +479,8 @@ async def test_webhook_of_failed_job(strict_server, data_dir, receiver_factory):
         await rec.wait_for(1)
         event = verify(rec.seen[0][1], rec.seen[0][2])
         assert event["type"] == "job.failed" and event["data"]["id"] == body["id"]
-        assert "no such model directory" in event["data"]["error"]
+        # the GPU workers serve their own VTP_MODELS (tiny.en): they refuse it at once
+        assert "'/nonexistent/model' is not served by the GPU workers" in event["data"]["error"]
 
 
 async def test_webhook_target_checked_again_at_delivery(strict_server, data_dir, receiver_factory):

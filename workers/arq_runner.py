@@ -102,6 +102,7 @@ from workers.lifecycle import IdleExit, Lifecycle  # light: no speech stack
 if TYPE_CHECKING:
     from workers import stages
     from workers.engines.base import EnginePool
+    from workers.gpu_worker import GpuEngines
 
 
 def _speech():
@@ -116,6 +117,15 @@ def _engine_pool() -> EnginePool:
     from workers.engines.base import EnginePool
 
     return EnginePool()
+
+
+def _engines(queue: str, settings: Settings) -> EnginePool | GpuEngines:
+    """A CPU worker's pool, or the GPU worker's engines (its own hardware, models loaded at start)."""
+    if queue == "gpu":
+        from workers.gpu_worker import GpuEngines
+
+        return GpuEngines(settings)
+    return _engine_pool()
 
 log = logging.getLogger("vtp.worker")
 
@@ -541,7 +551,7 @@ def default_name() -> str:
 
 def worker_settings(
     queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None,
-    engines: EnginePool | None = None,
+    engines: EnginePool | GpuEngines | None = None,
 ) -> dict[str, Any]:
     """arq ``Worker`` keyword arguments for the ``cpu`` or the ``gpu`` queue."""
     cpu_timeout = settings.cpu_timeout + BACKSTOP_S
@@ -559,7 +569,11 @@ def worker_settings(
     elif queue == "gpu":
         # transcribe alone: GPU hosts hold the model and nothing else (the lease, not the timeout, bounds reruns)
         functions = [func(transcribe_task, name=constants.FN_TRANSCRIBE, timeout=settings.transcribe_timeout + BACKSTOP_S)]
-        default_concurrency = 1  # one model on one device
+        # Several jobs at once, one model: their chunks share decode batches (workers/batcher.py).
+        # On CPU one job's batch already keeps every core busy: more at once would only stretch
+        # each job's time towards its deadline, so "auto" (0) is 4 on a GPU and 1 on CPU.
+        engines = engines or _engines(queue, settings)
+        default_concurrency = settings.gpu_jobs or (4 if getattr(engines, "hardware", None) and engines.hardware.device == "cuda" else 1)
     else:
         raise errors.OptionsError(f"unknown queue {queue!r}: use cpu or gpu")
     kwargs = {
@@ -575,7 +589,7 @@ def worker_settings(
         "health_check_key": constants.health_key(queue, name or default_name()),
         "poll_delay": POLL_DELAY_S,
         "expires_extra_ms": max(settings.result_ttl, 86400) * 1000,
-        "ctx": {"settings": settings, "engines": engines or _engine_pool()},
+        "ctx": {"settings": settings, "engines": engines or _engines(queue, settings)},
         "on_startup": _startup,
         "log_results": True,
     }
@@ -586,6 +600,8 @@ def worker_settings(
 
 async def _startup(ctx: dict) -> None:
     settings: Settings = ctx["settings"]
+    if hasattr(ctx["engines"], "load_all"):  # a GPU worker: its models load before it takes a job
+        await asyncio.to_thread(ctx["engines"].load_all)
     ctx["store"] = JobStore(ctx["redis"], result_ttl=settings.result_ttl, where=redis_location(settings.redis_url))
     from app.netguard import Guard
 
@@ -657,6 +673,13 @@ class _Worker(Worker):
                 log.warning("Redis is back after %.1f s", time.monotonic() - self._outage_since)
                 self._outage_since = None
 
+    async def record_health(self) -> None:
+        before = self._last_health_check
+        await super().record_health()
+        engines = self.ctx.get("engines")
+        if self._last_health_check != before and hasattr(engines, "describe"):  # a GPU worker
+            await publish_gpu_stats(self.pool, self.health_check_key, engines, ttl_s=self.health_check_interval + 1)
+
     def handle_sig(self, signum: int) -> None:
         if self.lifecycle is None:
             super().handle_sig(signum)
@@ -722,6 +745,18 @@ async def sweep_forever(settings: Settings) -> None:
         await redis.aclose()
 
 
+async def publish_gpu_stats(redis: ArqRedis, health_key: str, engines: GpuEngines, *, ttl_s: float) -> None:
+    """The loaded models in the health key (APPEND keeps its TTL), and the batcher's counters in
+    ``vtp:gpustats:<name>`` (a hash, for the web process's /metrics)."""
+    name = health_key.rsplit(":", 1)[-1]
+    stats_key = constants.gpu_stats_key(name)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.append(health_key, f" {engines.describe()}".encode())
+        pipe.hset(stats_key, mapping={k: str(v) for k, v in engines.stats().items()})
+        pipe.expire(stats_key, max(int(ttl_s), 1) * 6)
+        await pipe.execute()
+
+
 async def run_worker(
     queue: QueueName, settings: Settings, *, concurrency: int | None = None, name: str | None = None, burst: bool = False,
     idle_exit: float | None = None,
@@ -748,7 +783,7 @@ async def _run_worker(
     queue: QueueName, settings: Settings, *, concurrency: int | None, name: str | None, burst: bool,
     idle_exit: float | None,
 ) -> None:
-    engines = _engine_pool()
+    engines = _engines(queue, settings)
     where = redis_location(settings.redis_url)
     lifecycle = Lifecycle(
         idle_exit=settings.idle_exit if idle_exit is None else idle_exit,

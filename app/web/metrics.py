@@ -6,6 +6,10 @@
 * ``vtp_audio_seconds_processed``: media seconds of the ``done`` jobs in that window;
 * ``vtp_stage_seconds_sum`` / ``_count{stage}``: time in each stage (queue, extract, segment,
   transcribe, merge, render) of those done jobs: average stage latency is sum / count;
+* ``vtp_gpu_decode_batches_total`` / ``_chunks_total`` / ``_slots_total{worker}``, and the gauges
+  ``vtp_gpu_batch_fill_ratio``, ``vtp_gpu_decode_batch_size`` (the configured size) and
+  ``vtp_gpu_last_batch{worker}``: each live GPU worker's batching across jobs, from its
+  ``vtp:gpustats:<name>`` hash (``workers/batcher.py``; counters since that worker started);
 * ``vtp_http_requests_total{method,route,status}`` and ``vtp_upload_bytes_total``: this web
   process's own counters since it started.
 
@@ -27,6 +31,36 @@ _BATCH = 500
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+_GPU_METRICS = (
+    # (metric, hash field, type, help)
+    ("vtp_gpu_decode_batches_total", "batches", "counter", "model calls of each GPU worker's batcher"),
+    ("vtp_gpu_decode_chunks_total", "chunks", "counter", "chunks decoded by each GPU worker"),
+    ("vtp_gpu_decode_slots_total", "slots", "counter", "chunks full batches would have held (fill = chunks / slots)"),
+    ("vtp_gpu_shared_batches_total", "shared_batches", "counter", "decode batches that held chunks of several jobs"),
+    ("vtp_gpu_batch_fill_ratio", "fill_ratio", "gauge", "chunks per decode batch / decode batch size, since start"),
+    ("vtp_gpu_decode_batch_size", "decode_batch", "gauge", "the GPU worker's decode batch size (VTP_DECODE_BATCH)"),
+    ("vtp_gpu_last_batch", "last_batch", "gauge", "chunks in the GPU worker's latest decode batch"),
+)
+
+
+async def _gpu_stats(redis, lines: list[str]) -> None:
+    keys = sorted([k async for k in redis.scan_iter(match=constants.GPU_STATS_PREFIX + "*", count=100)])
+    workers = []
+    for key in keys:
+        stats = {k.decode(): v.decode() for k, v in (await redis.hgetall(key)).items()}
+        if stats:
+            workers.append((key.decode()[len(constants.GPU_STATS_PREFIX) :], stats))
+    for metric, field, kind, text in _GPU_METRICS:
+        lines.append(f"# HELP {metric} {text}")
+        lines.append(f"# TYPE {metric} {kind}")
+        for name, stats in workers:
+            try:
+                value = float(stats.get(field, "0"))
+            except ValueError:
+                continue
+            lines.append(f'{metric}{{worker="{_label(name)}"}} {value:g}')
 
 
 async def handle(request: web.Request) -> web.Response:
@@ -69,6 +103,8 @@ async def handle(request: web.Request) -> web.Response:
         for stage in sorted(stage_sum):
             lines.append(f'vtp_stage_seconds_sum{{stage="{_label(stage)}"}} {stage_sum[stage]:.3f}')
             lines.append(f'vtp_stage_seconds_count{{stage="{_label(stage)}"}} {stage_count[stage]}')
+
+        await _gpu_stats(redis, lines)
 
     await retrying(read, where=st.store.where, outage_s=st.store.outage_s)
     lines.append("# HELP vtp_http_requests_total requests this web process answered")

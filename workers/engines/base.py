@@ -60,6 +60,10 @@ def load_engine(options: TranscribeOptions) -> Engine:
         from workers.engines.ctranslate2 import FasterWhisperEngine
 
         return FasterWhisperEngine.load(options)
+    if options.engine == "transformers":
+        from workers.engines.transformers import TransformersEngine
+
+        return TransformersEngine.load(options)
     if options.engine == "noop":
         from workers.engines.noop import NoopEngine
 

@@ -1,0 +1,199 @@
+"""One decode batch across jobs: the GPU worker's dynamic batcher.
+
+A GPU worker runs several ``transcribe`` jobs at once (``VTP_GPU_JOBS``); each hands its
+chunks to the ``GpuBatcher`` of its model, which is an Engine itself (the stage calls
+``transcribe_batch`` from a worker thread and blocks until its own chunks are done). One model
+thread fills a batch up to ``VTP_DECODE_BATCH`` chunks, or whatever has arrived once the oldest
+waiting chunk has waited ``VTP_BATCH_WAIT_MS``, runs the engine on it, and routes each chunk's
+segments back to the job it came from. So short videos from different users share a batch, and
+the GPU is never idle while work waits.
+
+**Fair:** a batch is filled round-robin, one chunk from each waiting request in turn (oldest
+request first), so a request with many chunks (a long video, or a coverage repair re-decoding
+many gaps) cannot hold back one that arrived behind it by more than one chunk per batch.
+
+Chunks are batched only with chunks decoded the same way (beam size, language, word timings):
+those are the job's options the engine reads; everything about the hardware is the worker's.
+
+The fan-out unit (``VTP_BATCH_SIZE`` chunks per transcribe job) is separate from the decode
+batch: many small jobs fill one decode batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+
+from app.messages import Chunk, Segment, TranscribeOptions
+from workers.engines.base import Engine
+
+log = logging.getLogger("vtp.batcher")
+
+
+@dataclass
+class BatcherStats:
+    """Counters since start: what ``/metrics`` shows (published by the GPU worker)."""
+
+    batches: int = 0
+    chunks: int = 0
+    #: Chunks a full batch would have held, summed over batches: fill ratio = chunks / slots.
+    slots: int = 0
+    #: Model calls that mixed chunks of several requests.
+    shared_batches: int = 0
+    last_batch: int = 0
+    busy_seconds: float = 0.0
+
+    @property
+    def fill_ratio(self) -> float:
+        return self.chunks / self.slots if self.slots else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "batches": self.batches,
+            "chunks": self.chunks,
+            "slots": self.slots,
+            "shared_batches": self.shared_batches,
+            "last_batch": self.last_batch,
+            "fill_ratio": round(self.fill_ratio, 4),
+            "busy_seconds": round(self.busy_seconds, 3),
+        }
+
+
+@dataclass(eq=False)
+class _Request:
+    audio: list[np.ndarray]
+    chunks: list[Chunk]
+    options: TranscribeOptions
+    arrived: float
+    todo: deque = field(default_factory=deque)  # indexes of chunks not yet in a batch
+    results: dict[int, list[Segment]] = field(default_factory=dict)
+    language: str = ""
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def key(self) -> tuple:
+        o = self.options
+        return (o.beam_size, o.language, o.word_timestamps)
+
+
+class GpuBatcher:
+    """An Engine that batches ``transcribe_batch`` calls from many threads into shared model calls."""
+
+    def __init__(self, engine: Engine, *, batch_size: int = 16, max_wait_ms: float = 30.0) -> None:
+        self.engine = engine
+        self.name = engine.name
+        self.model_name = engine.model_name
+        self.batch_size = max(1, batch_size)
+        self.max_wait = max(0.0, max_wait_ms) / 1000
+        self.stats = BatcherStats()
+        self._waiting: list[_Request] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{engine.model_name}", daemon=True)
+        self._thread.start()
+
+    # -- the Engine interface: called by the stage, in its own thread -----------------------
+
+    def transcribe_batch(
+        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions
+    ) -> tuple[list[Segment], str]:
+        if not audio:
+            return [], options.language or "en"
+        request = _Request(audio, chunks, options, time.monotonic(), deque(range(len(chunks))))
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._waiting.append(request)
+            self._cond.notify_all()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return [seg for i in range(len(chunks)) for seg in request.results.get(i, [])], request.language
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(5)
+
+    # -- the model thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            picked = self._next_batch()
+            if picked is None:
+                return
+            self._decode(picked)
+
+    def _next_batch(self) -> list[tuple[_Request, int]] | None:
+        """Wait for work, then for the batch to fill (or the oldest chunk's wait to run out)."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    for r in self._waiting:
+                        r.error = RuntimeError("the batcher closed before this batch ran")
+                        r.done.set()
+                    return None
+                if self._waiting:
+                    oldest = self._waiting[0]
+                    group = [r for r in self._waiting if r.key == oldest.key]
+                    ready = sum(len(r.todo) for r in group)
+                    left = oldest.arrived + self.max_wait - time.monotonic()
+                    if ready >= self.batch_size or left <= 0:
+                        return self._take(group)
+                    self._cond.wait(left)
+                else:
+                    self._cond.wait()
+
+    def _take(self, group: list[_Request]) -> list[tuple[_Request, int]]:
+        picked: list[tuple[_Request, int]] = []
+        while len(picked) < self.batch_size and any(r.todo for r in group):
+            for r in group:  # round-robin: one chunk from each request in turn
+                if r.todo and len(picked) < self.batch_size:
+                    picked.append((r, r.todo.popleft()))
+        for r in group:
+            if not r.todo:
+                self._waiting.remove(r)
+        return picked
+
+    def _decode(self, picked: list[tuple[_Request, int]]) -> None:
+        # Chunk indexes are per job and may collide: renumber for the call, map back after.
+        chunks = [msgspec.structs.replace(r.chunks[i], index=k) for k, (r, i) in enumerate(picked)]
+        audio = [r.audio[i] for r, i in picked]
+        requests = list(dict.fromkeys(r for r, _ in picked))
+        started = time.perf_counter()
+        try:
+            segments, language = self.engine.transcribe_batch(audio, chunks, picked[0][0].options)
+        except BaseException as exc:  # noqa: BLE001 - handed to every job in the batch
+            log.warning("decode batch of %d chunks from %d jobs failed: %s", len(picked), len(requests), exc)
+            for r in requests:
+                r.error = exc
+                r.todo.clear()
+                r.done.set()
+            with self._cond:
+                self._waiting = [w for w in self._waiting if w.error is None]
+            return
+        elapsed = time.perf_counter() - started
+        by_chunk: dict[int, list[Segment]] = {}
+        for seg in segments:
+            by_chunk.setdefault(seg.chunk, []).append(seg)
+        for k, (r, i) in enumerate(picked):
+            r.results[i] = [msgspec.structs.replace(s, chunk=r.chunks[i].index) for s in by_chunk.get(k, [])]
+            r.language = language
+        s = self.stats
+        s.batches += 1
+        s.chunks += len(picked)
+        s.slots += self.batch_size
+        s.shared_batches += len(requests) > 1
+        s.last_batch = len(picked)
+        s.busy_seconds += elapsed
+        for r in requests:
+            if len(r.results) == len(r.chunks):
+                r.done.set()
