@@ -42,6 +42,10 @@ class CoverageOptions:
     context_s: float = 0.2
     #: Passes over what is still uncovered.
     rounds: int = 2
+    #: No spoken word lasts longer: a longer one is alignment (DTW) stretching a word across
+    #: speech Whisper did not decode (measured: "from" over 6.8 s, spanning a repeated phrase
+    #: Whisper heard once). Such a word covers only this much audio, half at each end.
+    max_word_s: float = 1.0
     #: Whisper's own rule for "speech was heard", applied strictly to probe chunks.
     no_speech_threshold: float = 0.6
     logprob_threshold: float = -1.0
@@ -50,11 +54,18 @@ class CoverageOptions:
 Span = tuple[float, float]
 
 
-def _covered(segments: list[Segment], margin: float) -> list[Span]:
+def _word_spans(word: Word, longest: float) -> list[Span]:
+    if word.end - word.start <= longest:
+        return [(word.start, word.end)]
+    half = longest / 2
+    return [(word.start, word.start + half), (word.end - half, word.end)]
+
+
+def _covered(segments: list[Segment], margin: float, longest: float = float("inf")) -> list[Span]:
     spans: list[Span] = []
     for seg in segments:
         if seg.words:
-            spans.extend((w.start - margin, w.end + margin) for w in seg.words)
+            spans.extend((a - margin, b + margin) for w in seg.words for a, b in _word_spans(w, longest))
         else:  # an engine that gave no word timings: the segment covers its whole span
             spans.append((seg.start - margin, seg.end + margin))
     merged: list[Span] = []
@@ -68,7 +79,7 @@ def _covered(segments: list[Segment], margin: float) -> list[Span]:
 
 def uncovered(speech: list[Span], segments: list[Segment], opts: CoverageOptions) -> list[Span]:
     """Stretches of ``speech`` at least ``min_gap_s`` long that no word covers."""
-    covered = _covered(segments, opts.word_margin_s)
+    covered = _covered(segments, opts.word_margin_s, opts.max_word_s)
     gaps: list[Span] = []
     for start, end in speech:
         for c_start, c_end in covered:
@@ -167,7 +178,7 @@ def repair_gaps(
             found[seg.chunk].append(seg)
         for k, (i, (g_start, g_end), (start, end)) in enumerate(todo):
             parent = chunks[i]
-            existing = _covered(by_chunk.get(parent.index, []), 0.0)
+            existing = _covered(by_chunk.get(parent.index, []), 0.0, opts.max_word_s)
             fresh = [w for w in _words(found.get(k, [])) if not _overlaps(w, existing)]
             if not fresh:
                 continue
