@@ -27,7 +27,6 @@ import hmac
 import random
 import time
 from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 
 import aiohttp
 import msgspec
@@ -37,6 +36,7 @@ from app.config import Settings
 from app.jobs import JobStore
 from app.messages import JobRecord, JobView, WebhookAttempt, WebhookDelivery, WebhookEvent
 from app.netguard import Guard
+from app.retry_after import retry_after_seconds
 
 #: Seconds one attempt may take, connection included.
 TIMEOUT_S = 15.0
@@ -76,17 +76,7 @@ def event_body(record: JobRecord) -> bytes:
 
 def retry_after(headers) -> float | None:
     """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date)."""
-    value = headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
-    except (TypeError, ValueError):
-        return None
+    return retry_after_seconds(headers.get("Retry-After"))
 
 
 def backoff(attempt: int, base: float, *, asked: float | None = None) -> float:

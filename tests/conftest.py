@@ -123,6 +123,24 @@ def redis_url(redis_session_server) -> str:
     return redis_session_server.url
 
 
+@pytest.fixture
+def make_cluster(tmp_path):
+    """Clusters of real worker processes (``dag_cluster.Cluster``), closed when the test ends.
+    Every cluster's directory has a space in its path: paths must never be split on one."""
+    from dag_cluster import Cluster
+
+    clusters: list = []
+
+    def make(redis_url: str, **env: str):
+        c = Cluster(redis_url, tmp_path / f"cluster {len(clusters)}", env=env)
+        clusters.append(c)
+        return c
+
+    yield make
+    for c in clusters:
+        c.close()
+
+
 @pytest.fixture(scope="session")
 def engines():
     """One EnginePool for the session: the bundled model is loaded once, as in a worker."""

@@ -113,6 +113,12 @@ class Cluster:
                 proc.kill()
                 proc.wait(10)
 
+    def starts(self, arq_id: str, worker: str | None = None) -> int:
+        """How often an arq job was started (arq logs ``→ <job id>:<function>(`` at each start),
+        by every worker or by one."""
+        text = self.logs() if worker is None else (self.work_dir / f"worker-{worker}.log").read_text()
+        return text.count(f"→ {arq_id}:")
+
     def logs(self) -> str:
         parts = []
         for name, path in self._logs.items():
@@ -169,3 +175,16 @@ def local_reference(engines, source: Path, out_dir: Path) -> dict:
         anyio.run(runner.run, source, options, out_dir)
         _REFERENCE[source.name] = transcript_view(out_dir, source.stem)
     return _REFERENCE[source.name]
+
+
+async def wait_until(predicate, timeout: float, what: str, cluster: Cluster, *, every: float = 0.02):
+    """Poll ``predicate`` (async) until it returns something true; its value, or AssertionError
+    with every worker's log after ``timeout`` seconds."""
+    import anyio
+
+    deadline = time.monotonic() + timeout
+    while not (value := await predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{cluster.logs()}")
+        await anyio.sleep(every)
+    return value

@@ -18,7 +18,7 @@ import redis as redis_sync
 
 from app import constants
 from app.jobs import JobStore
-from dag_cluster import Cluster, local_reference, transcript_view
+from dag_cluster import Cluster, local_reference, transcript_view, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(200)]
 
@@ -39,31 +39,6 @@ def reference(tmp_path_factory, engines, data_dir):
     return {name: local_reference(engines, data_dir / name, out) for name in ("jfk.flac", "talk_tts.mp4")}
 
 
-@pytest.fixture
-def make_cluster(tmp_path):
-    clusters: list[Cluster] = []
-
-    def make(redis_url: str, **env: str) -> Cluster:
-        c = Cluster(redis_url, tmp_path / f"cluster{len(clusters)}", env=env)
-        clusters.append(c)
-        return c
-
-    yield make
-    for c in clusters:
-        c.close()
-
-
-async def wait_until(predicate, timeout: float, what: str, cluster: Cluster):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{cluster.logs()}")
-        await anyio.sleep(0.02)
-
-
 async def finish_all(store: JobStore, job_ids: list[str], cluster: Cluster, timeout: float = 120) -> dict:
     records = {}
     try:
@@ -73,12 +48,6 @@ async def finish_all(store: JobStore, job_ids: list[str], cluster: Cluster, time
     except TimeoutError:
         raise AssertionError(f"jobs did not finish: {records}\n{cluster.logs()}") from None
     return records
-
-
-def starts(cluster: Cluster, arq_id: str, worker: str | None = None) -> int:
-    """How often an arq job was started (arq logs ``→ <job id>:<function>(`` at each start)."""
-    text = cluster.logs() if worker is None else (cluster.work_dir / f"worker-{worker}.log").read_text()
-    return text.count(f"→ {arq_id}:")
 
 
 async def test_gpu_worker_killed_mid_batch(redis_server_factory, make_cluster, reference, data_dir, tmp_path):
@@ -98,7 +67,7 @@ async def test_gpu_worker_killed_mid_batch(redis_server_factory, make_cluster, r
                 record.chunks_done == 1
                 and await store.redis.exists(IN_PROGRESS + second)
                 # inside the stage, not just claimed: arq logs the start after the claim
-                and starts(c, second, "gpu-victim") == 1
+                and c.starts(second, "gpu-victim") == 1
             )
 
         await wait_until(mid_second_batch, 60, "the victim to start batch 1", c)
@@ -110,7 +79,7 @@ async def test_gpu_worker_killed_mid_batch(redis_server_factory, make_cluster, r
         assert record.state == "done", record.error
         # batch 1 waited for the victim's lease to run out, then ran again on the rescuer
         assert time.monotonic() - killed_at > 2
-        assert starts(c, second) == 2 and starts(c, second, "gpu-rescuer") == 1
+        assert c.starts(second) == 2 and c.starts(second, "gpu-rescuer") == 1
         assert record.chunks_done == record.chunks_total == 3
         assert await store.runs(job_id) == {
             "extract": 1, "segment": 1, "transcribe": 3, "merge": 1, "render": 1, "notify": 1,
@@ -144,7 +113,7 @@ async def test_cpu_worker_killed_mid_extract(redis_server_factory, make_cluster,
 
         record = (await finish_all(store, [job_id], c))[job_id]
         assert record.state == "done", record.error
-        assert starts(c, extract, "cpu-victim") == 1 and starts(c, extract, "cpu-rescuer") == 1
+        assert c.starts(extract, "cpu-victim") == 1 and c.starts(extract, "cpu-rescuer") == 1
         assert await store.runs(job_id) == {
             "extract": 1, "segment": 1, "transcribe": 1, "merge": 1, "render": 1, "notify": 1,
         }
@@ -239,7 +208,7 @@ async def test_ten_jobs_two_gpu_workers(redis_server_factory, make_cluster, refe
             states = [e.state async for e in store.events(job_id)]
             assert states.count("done") == 1
             batch = constants.arq_job_id(job_id, "transcribe", 0)
-            assert starts(c, batch) == 1
+            assert c.starts(batch) == 1
     finally:
         await store.aclose()
     per_worker = [c.logs().count("transcribe:0:transcribe(")] + [

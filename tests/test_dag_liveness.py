@@ -20,7 +20,7 @@ from app.config import Settings
 from app.jobs import OUTAGE_CLOCK, JobStore, retrying
 from app.messages import ExtractRequest, JobRecord, encode
 from app.storage import LocalStorage
-from dag_cluster import Cluster
+from dag_cluster import Cluster, wait_until
 from workers.sweeper import Sweeper
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -34,40 +34,12 @@ def anyio_backend():
     return "asyncio"
 
 
-@pytest.fixture
-def make_cluster(tmp_path):
-    clusters: list[Cluster] = []
-
-    def make(redis_url: str, **env: str) -> Cluster:
-        c = Cluster(redis_url, tmp_path / f"cluster {len(clusters)}", env=env)  # a space in every path
-        clusters.append(c)
-        return c
-
-    yield make
-    for c in clusters:
-        c.close()
-
-
-async def wait_until(predicate, timeout: float, what: str, cluster: Cluster):
-    deadline = time.monotonic() + timeout
-    while not (value := await predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{cluster.logs()}")
-        await anyio.sleep(0.05)
-    return value
-
-
 async def finish(store: JobStore, job_id: str, cluster: Cluster, timeout: float = 60) -> JobRecord:
     try:
         with anyio.fail_after(timeout):
             return await store.wait(job_id)
     except TimeoutError:
         raise AssertionError(f"job {job_id} did not end: {await store.find(job_id)}\n{cluster.logs()}") from None
-
-
-def starts(cluster: Cluster, arq_id: str, worker: str | None = None) -> int:
-    text = cluster.logs() if worker is None else (cluster.work_dir / f"worker-{worker}.log").read_text()
-    return text.count(f"→ {arq_id}:")
 
 
 async def record_only(store: JobStore, cluster: Cluster, source) -> JobRecord:
@@ -100,7 +72,7 @@ async def test_killed_cpu_worker_reruns_within_its_lease_whatever_the_timeout(re
         c.kill("victim")
         killed = time.monotonic()
         c.start_worker("cpu", "rescuer")
-        await wait_until(lambda: anyio.to_thread.run_sync(starts, c, extract, "rescuer"), 30, "the rerun", c)
+        await wait_until(lambda: anyio.to_thread.run_sync(c.starts, extract, "rescuer"), 30, "the rerun", c)
         assert time.monotonic() - killed < 5 + 3  # the lease, a poll, the rescuer's start-up
         record = await finish(store, job_id, c)
         assert record.state == "done", record.error
@@ -122,7 +94,7 @@ async def test_long_healthy_stage_keeps_its_lease(redis_server_factory, make_clu
         (job_id,) = c.submit(data_dir / "jfk.flac")
         record = await finish(store, job_id, c)
         assert record.state == "done", record.error
-        assert starts(c, constants.arq_job_id(job_id, "extract")) == 1
+        assert c.starts(constants.arq_job_id(job_id, "extract")) == 1
         assert (await store.runs(job_id))["extract"] == 1
         assert (await store.redrives(job_id)) == {}  # the sweeper saw it alive all along
     finally:
@@ -175,7 +147,7 @@ async def test_sigterm_during_a_stage_does_not_use_up_a_try(redis_server_factory
         c.start_worker("cpu", "new")
         record = await finish(store, job_id, c)
         assert record.state == "done", record.error
-        assert starts(c, extract, "new") == 1
+        assert c.starts(extract, "new") == 1
     finally:
         await store.aclose()
 

@@ -17,7 +17,7 @@ import redis as redis_sync
 
 from app import constants
 from app.jobs import JobStore
-from dag_cluster import Cluster
+from dag_cluster import Cluster, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
 
@@ -31,33 +31,11 @@ def anyio_backend():
     return "asyncio"
 
 
-@pytest.fixture
-def make_cluster(tmp_path):
-    clusters: list[Cluster] = []
-
-    def make(redis_url: str, **env: str) -> Cluster:
-        c = Cluster(redis_url, tmp_path / f"cluster{len(clusters)}", env=env)
-        clusters.append(c)
-        return c
-
-    yield make
-    for c in clusters:
-        c.close()
-
-
 def wait_exit(c: Cluster, name: str, timeout: float) -> int:
     try:
         return c.procs[name].wait(timeout)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"worker {name} still running after {timeout} s\n{c.logs()}") from None
-
-
-async def wait_until(predicate, timeout: float, what: str, c: Cluster):
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{c.logs()}")
-        await anyio.sleep(0.02)
 
 
 def test_idle_worker_exits_cleanly(redis_url, make_cluster):

@@ -29,13 +29,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import aiohttp
 
 from app import errors
 from app.config import Settings
+from app.retry_after import retry_after_seconds
 from workers.controller.decide import Machine, Plan
 from workers.controller.queue import Health
 
@@ -165,7 +165,8 @@ class MachinesClient:
                 raise _Timeout(reason)
             if status == 429:
                 self.throttled += 1
-                delay = _retry_after(retry_after, default=self._backoff(attempt))
+                asked = retry_after_seconds(retry_after)
+                delay = self._backoff(attempt) if asked is None else asked
                 log.warning("%s: rate limited (429), waiting %.1f s", where, delay)
                 await asyncio.sleep(delay)
                 continue
@@ -207,19 +208,6 @@ def _reason(text: str) -> str:
     if isinstance(body, dict) and body.get("error"):
         return str(body["error"])[:200]
     return " ".join(text.split())[:200] or "no details"
-
-
-def _retry_after(value: str | None, *, default: float) -> float:
-    if not value:
-        return default
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
-    except (TypeError, ValueError):
-        return default
 
 
 def _since(machine: dict) -> float:
