@@ -9,6 +9,12 @@ OUT ?= out
 
 .PHONY: demo test install bench clean
 
+# The demo needs vtp alone; the tests add their extras (torch CPU, a browser driver, ...).
+$(BIN)/.installed-demo: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e .
+	touch $@
+
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[test,bench]'
@@ -16,7 +22,7 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-demo: install
+demo: $(BIN)/.installed-demo
 	@test -f "$(SAMPLE)" || { echo "no sample video at $(SAMPLE): run 'make demo SAMPLE=path/to/video'"; exit 2; }
 	$(BIN)/vtp transcribe "$(SAMPLE)" -o $(OUT)/
 	@echo; head -n 12 $(OUT)/$$(basename "$(SAMPLE)" | sed 's/\.[^.]*$$//').srt
