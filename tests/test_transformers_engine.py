@@ -124,3 +124,16 @@ def test_cli_engine_transformers_converts_on_first_use(data_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "ask not what your country can do for you" in " ".join((tmp_path / "out" / "jfk.txt").read_text().split())
     assert list((tmp_path / "cache" / "vtp" / "transformers").iterdir())  # the converted copy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compute_type", ["float16", "bfloat16"])
+def test_on_cuda_in_half_precision(compute_type, runner, data_dir, tmp_path):
+    """The GPU worker's configuration: the same speech, the same words, in fp16/bf16 on CUDA
+    (skipped where there is no CUDA GPU, as on CI)."""
+    result = transcribe(
+        runner, data_dir / "jfk.flac", tmp_path, engine="transformers", device="cuda", compute_type=compute_type
+    )
+    reference = (data_dir / "jfk.ref.txt").read_text()
+    assert wer(reference, result.transcript.text) <= 0.05
+    assert result.transcript.stats.engine == "transformers"
