@@ -53,6 +53,7 @@ from app.config import Settings  # noqa: E402
 from app.jobs import JobStore  # noqa: E402
 from app.messages import JobRecord, TranscribeOptions  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
+from tests.dag_cluster import free_port, transcript_view  # noqa: E402
 from workers import arq_runner  # noqa: E402
 from workers.audio import ffmpeg_exe  # noqa: E402
 from workers.sweeper import Sweeper  # noqa: E402
@@ -90,16 +91,8 @@ def build_inputs(work: Path, jobs: int, max_seconds: float, min_seconds: float =
 
 
 def view(out_dir: Path, basename: str) -> dict:
-    """What must not change between runs: text outputs and the JSON's segments and language."""
-    doc = json.loads((out_dir / f"{basename}.json").read_text())
-    return {
-        "txt": (out_dir / f"{basename}.txt").read_text(),
-        "srt": (out_dir / f"{basename}.srt").read_text(),
-        "vtt": (out_dir / f"{basename}.vtt").read_text(),
-        "segments": doc["segments"],
-        "language": doc["language"],
-        "duration": doc["duration"],
-    }
+    """What must not change between runs: the test suite's view of a transcript, and its duration."""
+    return {**transcript_view(out_dir, basename), "duration": json.loads((out_dir / f"{basename}.json").read_text())["duration"]}
 
 
 def local_references(inputs: list[Path], options: TranscribeOptions, out: Path) -> dict[str, dict]:
@@ -114,12 +107,6 @@ def local_references(inputs: list[Path], options: TranscribeOptions, out: Path) 
 
 
 # -- the cluster ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from app import constants  # noqa: E402
 from app.media import ffmpeg_exe  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
+from tests.dag_cluster import free_port  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 SPEECH = ("talk_tts.mp4", "ivr_prompts.mp4", "jfk.flac")
@@ -134,12 +135,6 @@ class PeakRSS:
         self._thread.join()
         self.sample()  # a worker is still alive here: its high-water mark is exact
         return max(self.tree_kb, self.hwm_kb) / 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from dag_cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The repository's own test media (sources and licences in its README): a clone works alone.
@@ -30,12 +31,6 @@ def data_dir() -> Path:
     if missing:
         pytest.fail(f"test media missing from {DATA}: {', '.join(missing)}", pytrace=False)
     return DATA
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,13 @@ import redis
 from app import constants
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for private redis-servers and test servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 #: Settings the workers and the CLI share in tests: several batches per file, quick retries,
 #: short leases (a killed worker's stage reruns within 5 s) and a sweep every 2 s.
