@@ -22,7 +22,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,16 +40,11 @@ from app.messages import TranscribeOptions  # noqa: E402
 from app.storage import open_storage  # noqa: E402
 from app.submit import submit_file  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
+from tests.dag_cluster import free_port  # noqa: E402
 from workers import arq_runner  # noqa: E402
 from workers.audio import ffmpeg_exe  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_files(dest: Path, n: int, seconds: float) -> list[Path]:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from app import constants  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
+from tests.dag_cluster import free_port  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.jobs import JobStore  # noqa: E402
 from app.messages import TranscribeOptions  # noqa: E402
@@ -74,12 +75,6 @@ def make_six_minutes(dest: Path) -> Path:
     chain += "".join(f"[a{i}]" for i in range(len(parts))) + f"concat=n={len(parts)}:v=0:a=1[out]"
     ffmpeg(*inputs, "-filter_complex", chain, "-map", "[out]", "-c:a", "flac", str(dest))
     return dest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalCluster:

@@ -29,6 +29,7 @@ import numpy as np
 from app.messages import SAMPLE_RATE, Chunk, CoverageStats, Segment, TranscribeOptions, Word
 from workers import cues
 from workers.engines.base import Engine
+from workers.spans import merge, subtract
 
 
 @dataclass(frozen=True)
@@ -68,31 +69,13 @@ def _covered(segments: list[Segment], margin: float, longest: float = float("inf
             spans.extend((a - margin, b + margin) for w in seg.words for a, b in _word_spans(w, longest))
         else:  # an engine that gave no word timings: the segment covers its whole span
             spans.append((seg.start - margin, seg.end + margin))
-    merged: list[Span] = []
-    for start, end in sorted(spans):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
+    return merge(spans)
 
 
 def uncovered(speech: list[Span], segments: list[Segment], opts: CoverageOptions) -> list[Span]:
     """Stretches of ``speech`` at least ``min_gap_s`` long that no word covers."""
     covered = _covered(segments, opts.word_margin_s, opts.max_word_s)
-    gaps: list[Span] = []
-    for start, end in speech:
-        for c_start, c_end in covered:
-            if c_end <= start or c_start >= end:
-                continue
-            if c_start - start >= opts.min_gap_s:
-                gaps.append((start, c_start))
-            start = max(start, c_end)
-            if start >= end:
-                break
-        if end - start >= opts.min_gap_s:
-            gaps.append((start, end))
-    return gaps
+    return [(s, e) for s, e in subtract(speech, covered) if e - s >= opts.min_gap_s]
 
 
 def probe_heard_speech(segments: list[Segment], opts: CoverageOptions) -> bool:

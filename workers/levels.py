@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.messages import SAMPLE_RATE
+from workers import spans
 
 #: Samples per level frame (100 ms).
 FRAME = SAMPLE_RATE // 10
@@ -78,22 +79,6 @@ def noise_floor(frame_db: np.ndarray, opts: ProbeOptions) -> float | None:
     return float(np.percentile(audible, opts.floor_percentile)) if audible.size else None
 
 
-def _subtract(spans: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for start, end in spans:
-        for h_start, h_end in holes:
-            if h_end <= start or h_start >= end:
-                continue
-            if h_start > start:
-                out.append((start, h_start))
-            start = max(start, h_end)
-            if start >= end:
-                break
-        if start < end:
-            out.append((start, end))
-    return out
-
-
 def loud_rejected_stretches(
     frame_db: np.ndarray,
     regions: list[tuple[int, int]],
@@ -119,4 +104,4 @@ def loud_rejected_stretches(
             runs.append((start, end))
     pad, shortest = int(opts.pad_s * SAMPLE_RATE), int(opts.min_s * SAMPLE_RATE)
     padded = [(max(0, s - pad), min(samples, e + pad)) for s, e in runs if e - s >= shortest]
-    return [(s, e) for s, e in _subtract(padded, sorted(taken)) if e - s >= shortest]
+    return [(s, e) for s, e in spans.subtract(padded, sorted(taken)) if e - s >= shortest]

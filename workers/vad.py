@@ -32,7 +32,7 @@ import numpy as np
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from app.messages import SAMPLE_RATE, WHISPER_WINDOW_S, Chunk
-from workers import levels
+from workers import levels, spans
 
 #: Audio read before a block's start so the filter and the VAD's state have settled by it.
 LEAD_S = 2.0
@@ -145,7 +145,8 @@ def scan(read: Reader, samples: int, opts: ChunkingOptions, on_block: BlockDone 
         if on_block:
             on_block(nxt if not last else end, samples)
         pos = nxt if not last else end
-    return Scan(samples=samples, regions=_bounded(_merged(regions), int(opts.max_chunk_s * SAMPLE_RATE)), frame_db=meter.result())
+    regions = _bounded(spans.merge(regions), int(opts.max_chunk_s * SAMPLE_RATE))
+    return Scan(samples=samples, regions=regions, frame_db=meter.result())
 
 
 def pcm_reader(path: Path) -> tuple[Reader, int]:
@@ -168,16 +169,6 @@ def speech_regions(audio: np.ndarray, opts: ChunkingOptions) -> list[tuple[int, 
     return scan(*array_reader(audio), opts).regions
 
 
-def _merged(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for start, end in sorted(regions):
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], end))
-        else:
-            out.append((start, end))
-    return out
-
-
 def _bounded(regions: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
     """Belt and braces: never hand Whisper more than its window, whatever the VAD returned."""
     out: list[tuple[int, int]] = []
@@ -197,14 +188,14 @@ def chunk_regions(regions: list[tuple[int, int]], opts: ChunkingOptions) -> list
     """
     limit = int(opts.max_chunk_s * SAMPLE_RATE)
     max_gap = int(opts.max_gap_s * SAMPLE_RATE)
-    spans: list[list[tuple[int, int]]] = []
+    groups: list[list[tuple[int, int]]] = []
     for start, end in _bounded(regions, limit):
-        if spans:
-            members = spans[-1]
+        if groups:
+            members = groups[-1]
             if end - members[0][0] <= limit and start - members[-1][1] <= max_gap:
                 members.append((start, end))
                 continue
-        spans.append([(start, end)])
+        groups.append([(start, end)])
     return [
         Chunk(
             index=i,
@@ -212,7 +203,7 @@ def chunk_regions(regions: list[tuple[int, int]], opts: ChunkingOptions) -> list
             end=max(e for _, e in m) / SAMPLE_RATE,
             speech=[(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in m],
         )
-        for i, m in enumerate(spans)
+        for i, m in enumerate(groups)
     ]
 
 

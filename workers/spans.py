@@ -1,0 +1,40 @@
+"""Spans: ``(start, end)`` pairs of seconds or samples, merged and subtracted.
+
+The VAD merges the regions its blocks found, the safety net subtracts speech from loud
+stretches, and the coverage check subtracts words from speech: one way of doing each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
+
+
+def merge(spans: Iterable[tuple[N, N]]) -> list[tuple[N, N]]:
+    """Sorted, with overlapping or touching spans joined."""
+    out: list[tuple[N, N]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def subtract(spans: Iterable[tuple[N, N]], holes: list[tuple[N, N]]) -> list[tuple[N, N]]:
+    """What of ``spans`` no hole covers; ``holes`` sorted by start."""
+    out: list[tuple[N, N]] = []
+    for start, end in spans:
+        for h_start, h_end in holes:
+            if h_end <= start or h_start >= end:
+                continue
+            if h_start > start:
+                out.append((start, h_start))
+            start = max(start, h_end)
+            if start >= end:
+                break
+        if start < end:
+            out.append((start, end))
+    return out
