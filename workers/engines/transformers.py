@@ -4,12 +4,14 @@ one encoder pass and one batched ``generate`` per batch of VAD chunks.
 
 It produces what the CTranslate2 engine produces, the same way:
 
-* the same log-mel features (faster-whisper's extractor), the same prompt (start of
+* the same log-mel features as faster-whisper's extractor (``mel.log_mel``: the whole batch in
+  one STFT on the engine's device), the same prompt (start of
   transcript, language, task, *no timestamps*) and the same suppressed tokens;
 * words timed by cross-attention: one teacher-forced decoder pass over each chunk's text
   records the raw attention scores of the model's alignment heads (hooks on their q/k
   projections, so any attention kernel works), then OpenAI's recipe (softmax over the chunk's
-  frames, per-frame normalisation, median filter, DTW) gives a frame per token; grouping
+  frames, per-frame normalisation, median filter, DTW over the whole batch at once in
+  ``dtw.dtw_batch``) gives a frame per token; grouping
   tokens into words, punctuation merging and duration clamps are faster-whisper's own code
   (``WhisperModel.add_word_timestamps`` run on this engine's alignments);
 * the same pass gives each chunk's no-speech probability and average log-probability, and
@@ -45,6 +47,8 @@ from workers.engines.ctranslate2 import (
     _word,
     bundled_model_path,
 )
+from workers.engines.dtw import dtw_batch
+from workers.engines.mel import log_mel
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +58,10 @@ MAX_LENGTH = 448
 FRAMES_PER_SECOND = 100
 TOKENS_PER_SECOND = 50
 MEDIAN_FILTER_WIDTH = 7
-#: Rows per teacher-forced alignment pass: bounds the memory of the logits (rows x tokens x vocab).
-ALIGN_ROWS = 8
+#: Rows per teacher-forced alignment pass: bounds the memory of the hooked keys (rows x layers x
+#: 1,500 frames x d_model). A GPU takes 32 (large-v3, fp16: ~1.2 GB); a CPU gains nothing past 8.
+ALIGN_ROWS_CPU = 8
+ALIGN_ROWS_GPU = 32
 
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
@@ -179,13 +185,11 @@ class TransformersEngine:
 
     def _transcribe(self, audio, chunks, options) -> tuple[list[Segment], str]:
         import torch
-        from faster_whisper.audio import pad_or_trim
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import WhisperModel, get_suppressed_tokens
 
-        features = np.stack([pad_or_trim(self.feature_extractor(a)[..., :-1]) for a in audio])
         with torch.inference_mode():
-            inputs = torch.from_numpy(features).to(self.device, self.dtype)
+            inputs = log_mel(audio, self.feature_extractor.mel_filters, self.device, self.dtype)
             encoded = self.model.model.encoder(inputs).last_hidden_state
             longest = max(range(len(audio)), key=lambda i: audio[i].size)
             language = self._language(encoded[longest : longest + 1], options)
@@ -296,9 +300,10 @@ class TransformersEngine:
                     lambda _m, _i, out, key=(layer, proj): captured.__setitem__(key, out)
                 ))
         results: dict[int, SimpleNamespace] = {}
+        step = ALIGN_ROWS_CPU if self.device == "cpu" else ALIGN_ROWS_GPU
         try:
-            for start in range(0, len(rows), ALIGN_ROWS):
-                part = rows[start : start + ALIGN_ROWS]
+            for start in range(0, len(rows), step):
+                part = rows[start : start + step]
                 seqs = [prompt + texts[start + k] + [tokenizer.eot] for k in range(len(part))]
                 width = max(map(len, seqs))
                 ids = torch.tensor([s + [tokenizer.eot] * (width - len(s)) for s in seqs], device=self.device)
@@ -368,13 +373,11 @@ class _Aligner:
         return self._find_alignment(self, tokenizer, text_tokens, encoder_output, num_frames, median_filter_width)
 
     def _align(self, rows, start_sequence, text_tokens, num_frames, median_filter_width=MEDIAN_FILTER_WIDTH):
-        out = []
-        for row in rows:
-            s = self._scored[row]
-            matrix = _alignment_matrix(s.qk, median_filter_width)
-            text_idx, time_idx = dtw(-matrix)
-            out.append(SimpleNamespace(alignments=list(zip(text_idx, time_idx)), text_token_probs=s.text_token_probs))
-        return out
+        paths = dtw_batch([-_alignment_matrix(self._scored[row].qk, median_filter_width) for row in rows])
+        return [
+            SimpleNamespace(alignments=list(zip(text_idx, time_idx)), text_token_probs=self._scored[row].text_token_probs)
+            for row, (text_idx, time_idx) in zip(rows, paths)
+        ]
 
 
 def _alignment_matrix(qk, width: int) -> np.ndarray:
@@ -390,38 +393,6 @@ def _alignment_matrix(qk, width: int) -> np.ndarray:
         weights = F.pad(weights[None], (pad, pad, 0, 0), mode="reflect")[0]
         weights = weights.unfold(-1, width, 1).sort(dim=-1).values[..., pad]
     return weights.mean(dim=0).cpu().numpy().astype(np.float64)
-
-
-def dtw(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dynamic time warping of a (tokens x frames) cost matrix, OpenAI's tie-breaking, vectorised
-    along anti-diagonals (every cell of one depends only on the two before it)."""
-    n, m = x.shape
-    cost = np.full((n + 1, m + 1), np.inf)
-    trace = np.full((n + 1, m + 1), -1, dtype=np.int8)
-    cost[0, 0] = 0.0
-    for d in range(2, n + m + 1):
-        i = np.arange(max(1, d - m), min(n, d - 1) + 1)
-        j = d - i
-        c0, c1, c2 = cost[i - 1, j - 1], cost[i - 1, j], cost[i, j - 1]
-        t = np.where((c0 < c1) & (c0 < c2), 0, np.where((c1 < c0) & (c1 < c2), 1, 2))
-        cost[i, j] = x[i - 1, j - 1] + np.choose(t, [c0, c1, c2])
-        trace[i, j] = t
-    trace[0, :] = 2
-    trace[:, 0] = 1
-    i, j = n, m
-    path = []
-    while i > 0 or j > 0:
-        path.append((i - 1, j - 1))
-        t = trace[i, j]
-        if t == 0:
-            i, j = i - 1, j - 1
-        elif t == 1:
-            i -= 1
-        else:
-            j -= 1
-    path.reverse()
-    arr = np.array(path)
-    return arr[:, 0], arr[:, 1]
 
 
 def _alignment_heads(checkpoint: Path) -> list[list[int]]:
