@@ -139,9 +139,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def bench_vtp(model, tokenizer, device, dtype, chunks: int, batch: int, tokens: int, audio: np.ndarray) -> tuple[float, float]:
+def bench_vtp(model, tokenizer, device, dtype, chunks: int, batch: int, tokens: int, audio: np.ndarray,
+              beam: int = 1) -> tuple[float, float]:
     engine = make_engine(model, tokenizer, device, dtype, tokens)
-    options = TranscribeOptions(engine="transformers", beam_size=1, language="en")
+    options = TranscribeOptions(engine="transformers", beam_size=beam, language="en")
     n = WINDOW_S * 16000
     pieces = [audio[i * n : (i + 1) * n] for i in range(chunks)]
     spans = [Chunk(index=i, start=i * WINDOW_S, end=(i + 1) * WINDOW_S) for i in range(chunks)]
@@ -221,6 +222,32 @@ def bench_peer(model, device, dtype, chunks: int, tokens: int, audio: np.ndarray
     return total.size / 16000 / (time.perf_counter() - started), peak_gb()
 
 
+def oom_check(model, tokenizer, device, dtype, tokens: int, audio: np.ndarray, batch: int, beam: int,
+              fraction: float) -> dict:
+    """A card smaller than the batch asks for (the process held to ``fraction`` of the GPU's memory):
+    the engine must halve its model calls until they fit, and finish the batch."""
+    import torch
+
+    engine = make_engine(model, tokenizer, device, dtype, tokens)
+    options = TranscribeOptions(engine="transformers", beam_size=beam, language="en")
+    n = WINDOW_S * 16000
+    pieces = [audio[i * n : (i + 1) * n] for i in range(batch)]
+    spans = [Chunk(index=i, start=i * WINDOW_S, end=(i + 1) * WINDOW_S) for i in range(batch)]
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    try:
+        started = time.perf_counter()
+        segments, _ = engine.transcribe_batch(pieces, spans, options)
+        sync()
+        return {"batch": batch, "beam": beam, "memory_fraction": fraction, "gib_allowed": round(
+            fraction * torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+            "settled_sequences": engine.max_sequences, "chunks_with_text": len({s.start for s in segments}),
+            "seconds": round(time.perf_counter() - started, 2)}
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+
+
 def bench_jobs(model, tokenizer, device, dtype, tokens: int, audio: np.ndarray, files: int, batch: int) -> dict:
     """``files`` one-minute files: through one GpuBatcher from a thread each, vs one after another."""
     from workers.batcher import GpuBatcher
@@ -264,7 +291,10 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa,eager", help="the first gets the peer and the jobs section beside it")
     ap.add_argument("--chunks", type=int, default=128, help="30 s chunks per measurement (default 128 = 64 min)")
     ap.add_argument("--tokens", type=int, default=100, help="generated tokens per chunk, forced")
-    ap.add_argument("--peer-batch", type=int, default=24)
+    ap.add_argument("--peer-batch", type=int, default=24, help="0: no peer section")
+    ap.add_argument("--beam", type=int, default=1, help="vtp's beam size (the peer is greedy, as insanely-fast-whisper)")
+    ap.add_argument("--oom-check", type=float, default=0.0,
+                    help="fraction of GPU memory: decode the largest batch within it (the engine halves calls that run out)")
     ap.add_argument("--jobs", type=int, default=20, help="one-minute files for the batching-across-jobs section (0: skip)")
     ap.add_argument("--jobs-batch", type=int, default=32, help="the batcher's decode batch in that section")
     ap.add_argument("--audio", type=Path, help="16 kHz speech as .npy (default: decode tests/data/talk_tts.mp4)")
@@ -317,9 +347,13 @@ def main() -> None:
         for batch in batches:
             if over_budget(f"vtp {attention} batch {batch}"):
                 break
-            xrt, mem = bench_vtp(model, tokenizer, device, dtype, chunks, batch, tokens, audio)
-            rows.append(("vtp transformers engine (+ word alignment)", attention, batch, xrt, mem))
-            record({"system": "vtp", "attention": attention, "batch": batch, "xrt": xrt, "peak_gib": mem})
+            xrt, mem = bench_vtp(model, tokenizer, device, dtype, chunks, batch, tokens, audio, args.beam)
+            system = "vtp transformers engine (+ word alignment)" + (f", beam {args.beam}" if args.beam > 1 else "")
+            rows.append((system, attention, batch, xrt, mem))
+            record({"system": "vtp", "attention": attention, "batch": batch, "beam": args.beam, "xrt": xrt, "peak_gib": mem})
+        if args.oom_check and attention == attentions[0] and device == "cuda" and not over_budget("oom"):
+            record({"oom_check": oom_check(model, tokenizer, device, dtype, tokens, audio, max(batches), args.beam,
+                                           args.oom_check)})
         if attention == attentions[0] and not over_budget("phases"):
             record({"phases": attention, "batch": max(batches),
                     "seconds": phase_seconds(model, tokenizer, device, dtype, max(batches), tokens, audio)})
@@ -354,7 +388,8 @@ def main() -> None:
 
     attentions = args.attention.split(",")
     section(f"vtp {attentions[0]}", lambda: vtp_rows(attentions[0]))
-    section("peer", peer_and_jobs)
+    if peer_batch:
+        section("peer", peer_and_jobs)
     for attention in attentions[1:]:
         section(f"vtp {attention}", lambda attention=attention: vtp_rows(attention))
 
@@ -362,7 +397,7 @@ def main() -> None:
     peer = peers[0] if peers else float("nan")
     lines = [
         f"Machine: {gpu}; {machine()}; torch {torch.__version__}. Model: {label}; {tokens} tokens generated per "
-        f"30 s chunk (forced), greedy; {chunks} chunks ({chunks * WINDOW_S / 60:.0f} min of audio) per row, after a warm-up. "
+        f"30 s chunk (forced), {'greedy' if args.beam == 1 else f'vtp at beam {args.beam}, the peer greedy'}; {chunks} chunks ({chunks * WINDOW_S / 60:.0f} min of audio) per row, after a warm-up. "
         f"Command: `python bench/gpu_throughput.py{' --smoke' if args.smoke else ''} --write docs/benchmarks.md`.",
         "",
         "| system | attention | batch | x realtime | vs peer | peak GPU memory |",

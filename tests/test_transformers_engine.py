@@ -137,3 +137,40 @@ def test_on_cuda_in_half_precision(compute_type, runner, data_dir, tmp_path):
     reference = (data_dir / "jfk.ref.txt").read_text()
     assert wer(reference, result.transcript.text) <= 0.05
     assert result.transcript.stats.engine == "transformers"
+
+
+def test_a_batch_that_runs_out_of_gpu_memory_is_halved_and_the_size_kept(cache_dir, data_dir):
+    """A card that holds 2 chunks at a time: the engine's own model calls are what run out (a
+    CUDA OOM raised by the real ``_transcribe`` wrapped here, since this machine has no GPU)."""
+    import torch
+    from faster_whisper import decode_audio
+
+    from app.messages import Chunk
+    from workers.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine.load(TranscribeOptions(engine="transformers"), cache_dir=cache_dir)
+    audio = decode_audio(str(data_dir / "talk_tts.mp4"))
+    pieces = [audio[i * 160_000 : (i + 1) * 160_000] for i in range(5)]  # 5 chunks of 10 s
+    chunks = [Chunk(index=i, start=i * 10.0, end=(i + 1) * 10.0) for i in range(5)]
+    options = TranscribeOptions(engine="transformers", beam_size=1)
+    expected, _ = engine.transcribe_batch(pieces, chunks, options)
+
+    real, calls = engine._transcribe, []
+
+    def small_card(audio, chunks, options):
+        calls.append(len(audio))
+        if len(audio) * options.beam_size > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(audio, chunks, options)
+
+    engine._transcribe = small_card
+    got, language = engine.transcribe_batch(pieces, chunks, options)
+    assert calls == [5, 2, 2, 1]  # halved once, then the size that fitted
+    assert engine.max_sequences == 2 and language == "en"
+    assert [s.text for s in got] == [s.text for s in expected]
+    calls.clear()
+    engine.transcribe_batch(pieces[:3], chunks[:3], options)
+    assert calls == [2, 1]  # later calls start at the size that fitted
+    calls.clear()
+    with pytest.raises(Exception, match="out of memory"):  # one chunk that does not fit: a (transient) EngineError
+        engine.transcribe_batch(pieces[:1], chunks[:1], TranscribeOptions(engine="transformers", beam_size=5))

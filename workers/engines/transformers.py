@@ -123,6 +123,8 @@ class TransformersEngine:
     #: BENCHMARK-ONLY: generate exactly this many tokens per chunk (random weights never stop on
     #: their own; bench/gpu_throughput.py forces a realistic ~100). None: stop at end of text.
     force_tokens: int | None = None
+    #: Sequences (chunks x beams) one model call fitted in after running out of GPU memory; None: no limit seen.
+    max_sequences: int | None = None
 
     def __init__(self, model, tokenizer, model_name: str, device: str, dtype, alignment_heads: list[list[int]]) -> None:
         from faster_whisper.feature_extractor import FeatureExtractor
@@ -177,11 +179,41 @@ class TransformersEngine:
             return [], options.language or "en"
         try:
             with self._lock:
-                return self._transcribe(audio, chunks, options)
+                return self._transcribe_fitting(audio, chunks, options)
         except errors.VtpError:
             raise
-        except (RuntimeError, ValueError, MemoryError) as exc:  # CUDA OOM is a RuntimeError: transient
+        except (RuntimeError, ValueError, MemoryError) as exc:  # CUDA OOM of one chunk is a RuntimeError: transient
             raise errors.EngineError(f"{self.name} engine failed on a batch of {len(audio)} chunks: {_one_line(exc)}") from exc
+
+    def _transcribe_fitting(self, audio, chunks, options) -> tuple[list[Segment], str]:
+        """Decode in model calls that fit the GPU: a call that runs out of memory is halved and
+        retried, and the size that fitted (in sequences: chunks x beams) is kept for later calls.
+        So ``VTP_DECODE_BATCH`` is a ceiling, not a promise: the default suits an 80 GB card at
+        beam 5, and a smaller card settles on what it holds instead of failing every job."""
+        import torch
+
+        beams = max(1, options.beam_size)
+        segments: list[Segment] = []
+        language = ""
+        start = 0
+        while start < len(audio):
+            rows = len(audio) - start
+            if self.max_sequences:
+                rows = min(rows, max(1, self.max_sequences // beams))
+            try:
+                found, lang = self._transcribe(audio[start : start + rows], chunks[start : start + rows], options)
+            except torch.cuda.OutOfMemoryError:
+                if rows == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.max_sequences = rows // 2 * beams
+                log.warning("%s engine: out of GPU memory at %d chunks x beam %d; decoding %d at a time from now on",
+                            self.name, rows, beams, rows // 2)
+                continue
+            segments.extend(found)
+            language = language or lang
+            start += rows
+        return segments, language
 
     def _transcribe(self, audio, chunks, options) -> tuple[list[Segment], str]:
         import torch
