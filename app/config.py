@@ -108,8 +108,10 @@ class Settings:
     #: chunks share the worker's decode batches (``workers/batcher.py``). 0: 4 on CUDA, 1 on CPU.
     gpu_jobs: int = 0
     #: ``VTP_DECODE_BATCH``: chunks the GPU worker decodes in one model call (across jobs);
-    #: separate from ``VTP_BATCH_SIZE``, the chunks per transcribe job.
-    decode_batch: int = 16
+    #: separate from ``VTP_BATCH_SIZE``, the chunks per transcribe job. 0: 32 on CUDA (4 jobs x
+    #: 8 chunks fill it; large-v3 at beam 5 peaks at 44 GB, docs/benchmarks.md), 16 on CPU.
+    #: A ceiling: a call that runs out of GPU memory is halved and the size that fitted kept.
+    decode_batch: int = 0
     #: ``VTP_BATCH_WAIT_MS``: how long the batcher waits for more chunks to fill a decode batch.
     batch_wait_ms: float = 30.0
 

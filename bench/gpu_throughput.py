@@ -241,7 +241,7 @@ def oom_check(model, tokenizer, device, dtype, tokens: int, audio: np.ndarray, b
         sync()
         return {"batch": batch, "beam": beam, "memory_fraction": fraction, "gib_allowed": round(
             fraction * torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
-            "settled_sequences": engine.max_sequences, "chunks_with_text": len({s.start for s in segments}),
+            "settled_sequences": engine.max_sequences, "cues": len(segments),
             "seconds": round(time.perf_counter() - started, 2)}
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
