@@ -20,8 +20,9 @@ audio is speech) at the machine's throughput, then 2 s of merge and render.
 Throughputs: the CPU size's is vtp's measured rate on 2 cores (docs/benchmarks.md's CPU table,
 the bundled tiny.en, CTranslate2 int8; ``--measure-cpu`` measures it again on a quiet machine),
 taken as a Fly ``performance-2x`` (2 dedicated cores); the GPU's (an ``a100-40gb``) is the
-design card's 30x realtime claim for large-v3, **not measured here** (no GPU): pass
-``--gpu-throughput`` with your own measurement.
+design card's 30x realtime claim for large-v3 by default. ``bench/gpu_throughput.py`` has since
+measured 300x for the engine at vtp's defaults on an H100 (docs/benchmarks.md): pass
+``--gpu-throughput`` with that or your own measurement.
 """
 
 from __future__ import annotations
@@ -287,7 +288,7 @@ def main() -> int:
         f"uploaded at random over {args.hours:g} h (seed {args.seed}). Command: `python bench/fleet_sim.py --write docs/benchmarks.md`.",
         "",
         f"Throughputs: **{args.gpu_kind}** {args.gpu_throughput:g} audio s per s "
-        + ("(the design card's claim for large-v3, *not measured*: no GPU here)" if args.gpu_throughput == 30.0 else "(given)")
+        + ("(the design card's claim for large-v3; an H100 measured 300 for the engine alone, section GPU)" if args.gpu_throughput == 30.0 else "(given)")
         + f"; **{args.cpu_kind}** {cpu_tp:.1f} audio s per s "
         + (
             "(measured in this run: the bundled tiny.en, CTranslate2 int8, on this machine's cores)" if args.measure_cpu
