@@ -5,9 +5,12 @@ sentence that is followed by a pause and never decode the speech after it (measu
 a lecture gone), and it sometimes skips a phrase that repeats its neighbour. Nothing in the
 output says so. So after the engine has decoded and word-aligned a batch, every stretch of
 the VAD's speech (``Chunk.speech``) that no aligned word covers, at least ``min_gap_s`` long,
-is decoded again as a chunk of its own — all such stretches of the batch in one engine call —
-and the words found there are merged in by time. A word that overlaps a word already there is
-dropped, so where stretches touch nothing is said twice. A stretch decoded again can itself
+is decoded again, with the rest of the VAD's speech region(s) it lies in, as a chunk of its own
+— all such stretches of the batch in one engine call — and the words found there are merged in
+by time. A word that overlaps a word already there is dropped, so where stretches touch nothing
+is said twice. But where the stretch on its own yields more words than the chunk had there (and
+Whisper is confident of them), its words replace the chunk's: that is a phrase said twice and
+decoded once, whose few words alignment smeared over both. A stretch decoded again can itself
 stop early, so this runs up to ``rounds`` times on what is still uncovered.
 
 Probe chunks (``Chunk.probe``: loud audio the VAD rejected, see ``workers.levels``) are kept
@@ -54,6 +57,9 @@ class CoverageOptions:
 
 Span = tuple[float, float]
 
+#: Faster than anyone speaks: a decode with more words a second is Whisper looping.
+MAX_WORDS_PER_S = 5.0
+
 
 def _word_spans(word: Word, longest: float) -> list[Span]:
     if word.end - word.start <= longest:
@@ -92,6 +98,33 @@ def _overlaps(word: Word, existing: list[Span]) -> bool:
 
 def _words(segments: list[Segment]) -> list[Word]:
     return [w for s in segments for w in s.words or []]
+
+
+def _middle(word: Word) -> float:
+    return (word.start + word.end) / 2
+
+
+def _confident(segments: list[Segment], words: list[Word], span: Span, opts: CoverageOptions) -> bool:
+    """A decode to trust over the chunk's: confident by Whisper's own rule, and no faster than
+    anyone speaks (a decoding loop repeats words far faster than 5 a second)."""
+    confident = all(s.avg_logprob > opts.logprob_threshold for s in segments)
+    return confident and len(words) <= MAX_WORDS_PER_S * max(span[1] - span[0], 1.0)
+
+
+def _without(segments: list[Segment], span: Span) -> list[Segment]:
+    """The segments with their words inside ``span`` taken out (text and times follow the words)."""
+    out: list[Segment] = []
+    for seg in segments:
+        if not seg.words:
+            out.append(seg)
+            continue
+        kept = [w for w in seg.words if not span[0] <= _middle(w) <= span[1]]
+        if len(kept) == len(seg.words):
+            out.append(seg)
+        elif kept:
+            text = "".join(w.word for w in kept).strip()
+            out.append(msgspec.structs.replace(seg, words=kept, text=text, start=kept[0].start, end=kept[-1].end))
+    return out
 
 
 def transcribe_covered(
@@ -147,7 +180,11 @@ def repair_gaps(
                 key = (c.index, round(gap[0], 2), round(gap[1], 2))
                 if key not in tried:
                     tried.add(key)
-                    todo.append((i, gap, (max(c.start, gap[0] - opts.context_s), min(c.end, gap[1] + opts.context_s))))
+                    # the whole of the VAD's speech around the gap: where Whisper merged a phrase
+                    # said twice, the words beside the gap are mistimed too
+                    around = [r for r in c.speech or [(c.start, c.end)] if r[0] < gap[1] and r[1] > gap[0]] or [gap]
+                    first, last = min(r[0] for r in around), max(r[1] for r in around)
+                    todo.append((i, gap, (max(c.start, first - opts.context_s), min(c.end, last + opts.context_s))))
         if not todo:
             break
         gaps += len(todo)
@@ -161,8 +198,19 @@ def repair_gaps(
             found[seg.chunk].append(seg)
         for k, (i, (g_start, g_end), (start, end)) in enumerate(todo):
             parent = chunks[i]
-            existing = _covered(by_chunk.get(parent.index, []), 0.0, opts.max_word_s)
-            fresh = [w for w in _words(found.get(k, [])) if not _overlaps(w, existing)]
+            segments = by_chunk.get(parent.index, [])
+            heard = _words(found.get(k, []))
+            inner = (start + opts.context_s, end - opts.context_s)  # the speech itself, no context
+            before = [w for w in _words(segments) if inner[0] <= _middle(w) <= inner[1]]
+            again = [w for w in heard if inner[0] <= _middle(w) <= inner[1]]
+            if heard and len(again) > len(before) and _confident(found[k], again, inner, opts):
+                # The stretch on its own says more than the chunk did: its words replace the
+                # chunk's there (a phrase said twice and decoded once, its words smeared).
+                by_chunk[parent.index] = segments = _without(segments, inner)
+                fresh = again
+            else:
+                existing = _covered(segments, 0.0, opts.max_word_s)
+                fresh = [w for w in heard if not _overlaps(w, existing)]
             if not fresh:
                 continue
             first = found[k][0]

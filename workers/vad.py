@@ -11,8 +11,8 @@ low-frequency noise (hum, rumble, a different room): measured on speech 37 dB be
 it found no speech at all. A high-pass filter (``highpass_hz``) on the VAD's copy removes that
 band and it finds all of it, while noise alone stays silent. But the filtered copy alone clips
 low voices where speech starts after a silence (measured: JFK's "And so" after 20 s of silence,
-0.9 s of speech, never reached Whisper), so Silero also runs on the original, and what only it
-hears is added. Whisper hears the original audio.
+0.9 s of speech, never reached Whisper), so Silero also runs on the original, and a region
+starts where that pass heard it start (``onset_lookback_s``). Whisper hears the original audio.
 
 **Streaming.** ``scan`` reads the audio through a ``read(first, end)`` callable in blocks of
 ``block_s`` seconds (a PCM file is read with ``np.fromfile``, never loaded whole), so memory is
@@ -64,6 +64,9 @@ class ChunkingOptions:
     #: High-pass cutoff of the VAD's copy of the audio (0: off), the middle of a 100 Hz ramp.
     #: Speech keeps its formants above it; hum and rumble, which blind Silero, live below it.
     highpass_hz: float = 300.0
+    #: How much earlier a region may start where Silero on the original (unfiltered) audio
+    #: heard its speech start: the high-passed copy alone clips low voices' first words.
+    onset_lookback_s: float = 1.5
     #: Seconds of audio the VAD holds at once: bounds memory whatever the input length.
     block_s: float = 60.0
     #: The safety net for loud stretches the VAD rejected (``workers.levels``).
@@ -155,10 +158,26 @@ def scan(read: Reader, samples: int, opts: ChunkingOptions, on_block: BlockDone 
         pos = nxt if not last else end
     limit = int(opts.max_chunk_s * SAMPLE_RATE)
     heard = _bounded(spans.merge(regions), limit)
-    # Only what the conditioned copy missed, as regions of their own: merging the two passes'
-    # regions could join Silero's own splits into stretches past the window, cut blindly.
-    missed = _bounded(spans.subtract(spans.merge(extras), heard), limit)
-    return Scan(samples=samples, regions=sorted(heard + missed), frame_db=meter.result())
+    return Scan(samples=samples, regions=_earlier_onsets(heard, spans.merge(extras), opts), frame_db=meter.result())
+
+
+def _earlier_onsets(heard: list[tuple[int, int]], original: list[tuple[int, int]], opts: ChunkingOptions) -> list[tuple[int, int]]:
+    """Start a region where the pass over the original heard it start, up to ``onset_lookback_s``
+    earlier (never into the region before, never past the window). Only onsets move: adding
+    everything the original pass found changed the chunks' edges everywhere, and with them where
+    Whisper merged a phrase that is said twice (measured: a lost run on the lecture-length file)."""
+    lookback = int(opts.onset_lookback_s * SAMPLE_RATE)
+    limit = int(opts.max_chunk_s * SAMPLE_RATE)
+    out: list[tuple[int, int]] = []
+    k = 0
+    for start, end in heard:
+        while k < len(original) and original[k][1] <= start:
+            k += 1
+        earliest = max(start - lookback, out[-1][1] if out else 0, end - limit)
+        if k < len(original) and original[k][0] < start:
+            start = max(original[k][0], earliest)
+        out.append((start, end))
+    return out
 
 
 def pcm_reader(path: Path) -> tuple[Reader, int]:
