@@ -13,6 +13,7 @@ every sentence end, and music and noise with no words at all.
 from __future__ import annotations
 
 import anyio
+import msgspec
 import numpy as np
 import pytest
 from faster_whisper.vad import VadOptions, get_speech_timestamps
@@ -134,6 +135,34 @@ def test_a_chunk_decoded_short_is_repaired_without_duplicates(engines, data_dir)
     expected = [w.word.strip() for s in full for w in s.words or []]
     assert word_errors(" ".join(expected), " ".join(words)).wer <= 0.1
     assert len(words) <= len(expected) + 1  # nothing said twice where the stretches touch
+
+
+def test_a_phrase_decoded_once_with_its_words_smeared_is_replaced(engines, data_dir):
+    """Whisper hearing a phrase said twice once, made certain: the real engine decodes jfk, then
+    "what your country can do for you" is taken out and "not" smeared over it, as DTW smears a
+    word over speech Whisper did not decode (measured: "your" over 4.6 s of ivr_prompts). The
+    repair decodes the whole speech region again, hears more words there, and they replace the
+    chunk's: none lost, none said twice."""
+    audio = media.load_pcm(data_dir / "jfk.flac")
+    chunk = vad.find_chunks(audio)[0]
+    piece = audio[chunk.sample_range[0] : chunk.sample_range[1]]
+    options = TranscribeOptions(word_timestamps=True)
+    engine = engines.get(options)
+    full, _lang = engine.transcribe_batch([piece], [chunk], options)
+    words = [w for s in full for w in s.words or []]
+    nots = next(i for i, w in enumerate(words) if w.word.strip().lower().startswith("not"))
+    gone = words[nots + 1 : nots + 8]  # what your country can do for you
+    kept = words[:nots] + [msgspec.structs.replace(words[nots], end=gone[-1].end)] + words[nots + 8 :]
+    assert kept[nots].end - kept[nots].start > 2.0  # smeared well past a spoken word
+    damaged = [msgspec.structs.replace(full[0], words=kept, text="".join(w.word for w in kept), end=kept[-1].end)]
+    by_chunk = {chunk.index: damaged}
+    stats = coverage.repair_gaps(engine, [piece], [chunk], by_chunk, options, coverage.CoverageOptions())
+    assert stats.repaired >= 1
+    got = " ".join(w.word for s in sorted(by_chunk[chunk.index], key=lambda s: s.start) for w in s.words or [])
+    reference = media.reference(data_dir, "jfk.flac")
+    assert not deletion_runs(reference, got), got
+    assert word_errors(reference, got).wer <= 0.1, got
+    assert len(got.split()) <= len(words) + 1, got  # nothing said twice
 
 
 def test_uncovered_finds_speech_without_words():

@@ -118,12 +118,16 @@ def _without(segments: list[Segment], span: Span) -> list[Segment]:
         if not seg.words:
             out.append(seg)
             continue
-        kept = [w for w in seg.words if not span[0] <= _middle(w) <= span[1]]
-        if len(kept) == len(seg.words):
+        before = [w for w in seg.words if _middle(w) < span[0]]
+        after = [w for w in seg.words if _middle(w) > span[1]]
+        if len(before) + len(after) == len(seg.words) and not (before and after):
             out.append(seg)
-        elif kept:
-            text = "".join(w.word for w in kept).strip()
-            out.append(msgspec.structs.replace(seg, words=kept, text=text, start=kept[0].start, end=kept[-1].end))
+            continue
+        # split where the words were taken out, so the new ones fall between in time order
+        for kept in (before, after):
+            if kept:
+                text = "".join(w.word for w in kept).strip()
+                out.append(msgspec.structs.replace(seg, words=kept, text=text, start=kept[0].start, end=kept[-1].end))
     return out
 
 
