@@ -70,14 +70,55 @@ class Chunk(Struct, frozen=True, kw_only=True, omit_defaults=True):
     #: A loud stretch the VAD rejected (``workers.levels``): its words are kept only where
     #: Whisper itself is sure it heard speech.
     probe: bool = False
+    #: Where the chunk's audio comes from when long pauses inside it were cut out: source spans
+    #: (seconds), whose audio is joined in order. Empty: all of ``[start, end]``. Engines time
+    #: words in the joined audio and map them back with ``to_source``.
+    pieces: list[tuple[float, float]] = []
+
+    @property
+    def spans(self) -> list[tuple[float, float]]:
+        return self.pieces or [(self.start, self.end)]
 
     @property
     def duration(self) -> float:
-        return self.end - self.start
+        """Seconds of audio the engine hears (the cut pauses are not in it)."""
+        return sum(e - s for s, e in self.spans)
 
     @property
     def sample_range(self) -> tuple[int, int]:
+        """The source samples from the first to the last heard, cut pauses included."""
         return round(self.start * SAMPLE_RATE), round(self.end * SAMPLE_RATE)
+
+    @property
+    def sample_ranges(self) -> list[tuple[int, int]]:
+        """The source samples the engine hears, one range per piece."""
+        return [(round(s * SAMPLE_RATE), round(e * SAMPLE_RATE)) for s, e in self.spans]
+
+    @property
+    def samples(self) -> int:
+        return sum(e - s for s, e in self.sample_ranges)
+
+    def to_source(self, t: float) -> float:
+        """Seconds into the chunk's (joined) audio -> seconds in the source."""
+        offset = 0.0
+        for s, e in self.spans:
+            if t <= offset + (e - s):
+                return s + max(0.0, t - offset)
+            offset += e - s
+        return self.end
+
+    def to_heard(self, t: float) -> float:
+        """Seconds in the source -> seconds into the chunk's audio (a cut pause maps to its edge)."""
+        offset = 0.0
+        for s, e in self.spans:
+            if t <= e:
+                return offset + max(0.0, t - s)
+            offset += e - s
+        return offset
+
+    def span_around(self, start: float, end: float) -> tuple[float, float]:
+        """The piece that holds most of ``[start, end]``."""
+        return max(self.spans, key=lambda p: min(p[1], end) - max(p[0], start))
 
 
 class ChunkBatch(Struct, frozen=True, kw_only=True):

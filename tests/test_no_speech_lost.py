@@ -12,6 +12,8 @@ every sentence end, and music and noise with no words at all.
 
 from __future__ import annotations
 
+import difflib
+
 import anyio
 import msgspec
 import numpy as np
@@ -199,3 +201,27 @@ def test_loud_stretches_the_vad_rejected_become_probe_chunks():
     probes = [c for c in chunks if c.probe]
     assert len(probes) == 1 and probes[0].start < 8.0 < 12.0 < probes[0].end <= 12.5
     assert all(isinstance(c, Chunk) for c in chunks)
+
+
+def test_a_long_pause_is_cut_out_and_the_words_keep_their_own_times(runner, data_dir, tmp_path):
+    """jfk.flac, 20 s of silence, jfk.flac again: one chunk hears both (the pause cut out), and
+    the second sentence's words come back at their times in the file, not in the joined audio."""
+    jfk = media.load_pcm(data_dir / "jfk.flac")
+    pause = 20.0
+    path = media.write_wav(np.concatenate([jfk, np.zeros(int(pause * media.RATE), np.float32), jfk]), tmp_path / "two.wav")
+    result = vtp(runner, path, tmp_path / "out", word_timestamps=True)
+    assert result.transcript.stats.chunks == 1  # 22 s heard: one window, not one per copy
+    second = jfk.size / media.RATE + pause  # where the second copy starts in the file
+    words = [w for s in result.transcript.segments for w in s.words]
+    first_half = [w for w in words if w.end <= jfk.size / media.RATE + 0.5]
+    second_half = [w for w in words if w.start >= second - 0.5]
+    assert len(first_half) + len(second_half) == len(words), "a word timed inside the cut pause"
+    reference = media.reference(data_dir, "jfk.flac")
+    for half in (first_half, second_half):
+        assert not deletion_runs(reference, "".join(w.word for w in half))
+    # the same words at the same offsets from each copy's start, within alignment jitter
+    key = [w.word.strip(" .,").lower() for w in first_half], [w.word.strip(" .,").lower() for w in second_half]
+    matcher = difflib.SequenceMatcher(a=key[0], b=key[1], autojunk=False)
+    offsets = [second_half[m.b + k].start - first_half[m.a + k].start for m in matcher.get_matching_blocks() for k in range(m.size)]
+    assert len(offsets) >= 0.8 * len(first_half)
+    assert np.median(np.abs(np.array(offsets) - second)) < 0.2 and max(abs(o - second) for o in offsets) < 1.0, offsets

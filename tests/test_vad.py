@@ -54,11 +54,28 @@ def test_silence_has_no_chunks(data_dir):
     assert vad.find_chunks(np.zeros(0, dtype=np.float32)) == []
 
 
-def test_long_pauses_are_skipped():
-    opts = vad.ChunkingOptions(max_gap_s=3.0)
+def test_long_pauses_are_cut_out_of_the_chunk():
+    opts = vad.ChunkingOptions(cut_pause_s=1.0)
     sr = 16000
-    chunks = vad.chunk_regions([(0, 2 * sr), (10 * sr, 12 * sr), (13 * sr, 14 * sr)], opts)
-    assert [(c.start, c.end) for c in chunks] == [(0.0, 2.0), (10.0, 14.0)]
+    (chunk,) = vad.chunk_regions([(0, 2 * sr), (10 * sr, 12 * sr), (13 * sr, 14 * sr)], opts)
+    assert (chunk.start, chunk.end) == (0.0, 14.0)
+    assert chunk.pieces == [(0.0, 2.0), (10.0, 14.0)]  # the 8 s pause is cut, the 1 s one kept
+    assert chunk.speech == [(0.0, 2.0), (10.0, 12.0), (13.0, 14.0)]
+    assert chunk.duration == 6.0 and chunk.samples == 6 * sr
+    assert chunk.sample_ranges == [(0, 2 * sr), (10 * sr, 14 * sr)]
+    # times in the joined audio <-> times in the source
+    assert [chunk.to_source(t) for t in (0.0, 1.5, 2.0, 2.5, 6.0)] == [0.0, 1.5, 2.0, 10.5, 14.0]
+    assert [chunk.to_heard(t) for t in (1.5, 5.0, 10.5, 14.0)] == [1.5, 2.0, 2.5, 6.0]
+    assert chunk.span_around(10.2, 11.0) == (10.0, 14.0)
+
+
+def test_packing_counts_heard_seconds_not_the_cut_pauses():
+    opts = vad.ChunkingOptions()
+    sr = 16000
+    # four 10 s regions a minute apart: 40 s heard, so two chunks (not four, as before cutting)
+    chunks = vad.chunk_regions([(k * 60 * sr, (k * 60 + 10) * sr) for k in range(4)], opts)
+    assert [len(c.spans) for c in chunks] == [2, 2]
+    assert all(c.duration <= opts.max_chunk_s for c in chunks)
 
 
 def _seconds(regions) -> float:

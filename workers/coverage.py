@@ -185,17 +185,19 @@ def repair_gaps(
                 if key not in tried:
                     tried.add(key)
                     # the whole of the VAD's speech around the gap: where Whisper merged a phrase
-                    # said twice, the words beside the gap are mistimed too
+                    # said twice, the words beside the gap are mistimed too; within the gap's own
+                    # piece of the chunk, with context: never across a cut pause
                     around = [r for r in c.speech or [(c.start, c.end)] if r[0] < gap[1] and r[1] > gap[0]] or [gap]
                     first, last = min(r[0] for r in around), max(r[1] for r in around)
-                    todo.append((i, gap, (max(c.start, first - opts.context_s), min(c.end, last + opts.context_s))))
+                    low, high = c.span_around(*gap)
+                    todo.append((i, gap, (max(low, first - opts.context_s), min(high, last + opts.context_s))))
         if not todo:
             break
         gaps += len(todo)
         pieces, subs = [], []
         for k, (i, _gap, (start, end)) in enumerate(todo):
-            offset = chunks[i].start
-            pieces.append(audio[i][round((start - offset) * SAMPLE_RATE) : round((end - offset) * SAMPLE_RATE)])
+            c = chunks[i]
+            pieces.append(audio[i][round(c.to_heard(start) * SAMPLE_RATE) : round(c.to_heard(end) * SAMPLE_RATE)])
             subs.append(Chunk(index=k, start=start, end=end))
         found: dict[int, list[Segment]] = defaultdict(list)
         for seg in engine.transcribe_batch(pieces, subs, options)[0]:

@@ -87,7 +87,7 @@ async def segment(ctx: StageContext, req: SegmentRequest, progress: Progress | N
             members = chunks[start : start + size]
             key = batch_audio_key(req.job_id, index)
             # int16 slices of the extracted PCM: half the bytes of float32 on the wire to GPU hosts.
-            data = await anyio.to_thread.run_sync(_read_ranges, path, [c.sample_range for c in members])
+            data = await anyio.to_thread.run_sync(_read_ranges, path, [r for c in members for r in c.sample_ranges])
             await ctx.storage.put_bytes(key, data)
             batches.append(ChunkBatch(index=index, chunks=members, audio_key=key))
     speech = sum(c.duration for c in chunks)
@@ -115,8 +115,7 @@ def split_batch_audio(data: bytes, batch: ChunkBatch) -> list[np.ndarray]:
     samples = audio.pcm_to_float(data)
     out, pos = [], 0
     for c in batch.chunks:
-        first, last = c.sample_range
-        n = last - first
+        n = c.samples
         out.append(samples[pos : pos + n])
         pos += n
     if pos != samples.size:

@@ -1,10 +1,11 @@
 """Speech chunking: Silero VAD (the ONNX model inside faster-whisper) -> chunks cut at pauses.
 
-Each chunk is one contiguous stretch of the original audio, so its segments' timestamps are
-simply offset by the chunk start. A chunk never exceeds ``max_chunk_s``, kept below Whisper's
-30 s window on purpose: Whisper silently drops whatever falls past 30 s, which is how batched
-pipelines lose words when VAD padding pushes a chunk over the edge. Pauses longer than
-``max_gap_s`` end a chunk and are not transcribed at all (no hallucinations in silence).
+A chunk packs consecutive speech regions up to ``max_chunk_s`` of heard audio, kept below
+Whisper's 30 s window on purpose: Whisper silently drops whatever falls past 30 s, which is how
+batched pipelines lose words when VAD padding pushes a chunk over the edge. Pauses longer than
+``cut_pause_s`` are cut out of the chunk's audio and never transcribed (no hallucinations in
+silence, no window spent on it, and Whisper does not stop early at a long pause); the chunk
+keeps the source spans it joined (``Chunk.pieces``) and words are timed back through them.
 
 **The VAD hears a conditioned copy, and the original.** Silero misses speech under loud
 low-frequency noise (hum, rumble, a different room): measured on speech 37 dB below such noise,
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 from faster_whisper.vad import VadOptions, get_speech_timestamps
 
@@ -55,8 +57,11 @@ class ChunkingOptions:
     min_silence_ms: int = 300
     #: Audio kept either side of detected speech so word edges are not clipped.
     speech_pad_ms: int = 300
-    #: Silence longer than this between two speech regions ends a chunk and is skipped.
-    max_gap_s: float = 3.0
+    #: A pause longer than this between two speech regions is cut out of the chunk's audio:
+    #: Whisper hears the speech either side joined, with their pads (``speech_pad_ms`` each) as
+    #: the pause, and word times are mapped back (``Chunk.pieces``). Long pauses inside a
+    #: window made Whisper stop decoding early and filled windows with silence.
+    cut_pause_s: float = 1.0
     #: Speech probability above which a frame is speech.
     threshold: float = 0.5
     #: Regions shorter than this are dropped (clicks, breaths).
@@ -212,43 +217,55 @@ def _bounded(regions: list[tuple[int, int]], limit: int) -> list[tuple[int, int]
 
 
 def chunk_regions(regions: list[tuple[int, int]], opts: ChunkingOptions) -> list[Chunk]:
-    """Greedily pack consecutive speech regions into chunks of at most ``max_chunk_s``.
+    """Greedily pack consecutive speech regions into chunks of at most ``max_chunk_s`` of heard
+    audio, cutting out pauses longer than ``cut_pause_s`` (each chunk's ``pieces``).
 
     Each chunk remembers the speech regions it holds (``Chunk.speech``): the transcribe stage
     checks that every one of them is covered by words (``workers.coverage``).
     """
     limit = int(opts.max_chunk_s * SAMPLE_RATE)
-    max_gap = int(opts.max_gap_s * SAMPLE_RATE)
-    groups: list[list[tuple[int, int]]] = []
+    cut = int(opts.cut_pause_s * SAMPLE_RATE)
+    groups: list[tuple[list[tuple[int, int]], list[list[int]]]] = []  # (regions, pieces)
+    heard = 0
     for start, end in _bounded(regions, limit):
         if groups:
-            members = groups[-1]
-            if end - members[0][0] <= limit and start - members[-1][1] <= max_gap:
+            members, pieces = groups[-1]
+            joined = start - pieces[-1][1] <= cut
+            added = end - (pieces[-1][1] if joined else start)
+            if heard + added <= limit:
                 members.append((start, end))
+                if joined:
+                    pieces[-1][1] = max(pieces[-1][1], end)
+                else:
+                    pieces.append([start, end])
+                heard += added
                 continue
-        groups.append([(start, end)])
-    return [
-        Chunk(
+        groups.append(([(start, end)], [[start, end]]))
+        heard = end - start
+    chunks = []
+    for i, (members, pieces) in enumerate(groups):
+        heard = [(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in pieces]
+        chunks.append(Chunk(
             index=i,
-            start=m[0][0] / SAMPLE_RATE,
-            end=max(e for _, e in m) / SAMPLE_RATE,
-            speech=[(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in m],
-        )
-        for i, m in enumerate(groups)
-    ]
+            start=heard[0][0],
+            end=heard[-1][1],
+            speech=[(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in members],
+            pieces=heard if len(heard) > 1 else [],
+        ))
+    return chunks
 
 
 def plan_chunks(found: Scan, opts: ChunkingOptions) -> list[Chunk]:
     """Speech chunks, plus probe chunks for loud stretches the VAD rejected, in time order."""
     speech = chunk_regions(found.regions, opts)
-    taken = [c.sample_range for c in speech]
+    taken = [r for c in speech for r in c.sample_ranges]  # a loud cut pause gets its own probe
     stretches = levels.loud_rejected_stretches(found.frame_db, found.regions, taken, found.samples, opts.probes)
     probes = [
         Chunk(index=0, start=s / SAMPLE_RATE, end=e / SAMPLE_RATE, probe=True)
         for s, e in _bounded(stretches, int(opts.max_chunk_s * SAMPLE_RATE))
     ]
     ordered = sorted(speech + probes, key=lambda c: c.start)
-    return [Chunk(index=i, start=c.start, end=c.end, speech=c.speech, probe=c.probe) for i, c in enumerate(ordered)]
+    return [msgspec.structs.replace(c, index=i) for i, c in enumerate(ordered)]
 
 
 def find_chunks(audio: np.ndarray, opts: ChunkingOptions | None = None) -> list[Chunk]:

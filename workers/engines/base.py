@@ -24,9 +24,9 @@ class Engine(Protocol):
     def transcribe_batch(
         self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions
     ) -> tuple[list[Segment], str]:
-        """Transcribe ``audio[i]`` (float32, 16 kHz) which starts at ``chunks[i].start``.
+        """Transcribe ``audio[i]`` (float32, 16 kHz), the audio of ``chunks[i]`` (its pieces joined).
 
-        Returns segments with absolute timestamps, in chunk order, and the language.
+        Returns segments with source timestamps (``Chunk.to_source``), in chunk order, and the language.
         """
         ...
 

@@ -27,6 +27,9 @@ BUNDLED_MODEL_NAME = "tiny.en"
 #: Whisper's own rule for "nothing was said": both must hold to drop a chunk's text.
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
+#: ``add_word_timestamps``' "last speech" time: none before a chunk, so its first word may be
+#: clamped when DTW stretched it (as it was for every chunk when times were absolute).
+NO_SPEECH_BEFORE = float("-inf")
 
 
 def bundled_model_path() -> Path:
@@ -234,7 +237,8 @@ class FasterWhisperEngine:
         """
         fps = self.model.frames_per_second
         subs = [
-            [{"tokens": outputs[i]["tokens"], "start": chunks[i].start, "end": chunks[i].end, "seek": chunks[i].start * fps}]
+            # times in the chunk's own audio (``_word`` maps them to the source)
+            [{"tokens": outputs[i]["tokens"], "start": 0.0, "end": chunks[i].duration, "seek": 0}]
             for i in spoken
         ]
         if subs:
@@ -245,7 +249,7 @@ class FasterWhisperEngine:
                 [int(np.ceil(audio[i].size / 16000) * fps) for i in spoken],
                 tr_options.prepend_punctuations,
                 tr_options.append_punctuations,
-                0.0,
+                NO_SPEECH_BEFORE,
             )
         return [s[0] for s in subs]
 
@@ -256,9 +260,12 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def _word(w: dict, chunk: Chunk) -> Word:
-    start = round(float(min(max(w["start"], chunk.start), chunk.end)), 3)
-    end = round(float(min(max(w["end"], start), chunk.end)), 3)
-    return Word(start=start, end=end, word=w["word"], probability=round(float(w["probability"]), 4))
+    """A word timed in the chunk's own audio -> a Word timed in the source."""
+    heard = chunk.duration
+    start = chunk.to_source(min(max(float(w["start"]), 0.0), heard))
+    end = chunk.to_source(min(max(float(w["end"]), 0.0), heard))
+    return Word(start=round(start, 3), end=round(max(end, start), 3), word=w["word"],
+                probability=round(float(w["probability"]), 4))
 
 
 def _select(encoder_output, rows: list[int], total: int):

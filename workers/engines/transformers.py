@@ -42,6 +42,7 @@ from workers import cues
 from workers.engines.ctranslate2 import (
     BUNDLED_MODEL_NAME,
     LOGPROB_THRESHOLD,
+    NO_SPEECH_BEFORE,
     NO_SPEECH_THRESHOLD,
     _one_line,
     _word,
@@ -238,7 +239,8 @@ class TransformersEngine:
             if not (scored[i].no_speech_prob > NO_SPEECH_THRESHOLD and scored[i].avg_logprob < LOGPROB_THRESHOLD)
         ]
         subs = [
-            [{"tokens": texts[i], "start": chunks[i].start, "end": chunks[i].end, "seek": chunks[i].start * FRAMES_PER_SECOND}]
+            # times in the chunk's own audio (``_word`` maps them to the source)
+            [{"tokens": texts[i], "start": 0.0, "end": chunks[i].duration, "seek": 0}]
             for i in spoken
         ]
         if subs:
@@ -246,7 +248,7 @@ class TransformersEngine:
             aligner = _Aligner(scored)
             WhisperModel.add_word_timestamps(
                 aligner, subs, tokenizer, spoken, [scored[i].num_frames for i in spoken],
-                PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS, 0.0,
+                PREPEND_PUNCTUATIONS, APPEND_PUNCTUATIONS, NO_SPEECH_BEFORE,
             )
         segments: list[Segment] = []
         for i, sub in zip(spoken, (s[0] for s in subs)):
