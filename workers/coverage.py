@@ -176,7 +176,7 @@ def repair_gaps(
     gaps, repaired, repaired_seconds = 0, 0, 0.0
     tried: set[tuple[int, float, float]] = set()
     for _ in range(opts.rounds):
-        todo: list[tuple[int, Span, Span]] = []  # (position in batch, gap, stretch decoded)
+        todo: list[tuple[int, Span, Span, Span]] = []  # (position in batch, gap, its speech, stretch decoded)
         for i, c in enumerate(chunks):
             if c.probe:
                 continue
@@ -188,31 +188,31 @@ def repair_gaps(
                     # said twice, the words beside the gap are mistimed too; within the gap's own
                     # piece of the chunk, with context: never across a cut pause
                     around = [r for r in c.speech or [(c.start, c.end)] if r[0] < gap[1] and r[1] > gap[0]] or [gap]
-                    first, last = min(r[0] for r in around), max(r[1] for r in around)
                     low, high = c.span_around(*gap)
-                    todo.append((i, gap, (max(low, first - opts.context_s), min(high, last + opts.context_s))))
+                    region = (max(low, min(r[0] for r in around)), min(high, max(r[1] for r in around)))
+                    stretch = (max(low, region[0] - opts.context_s), min(high, region[1] + opts.context_s))
+                    todo.append((i, gap, region, stretch))
         if not todo:
             break
         gaps += len(todo)
         pieces, subs = [], []
-        for k, (i, _gap, (start, end)) in enumerate(todo):
+        for k, (i, _gap, _region, (start, end)) in enumerate(todo):
             c = chunks[i]
             pieces.append(audio[i][round(c.to_heard(start) * SAMPLE_RATE) : round(c.to_heard(end) * SAMPLE_RATE)])
             subs.append(Chunk(index=k, start=start, end=end))
         found: dict[int, list[Segment]] = defaultdict(list)
         for seg in engine.transcribe_batch(pieces, subs, options)[0]:
             found[seg.chunk].append(seg)
-        for k, (i, (g_start, g_end), (start, end)) in enumerate(todo):
+        for k, (i, (g_start, g_end), region, (start, end)) in enumerate(todo):
             parent = chunks[i]
             segments = by_chunk.get(parent.index, [])
             heard = _words(found.get(k, []))
-            inner = (start + opts.context_s, end - opts.context_s)  # the speech itself, no context
-            before = [w for w in _words(segments) if inner[0] <= _middle(w) <= inner[1]]
-            again = [w for w in heard if inner[0] <= _middle(w) <= inner[1]]
-            if heard and len(again) > len(before) and _confident(found[k], again, inner, opts):
+            before = [w for w in _words(segments) if region[0] <= _middle(w) <= region[1]]
+            again = [w for w in heard if region[0] <= _middle(w) <= region[1]]
+            if heard and len(again) > len(before) and _confident(found[k], again, region, opts):
                 # The stretch on its own says more than the chunk did: its words replace the
                 # chunk's there (a phrase said twice and decoded once, its words smeared).
-                by_chunk[parent.index] = segments = _without(segments, inner)
+                by_chunk[parent.index] = segments = _without(segments, region)
                 fresh = again
             else:
                 existing = _covered(segments, 0.0, opts.max_word_s)
