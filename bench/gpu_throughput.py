@@ -76,6 +76,13 @@ def speech(seconds: float, audio: Path | None) -> np.ndarray:
     return np.tile(base, reps)[: int(seconds * 16000)]
 
 
+def windows(audio: np.ndarray, count: int, first: int = 0) -> tuple[list[np.ndarray], list[Chunk]]:
+    """``count`` consecutive 30 s chunks of ``audio`` from window ``first`` on, timed from 0."""
+    n = WINDOW_S * 16000
+    pieces = [audio[(first + i) * n : (first + i + 1) * n] for i in range(count)]
+    return pieces, [Chunk(index=i, start=i * WINDOW_S, end=(i + 1) * WINDOW_S) for i in range(count)]
+
+
 def default_tokenizer() -> Path:
     from workers.engines.ctranslate2 import bundled_model_path
 
@@ -143,9 +150,7 @@ def bench_vtp(model, tokenizer, device, dtype, chunks: int, batch: int, tokens: 
               beam: int = 1) -> tuple[float, float]:
     engine = make_engine(model, tokenizer, device, dtype, tokens)
     options = TranscribeOptions(engine="transformers", beam_size=beam, language="en")
-    n = WINDOW_S * 16000
-    pieces = [audio[i * n : (i + 1) * n] for i in range(chunks)]
-    spans = [Chunk(index=i, start=i * WINDOW_S, end=(i + 1) * WINDOW_S) for i in range(chunks)]
+    pieces, spans = windows(audio, chunks)
     engine.transcribe_batch(pieces[:batch], spans[:batch], options)  # warm-up
     reset_peak()
     started = time.perf_counter()
@@ -161,9 +166,7 @@ def phase_seconds(model, tokenizer, device, dtype, batch: int, tokens: int, audi
 
     engine = make_engine(model, tokenizer, device, dtype, tokens)
     options = TranscribeOptions(engine="transformers", beam_size=1, language="en")
-    n = WINDOW_S * 16000
-    pieces = [audio[i * n : (i + 1) * n] for i in range(batch)]
-    spans = [Chunk(index=i, start=i * WINDOW_S, end=(i + 1) * WINDOW_S) for i in range(batch)]
+    pieces, spans = windows(audio, batch)
     spent: dict[str, float] = {}
 
     def timed(name, fn):
@@ -230,9 +233,7 @@ def oom_check(model, tokenizer, device, dtype, tokens: int, audio: np.ndarray, b
 
     engine = make_engine(model, tokenizer, device, dtype, tokens)
     options = TranscribeOptions(engine="transformers", beam_size=beam, language="en")
-    n = WINDOW_S * 16000
-    pieces = [audio[i * n : (i + 1) * n] for i in range(batch)]
-    spans = [Chunk(index=i, start=i * WINDOW_S, end=(i + 1) * WINDOW_S) for i in range(batch)]
+    pieces, spans = windows(audio, batch)
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(fraction)
     try:
@@ -254,11 +255,7 @@ def bench_jobs(model, tokenizer, device, dtype, tokens: int, audio: np.ndarray, 
 
     engine = make_engine(model, tokenizer, device, dtype, tokens)
     options = TranscribeOptions(engine="transformers", beam_size=1, language="en")
-    n = WINDOW_S * 16000
-    jobs = []
-    for f in range(files):  # each file its own cut of the speech
-        pieces = [audio[(2 * f + k) * n : (2 * f + k + 1) * n] for k in range(2)]
-        jobs.append((pieces, [Chunk(index=k, start=k * WINDOW_S, end=(k + 1) * WINDOW_S) for k in range(2)]))
+    jobs = [windows(audio, 2, first=2 * f) for f in range(files)]  # each file its own cut of the speech
     engine.transcribe_batch(*jobs[0], options)  # warm-up
     sync()
     started = time.perf_counter()

@@ -244,13 +244,13 @@ def chunk_regions(regions: list[tuple[int, int]], opts: ChunkingOptions) -> list
         heard = end - start
     chunks = []
     for i, (members, pieces) in enumerate(groups):
-        heard = [(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in pieces]
+        seconds = [(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in pieces]
         chunks.append(Chunk(
             index=i,
-            start=heard[0][0],
-            end=heard[-1][1],
+            start=seconds[0][0],
+            end=seconds[-1][1],
             speech=[(s / SAMPLE_RATE, e / SAMPLE_RATE) for s, e in members],
-            pieces=heard if len(heard) > 1 else [],
+            pieces=seconds if len(seconds) > 1 else [],
         ))
     return chunks
 

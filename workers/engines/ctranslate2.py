@@ -236,11 +236,7 @@ class FasterWhisperEngine:
         on a timestamp and drop the words after it); cue boundaries come from these words.
         """
         fps = self.model.frames_per_second
-        subs = [
-            # times in the chunk's own audio (``_word`` maps them to the source)
-            [{"tokens": outputs[i]["tokens"], "start": 0.0, "end": chunks[i].duration, "seek": 0}]
-            for i in spoken
-        ]
+        subs = [_subsegment(outputs[i]["tokens"], chunks[i]) for i in spoken]
         if subs:
             self.model.add_word_timestamps(
                 subs,
@@ -257,6 +253,12 @@ class FasterWhisperEngine:
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _subsegment(tokens: list[int], chunk: Chunk) -> list[dict]:
+    """What ``WhisperModel.add_word_timestamps`` takes for one chunk, timed in the chunk's own
+    (joined) audio; ``_word`` maps its words back to the source."""
+    return [{"tokens": tokens, "start": 0.0, "end": chunk.duration, "seek": 0}]
 
 
 def _word(w: dict, chunk: Chunk) -> Word:

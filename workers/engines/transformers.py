@@ -45,6 +45,7 @@ from workers.engines.ctranslate2 import (
     NO_SPEECH_BEFORE,
     NO_SPEECH_THRESHOLD,
     _one_line,
+    _subsegment,
     _word,
     bundled_model_path,
 )
@@ -136,7 +137,7 @@ class TransformersEngine:
         self.device = device
         self.dtype = dtype
         self.multilingual = model.config.vocab_size >= 51865
-        self.feature_extractor = FeatureExtractor(feature_size=model.config.num_mel_bins)
+        self.mel_filters = FeatureExtractor(feature_size=model.config.num_mel_bins).mel_filters
         self.alignment_heads = alignment_heads or _default_alignment_heads(model.config)
         self.attention = getattr(model.config, "_attn_implementation", "sdpa")
         # One batch at a time through the model: the hooks below are per call.
@@ -222,7 +223,7 @@ class TransformersEngine:
         from faster_whisper.transcribe import WhisperModel, get_suppressed_tokens
 
         with torch.inference_mode():
-            inputs = log_mel(audio, self.feature_extractor.mel_filters, self.device, self.dtype)
+            inputs = log_mel(audio, self.mel_filters, self.device, self.dtype)
             encoded = self.model.model.encoder(inputs).last_hidden_state
             longest = max(range(len(audio)), key=lambda i: audio[i].size)
             language = self._language(encoded[longest : longest + 1], options)
@@ -238,11 +239,7 @@ class TransformersEngine:
             # Whisper's own verdict that nothing was said: no hallucinated words in noise.
             if not (scored[i].no_speech_prob > NO_SPEECH_THRESHOLD and scored[i].avg_logprob < LOGPROB_THRESHOLD)
         ]
-        subs = [
-            # times in the chunk's own audio (``_word`` maps them to the source)
-            [{"tokens": texts[i], "start": 0.0, "end": chunks[i].duration, "seek": 0}]
-            for i in spoken
-        ]
+        subs = [_subsegment(texts[i], chunks[i]) for i in spoken]
         if subs:
             # faster-whisper's own word grouping and clamps, on this engine's alignments
             aligner = _Aligner(scored)
