@@ -72,6 +72,9 @@ class _JsonTranscript(msgspec.Struct):
     duration: float
     segments: list[_JsonSegment]
     stats: object
+    #: Where the VAD heard speech, and the part of it no word covers (``[start, end]`` seconds).
+    speech: list = []
+    unheard: list = []
 
 
 def to_json(transcript: Transcript) -> bytes:
@@ -84,6 +87,8 @@ def to_json(transcript: Transcript) -> bytes:
             for i, s in enumerate(transcript.segments)
         ],
         stats=transcript.stats,
+        speech=[[round(a, 3), round(b, 3)] for a, b in transcript.speech],
+        unheard=[[round(a, 3), round(b, 3)] for a, b in transcript.unheard],
     )
     return msgspec.json.format(msgspec.json.encode(doc), indent=2) + b"\n"
 

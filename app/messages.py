@@ -173,8 +173,8 @@ class TranscribeRequest(Struct, frozen=True, kw_only=True):
 class CoverageStats(Struct, frozen=True, kw_only=True):
     """What the transcribe stage did so that no speech is lost (``workers.coverage``)."""
 
-    #: Stretches of VAD speech that came back without words and were decoded again on their
-    #: own, and how many of those then gave words (with their seconds).
+    #: Stretches of VAD speech that came back without words (or with implausibly few) and went
+    #: up the decoding ladder, and how many of those then gave words (with their seconds).
     gaps: int = 0
     repaired: int = 0
     repaired_seconds: float = 0.0
@@ -182,8 +182,16 @@ class CoverageStats(Struct, frozen=True, kw_only=True):
     probes: int = 0
     rescued: int = 0
     rescued_seconds: float = 0.0
+    #: Seconds of VAD speech that no rung of the ladder turned into words: where speech may be
+    #: missing from the transcript (or the VAD heard noise). The spans are in ``Transcript.unheard``.
+    unheard_seconds: float = 0.0
+    #: Ladder rung label -> stretches that rung decoded (how often each rung fired).
+    rungs: dict[str, int] = {}
 
     def __add__(self, other: CoverageStats) -> CoverageStats:
+        rungs = dict(self.rungs)
+        for name, n in other.rungs.items():
+            rungs[name] = rungs.get(name, 0) + n
         return CoverageStats(
             gaps=self.gaps + other.gaps,
             repaired=self.repaired + other.repaired,
@@ -191,6 +199,8 @@ class CoverageStats(Struct, frozen=True, kw_only=True):
             probes=self.probes + other.probes,
             rescued=self.rescued + other.rescued,
             rescued_seconds=round(self.rescued_seconds + other.rescued_seconds, 3),
+            unheard_seconds=round(self.unheard_seconds + other.unheard_seconds, 3),
+            rungs=rungs,
         )
 
 
@@ -201,6 +211,10 @@ class BatchTranscript(Struct, frozen=True, kw_only=True):
     audio_seconds: float
     wall_seconds: float
     coverage: CoverageStats = CoverageStats()
+    #: The VAD's speech in this batch's chunks (source seconds, merged), and the part of it no
+    #: word covers after the ladder (``workers.coverage``): what the job page draws.
+    speech: list[tuple[float, float]] = []
+    unheard: list[tuple[float, float]] = []
 
 
 class StageTiming(Struct, frozen=True, kw_only=True):
@@ -225,6 +239,10 @@ class Transcript(Struct, frozen=True, kw_only=True):
     duration: float
     segments: list[Segment]
     stats: TranscriptStats
+    #: Where the VAD heard speech, and the part of it that produced no words (source seconds,
+    #: sorted, disjoint): ``stats.coverage.unheard_seconds`` is the length of ``unheard``.
+    speech: list[tuple[float, float]] = []
+    unheard: list[tuple[float, float]] = []
 
     @property
     def text(self) -> str:

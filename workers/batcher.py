@@ -31,7 +31,7 @@ import msgspec
 import numpy as np
 
 from app.messages import Chunk, Segment, TranscribeOptions
-from workers.engines.base import Engine
+from workers.engines.base import FAST, Decoding, Engine
 
 log = logging.getLogger("vtp.batcher")
 
@@ -72,6 +72,7 @@ class _Request:
     options: TranscribeOptions
     arrived: float
     todo: deque = field(default_factory=deque)  # indexes of chunks not yet in a batch
+    decoding: Decoding = FAST
     results: dict[int, list[Segment]] = field(default_factory=dict)
     language: str = ""
     error: BaseException | None = None
@@ -80,7 +81,7 @@ class _Request:
     @property
     def key(self) -> tuple:
         o = self.options
-        return (o.beam_size, o.language, o.word_timestamps)
+        return (o.beam_size, o.language, o.word_timestamps, self.decoding)
 
 
 class GpuBatcher:
@@ -102,11 +103,11 @@ class GpuBatcher:
     # -- the Engine interface: called by the stage, in its own thread -----------------------
 
     def transcribe_batch(
-        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions
+        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST
     ) -> tuple[list[Segment], str]:
         if not audio:
             return [], options.language or "en"
-        request = _Request(audio, chunks, options, time.monotonic(), deque(range(len(chunks))))
+        request = _Request(audio, chunks, options, time.monotonic(), deque(range(len(chunks))), decoding=decoding)
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
@@ -170,7 +171,7 @@ class GpuBatcher:
         requests = list(dict.fromkeys(r for r, _ in picked))
         started = time.perf_counter()
         try:
-            segments, language = self.engine.transcribe_batch(audio, chunks, picked[0][0].options)
+            segments, language = self.engine.transcribe_batch(audio, chunks, picked[0][0].options, picked[0][0].decoding)
         except BaseException as exc:  # noqa: BLE001 - handed to every job in the batch
             log.warning("decode batch of %d chunks from %d jobs failed: %s", len(picked), len(requests), exc)
             for r in requests:

@@ -12,6 +12,7 @@ from collections import Counter
 import msgspec
 
 from app.messages import BatchTranscript, CoverageStats, Segment, Segmentation, Transcript, TranscriptStats
+from workers.spans import merge as merge_spans
 
 
 def merge_parts(
@@ -38,7 +39,11 @@ def merge_parts(
         speech_seconds=round(segmentation.speech_seconds, 3),
         coverage=sum((p.coverage for p in by_batch.values()), CoverageStats()),
     )
-    return Transcript(language=language, duration=round(duration, 3), segments=segments, stats=stats)
+    speech = merge_spans([span for p in by_batch.values() for span in p.speech])
+    unheard = merge_spans([span for p in by_batch.values() for span in p.unheard])
+    return Transcript(
+        language=language, duration=round(duration, 3), segments=segments, stats=stats, speech=speech, unheard=unheard
+    )
 
 
 def _majority_language(parts: list[BatchTranscript]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -17,16 +18,60 @@ from app import errors
 from app.messages import Chunk, Segment, TranscribeOptions
 
 
+#: Whisper's own thresholds (OpenAI's ``transcribe`` defaults), shared by every engine and the
+#: coverage ladder: a decode whose text compresses better than this is looping; one whose average
+#: log-probability is below this is unsure; "nothing was said" needs a no-speech probability
+#: above its threshold *and* an unsure decode.
+COMPRESSION_RATIO_THRESHOLD = 2.4
+LOGPROB_THRESHOLD = -1.0
+NO_SPEECH_THRESHOLD = 0.6
+#: Whisper's temperature fallback after the greedy/beam decode (OpenAI's defaults, 0.2 steps).
+FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How an engine decodes a batch: the fast default, or one rung of the coverage ladder.
+
+    * ``timestamps``: decode *with* timestamp tokens (the prompt without ``<|notimestamps|>``,
+      Whisper's timestamp rules), the way sequential Whisper does. Some windows that end at
+      once without them are decoded in full with them. Words are still timed by alignment; the
+      timestamp tokens only steer the decoder and never reach the text.
+    * ``temperatures``: Whisper's fallback. Every row is decoded at the first; a row whose
+      output fails the checks (compression ratio above ``COMPRESSION_RATIO_THRESHOLD`` or average
+      log-probability below ``LOGPROB_THRESHOLD``), unless Whisper judges it silence, is decoded
+      again at the next (temperature > 0: sampling, best of 5), and the first that passes, or
+      the last, is kept. Only the rows that failed are decoded again.
+
+    Every engine honours both in one batched call per temperature; the default is one call.
+    """
+
+    timestamps: bool = False
+    temperatures: tuple[float, ...] = (0.0,)
+
+    @property
+    def label(self) -> str:
+        parts = ["timestamps" if self.timestamps else "no-timestamps"]
+        if self.temperatures != (0.0,):
+            parts.append("T=" + ",".join(f"{t:g}" for t in self.temperatures))
+        return " ".join(parts)
+
+
+#: The fast batched decode: no timestamp tokens, one temperature (0: beam search).
+FAST = Decoding()
+
+
 class Engine(Protocol):
     name: str
     model_name: str
 
     def transcribe_batch(
-        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions
+        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST
     ) -> tuple[list[Segment], str]:
         """Transcribe ``audio[i]`` (float32, 16 kHz), the audio of ``chunks[i]`` (its pieces joined).
 
-        Returns segments with source timestamps (``Chunk.to_source``), in chunk order, and the language.
+        Returns segments with source timestamps (``Chunk.to_source``), in chunk order, and the
+        language. ``decoding`` picks the fast decode or a rung of the coverage ladder.
         """
         ...
 

@@ -19,6 +19,7 @@ import numpy as np
 from app import errors
 from app.messages import Chunk, Segment, TranscribeOptions, Word
 from workers import cues
+from workers.engines.base import FAST, Decoding
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +170,14 @@ class FasterWhisperEngine:
         )
 
     def transcribe_batch(
-        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions
+        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST
     ) -> tuple[list[Segment], str]:
         if self._pool is None or len(audio) < 2:
-            return self._transcribe_part(audio, chunks, options)
+            return self._transcribe_part(audio, chunks, options, decoding)
         n = len(audio)
         bounds = [round(i * n / self.workers) for i in range(self.workers + 1)]
         futures = [
-            self._pool.submit(self._transcribe_part, audio[a:b], chunks[a:b], options)
+            self._pool.submit(self._transcribe_part, audio[a:b], chunks[a:b], options, decoding)
             for a, b in zip(bounds, bounds[1:])
             if b > a
         ]
@@ -184,7 +185,7 @@ class FasterWhisperEngine:
         return [seg for segs, _lang in parts for seg in segs], parts[0][1]
 
     def _transcribe_part(
-        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions
+        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST
     ) -> tuple[list[Segment], str]:
         from faster_whisper.audio import pad_or_trim
         from faster_whisper.transcribe import BatchedInferencePipeline, get_suppressed_tokens

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.messages import Chunk, Segment, TranscribeOptions
+from workers.engines.base import FAST, Decoding
 
 
 class NoopEngine:
@@ -15,6 +16,6 @@ class NoopEngine:
         self.model_name = options.model
 
     def transcribe_batch(
-        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions
+        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST
     ) -> tuple[list[Segment], str]:
         return [], options.language or "en"

@@ -49,6 +49,7 @@ from workers.engines.ctranslate2 import (
     _word,
     bundled_model_path,
 )
+from workers.engines.base import FAST, Decoding
 from workers.engines.dtw import dtw_batch
 from workers.engines.mel import log_mel
 
@@ -175,7 +176,7 @@ class TransformersEngine:
     # -- the Engine interface ------------------------------------------------------------------
 
     def transcribe_batch(
-        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions
+        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST
     ) -> tuple[list[Segment], str]:
         if not audio:
             return [], options.language or "en"
