@@ -1,38 +1,94 @@
 """No speech lost: the coverage guarantee of the transcribe stage, for any engine.
 
-Whisper decoding a chunk can stop early: without timestamp tokens it may end the chunk after a
-sentence that is followed by a pause and never decode the speech after it (measured: 13 s of
-a lecture gone), and it sometimes skips a phrase that repeats its neighbour. Nothing in the
-output says so. So after the engine has decoded and word-aligned a batch, every stretch of
-the VAD's speech (``Chunk.speech``) that no aligned word covers, at least ``min_gap_s`` long,
-is decoded again, with the rest of the VAD's speech region(s) it lies in, as a chunk of its own
-— all such stretches of the batch in one engine call — and the words found there are merged in
-by time. A word that overlaps a word already there is dropped, so where stretches touch nothing
-is said twice. But where the stretch on its own yields more words than the chunk had there (and
-Whisper is confident of them), its words replace the chunk's: that is a phrase said twice and
-decoded once, whose few words alignment smeared over both. A stretch decoded again can itself
-stop early, so this runs up to ``rounds`` times on what is still uncovered.
+Whisper decoding a chunk can stop early or say nothing at all: without timestamp tokens tiny.en
+ends some 30 s windows of clear speech at once (measured: 0 tokens, where the same window decoded
+with timestamps gives 85 words), it may end a chunk after a sentence followed by a pause, it
+sometimes skips a phrase that repeats its neighbour, and it can loop. Nothing in the output says
+so. A decode that returns little or nothing where the VAD heard speech is a *suspect*, not an
+answer, and asking again the same way is not a second opinion. So after the engine has decoded
+and word-aligned a batch:
+
+* **Suspects.** Every stretch of the VAD's speech (``Chunk.speech``) that no aligned word covers,
+  at least ``min_gap_s`` long (a *gap*, taken with the rest of the VAD speech region(s) it lies
+  in); every chunk with far fewer words per second of its speech than the batch's own rate
+  (``sparse_ratio``; at least ``min_suspect_s`` of speech); every chunk whose text loops
+  (Whisper's compression-ratio check).
+* **The ladder.** Each suspect climbs ``LADDER`` until its words are plausible for its speech
+  (``plausible``) or the ladder ends: (0) the stretch alone, decoded as before (a gap's context
+  differs from its chunk's); (1) with timestamp tokens, as sequential Whisper decodes; (2)
+  Whisper's temperature fallback (0.2 .. 1.0, compression-ratio and log-probability checks),
+  kept only where it passes them; (3) a shifted window: a long stretch cut in two at its
+  quietest point near the middle, a short one widened by ``shift_s`` of its chunk's audio on
+  each side. Every rung decodes all the batch's suspects still on it in *one* engine call, so
+  nothing costs anything where nothing is suspect, and each rung's firings are counted in
+  ``CoverageStats.rungs``.
+* **Merging.** The best words a suspect got (most words among acceptable decodes) are merged by
+  time: where they say more than the chunk did in that region (and Whisper is confident of them)
+  they replace the chunk's words there (a phrase said twice and decoded once, whose few words
+  alignment smeared over both; a chunk that ended early); otherwise only words that overlap
+  nothing already there are added, so where stretches touch nothing is said twice. A looping
+  chunk's words are replaced by any acceptable decode. This runs up to ``rounds`` times on what
+  is still uncovered.
+* **Honest output.** VAD speech that no rung turned into words is returned as ``unheard`` spans
+  (``CoverageStats.unheard_seconds``): where speech may be missing, or where the VAD heard noise.
 
 Probe chunks (``Chunk.probe``: loud audio the VAD rejected, see ``workers.levels``) are kept
 only where Whisper is sure it heard speech: its no-speech probability below and its average
-log-probability above Whisper's own thresholds. Music and noise stay out.
+log-probability above Whisper's own thresholds. Music and noise stay out; probes never climb
+the ladder and never count as unheard.
 
-Everything here uses only ``Engine.transcribe_batch`` and the words on segments, so every
-engine gets it unchanged.
+Everything here uses only ``Engine.transcribe_batch`` (with a ``Decoding`` per rung) and the
+words on segments, so every engine gets it unchanged.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
 
 import msgspec
 import numpy as np
 
 from app.messages import SAMPLE_RATE, Chunk, CoverageStats, Segment, TranscribeOptions, Word
 from workers import cues
-from workers.engines.base import Engine
+from workers.engines.base import (
+    COMPRESSION_RATIO_THRESHOLD,
+    FALLBACK_TEMPERATURES,
+    FAST,
+    LOGPROB_THRESHOLD,
+    NO_SPEECH_THRESHOLD,
+    Decoding,
+    Engine,
+    compression_ratio,
+)
 from workers.spans import merge, subtract
+
+Span = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One way of asking again."""
+
+    name: str
+    decoding: Decoding
+    #: ``stretch``: the suspect's stretch as cut; ``shifted``: cut in two (long) or widened (short).
+    window: Literal["stretch", "shifted"] = "stretch"
+    #: Only decodes that pass Whisper's checks count (a sampled decode that failed them is noise).
+    strict: bool = False
+    #: Whole-chunk suspects skip a rung that would decode exactly what the chunk decode did.
+    for_chunks: bool = True
+
+
+#: The decoding ladder, cheapest first.
+LADDER: tuple[Rung, ...] = (
+    Rung("alone", FAST, for_chunks=False),
+    Rung("timestamps", Decoding(timestamps=True)),
+    Rung("fallback", Decoding(timestamps=True, temperatures=FALLBACK_TEMPERATURES), strict=True),
+    Rung("shifted", Decoding(timestamps=True), window="shifted"),
+)
 
 
 @dataclass(frozen=True)
@@ -51,11 +107,25 @@ class CoverageOptions:
     #: Whisper heard once). Such a word covers only this much audio, half at each end.
     max_word_s: float = 1.0
     #: Whisper's own rule for "speech was heard", applied strictly to probe chunks.
-    no_speech_threshold: float = 0.6
-    logprob_threshold: float = -1.0
+    no_speech_threshold: float = NO_SPEECH_THRESHOLD
+    logprob_threshold: float = LOGPROB_THRESHOLD
+    #: The ladder; empty: the fast decode alone (for measuring what the ladder buys).
+    ladder: tuple[Rung, ...] = LADDER
+    #: A chunk or stretch with at least this much speech and no words is always suspect.
+    min_suspect_s: float = 2.0
+    #: ... and so is one with fewer words than this share of what the batch's own speech rate
+    #: predicts for its speech. Speech runs 2-4 words per second of VAD speech (130-190 wpm
+    #: with pauses inside the regions); a decode that stopped early says a small share of that.
+    sparse_ratio: float = 0.35
+    #: The speech rate assumed where the batch has too little decoded speech to measure its own
+    #: (words per second of VAD speech), and the bounds of a measured one.
+    default_rate: float = 2.5
+    rate_bounds: tuple[float, float] = (1.5, 4.0)
+    #: The shifted rung widens a short stretch by this much of its chunk's audio on each side, and
+    #: cuts a stretch at least ``split_min_s`` long in two.
+    shift_s: float = 3.0
+    split_min_s: float = 8.0
 
-
-Span = tuple[float, float]
 
 #: Faster than anyone speaks: a decode with more words a second is Whisper looping.
 MAX_WORDS_PER_S = 5.0
@@ -104,6 +174,19 @@ def _middle(word: Word) -> float:
     return (word.start + word.end) / 2
 
 
+def _inside(words: list[Word], span: Span) -> list[Word]:
+    return [w for w in words if span[0] <= _middle(w) <= span[1]]
+
+
+def _speech_seconds(speech: list[Span], span: Span) -> float:
+    return sum(max(0.0, min(e, span[1]) - max(s, span[0])) for s, e in speech)
+
+
+def _loops(segments: list[Segment]) -> bool:
+    text = " ".join(s.text.strip() for s in segments)
+    return compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD
+
+
 def _confident(segments: list[Segment], words: list[Word], span: Span, opts: CoverageOptions) -> bool:
     """A decode to trust over the chunk's: confident by Whisper's own rule, and no faster than
     anyone speaks (a decoding loop repeats words far faster than 5 a second)."""
@@ -116,7 +199,8 @@ def _without(segments: list[Segment], span: Span) -> list[Segment]:
     out: list[Segment] = []
     for seg in segments:
         if not seg.words:
-            out.append(seg)
+            if not (span[0] <= (seg.start + seg.end) / 2 <= span[1]):
+                out.append(seg)
             continue
         before = [w for w in seg.words if _middle(w) < span[0]]
         after = [w for w in seg.words if _middle(w) > span[1]]
@@ -131,13 +215,43 @@ def _without(segments: list[Segment], span: Span) -> list[Segment]:
     return out
 
 
+def speech_rate(chunks: list[Chunk], by_chunk: dict[int, list[Segment]], opts: CoverageOptions) -> float:
+    """Words per second of VAD speech in this batch: the median over chunks with enough speech to
+    measure, within ``rate_bounds``; ``default_rate`` where none has."""
+    rates = []
+    for c in chunks:
+        seconds = _speech_seconds(c.speech or [(c.start, c.end)], (c.start, c.end))
+        if not c.probe and seconds >= 5.0:
+            rates.append(len(_words(by_chunk.get(c.index, []))) / seconds)
+    rate = statistics.median(rates) if rates else opts.default_rate
+    return min(max(rate, opts.rate_bounds[0]), opts.rate_bounds[1])
+
+
+def plausible(words: int, speech_s: float, rate: float, opts: CoverageOptions) -> bool:
+    """Enough words for this much speech: none for a short stretch may be right (a breath, a
+    cough), none for ``min_suspect_s`` never is, and a small share of the rate is a decode that
+    stopped early."""
+    if speech_s < opts.min_suspect_s:
+        return words > 0
+    return words >= max(1.0, opts.sparse_ratio * rate * speech_s)
+
+
+class Covered(NamedTuple):
+    segments: list[Segment]
+    language: str
+    stats: CoverageStats
+    #: The batch's VAD speech, and the part of it no word covers after the ladder (source seconds).
+    speech: list[Span]
+    unheard: list[Span]
+
+
 def transcribe_covered(
     engine: Engine,
     audio: list[np.ndarray],
     chunks: list[Chunk],
     options: TranscribeOptions,
     opts: CoverageOptions | None = None,
-) -> tuple[list[Segment], str, CoverageStats]:
+) -> Covered:
     """``engine.transcribe_batch`` with the coverage guarantee; segments in chunk, time order."""
     opts = opts or CoverageOptions()
     aligned = msgspec.structs.replace(options, word_timestamps=True)  # coverage needs the words
@@ -157,10 +271,225 @@ def transcribe_covered(
     for c in chunks:
         for seg in sorted(by_chunk.get(c.index, []), key=lambda s: (s.start, s.end)):
             out.append(seg if options.word_timestamps else msgspec.structs.replace(seg, words=None))
+    speech = merge([span for c in chunks if not c.probe for span in c.speech or [(c.start, c.end)]])
+    unheard = unheard_spans(chunks, by_chunk, opts)
     stats = msgspec.structs.replace(
-        repairs, probes=len(probes), rescued=len(rescued), rescued_seconds=round(sum(c.duration for c in rescued), 3)
+        repairs,
+        probes=len(probes),
+        rescued=len(rescued),
+        rescued_seconds=round(sum(c.duration for c in rescued), 3),
+        unheard_seconds=round(sum(e - s for s, e in unheard), 3),
     )
-    return out, language, stats
+    return Covered(out, language, stats, [_rounded(s) for s in speech], [_rounded(s) for s in unheard])
+
+
+def _rounded(span: Span) -> Span:
+    return (round(span[0], 3), round(span[1], 3))
+
+
+def unheard_spans(chunks: list[Chunk], by_chunk: dict[int, list[Segment]], opts: CoverageOptions) -> list[Span]:
+    """VAD speech (not probes) that no word covers, in stretches of at least ``min_gap_s``."""
+    return merge(
+        gap
+        for c in chunks
+        if not c.probe
+        for gap in uncovered(c.speech or [(c.start, c.end)], by_chunk.get(c.index, []), opts)
+    )
+
+
+@dataclass
+class _Suspect:
+    pos: int  # the chunk's position in the batch
+    kind: Literal["gap", "chunk"]
+    gap: Span  # what made it suspect (the whole chunk for a chunk)
+    region: Span  # source span whose words its words may replace
+    stretch: Span  # source span decoded on the first rungs (one piece of the chunk; a chunk: all)
+    speech_s: float  # VAD speech inside gap: what its words must be plausible for
+    looping: bool = False
+    best: list[Segment] = field(default_factory=list)
+    best_words: list[Word] = field(default_factory=list)
+    best_in_gap: int = 0
+    done: bool = False
+
+
+def _find_suspects(
+    chunks: list[Chunk],
+    by_chunk: dict[int, list[Segment]],
+    rate: float,
+    opts: CoverageOptions,
+    tried: set[tuple],
+) -> list[_Suspect]:
+    found: list[_Suspect] = []
+    for i, c in enumerate(chunks):
+        if c.probe:
+            continue
+        speech = c.speech or [(c.start, c.end)]
+        segments = by_chunk.get(c.index, [])
+        whole = (c.start, c.end)
+        speech_s = _speech_seconds(speech, whole)
+        looping = bool(segments) and _loops(segments)
+        sparse = speech_s >= opts.min_suspect_s and not plausible(len(_words(segments)), speech_s, rate, opts)
+        if (looping or sparse) and ("chunk", c.index) not in tried:
+            tried.add(("chunk", c.index))
+            found.append(_Suspect(i, "chunk", whole, whole, whole, speech_s, looping=looping))
+            continue
+        for gap in uncovered(speech, segments, opts):
+            key = (c.index, round(gap[0], 2), round(gap[1], 2))
+            if key in tried:
+                continue
+            tried.add(key)
+            # the whole of the VAD's speech around the gap: where Whisper merged a phrase said
+            # twice, the words beside the gap are mistimed too; within the gap's own piece of
+            # the chunk, with context: never across a cut pause
+            around = [r for r in speech if r[0] < gap[1] and r[1] > gap[0]] or [gap]
+            low, high = c.span_around(*gap)
+            region = (max(low, min(r[0] for r in around)), min(high, max(r[1] for r in around)))
+            stretch = (max(low, region[0] - opts.context_s), min(high, region[1] + opts.context_s))
+            found.append(_Suspect(i, "gap", gap, region, stretch, _speech_seconds(speech, gap)))
+    return found
+
+
+def _heard_window(chunk: Chunk, h0: float, h1: float, index: int) -> Chunk:
+    """The part of ``chunk`` between ``h0`` and ``h1`` seconds of its (joined) audio, as a chunk
+    of its own whose pieces map its audio back to the source."""
+    pieces: list[Span] = []
+    offset = 0.0
+    for s, e in chunk.spans:
+        length = e - s
+        a, b = max(h0, offset), min(h1, offset + length)
+        if b > a:
+            pieces.append((s + a - offset, s + b - offset))
+        offset += length
+    if not pieces:
+        t = chunk.to_source(h0)
+        pieces = [(t, t)]
+    if len(pieces) == 1:
+        return Chunk(index=index, start=pieces[0][0], end=pieces[0][1])
+    return Chunk(index=index, start=pieces[0][0], end=pieces[-1][1], pieces=pieces)
+
+
+def _quietest(samples: np.ndarray, low: float, high: float) -> float:
+    """Seconds into ``samples`` of the quietest 100 ms between ``low`` and ``high`` seconds."""
+    hop = SAMPLE_RATE // 10
+    a, b = int(low * SAMPLE_RATE) // hop, int(high * SAMPLE_RATE) // hop
+    frames = [
+        float(np.sqrt(np.mean(np.square(samples[k * hop : (k + 1) * hop], dtype=np.float64))))
+        for k in range(a, max(a + 1, b))
+        if (k + 1) * hop <= samples.size
+    ]
+    return (a + int(np.argmin(frames))) * hop / SAMPLE_RATE + 0.05 if frames else (low + high) / 2
+
+
+def _inputs(
+    rung: Rung, suspect: _Suspect, chunk: Chunk, samples: np.ndarray, opts: CoverageOptions
+) -> list[tuple[np.ndarray, Chunk]]:
+    """What one rung decodes for one suspect: (audio, chunk timing it) pairs; index 0 throughout."""
+    if suspect.kind == "chunk":
+        h0, h1 = 0.0, chunk.duration
+    else:
+        h0, h1 = chunk.to_heard(suspect.stretch[0]), chunk.to_heard(suspect.stretch[1])
+    if rung.window == "shifted":
+        if h1 - h0 >= opts.split_min_s:  # cut in two at the quietest point near the middle
+            cut = _quietest(samples, h0 + 0.35 * (h1 - h0), h0 + 0.65 * (h1 - h0))
+            windows = [(h0, cut), (cut, h1)]
+        else:  # widened by the chunk's audio around it
+            windows = [(max(0.0, h0 - opts.shift_s), min(chunk.duration, h1 + opts.shift_s))]
+    else:
+        windows = [(h0, h1)]
+    out = []
+    for a, b in windows:
+        piece = samples[round(a * SAMPLE_RATE) : round(b * SAMPLE_RATE)]
+        if piece.size >= SAMPLE_RATE // 10:
+            out.append((piece, _heard_window(chunk, a, b, 0)))
+    return out
+
+
+def _acceptable(rung: Rung, segments: list[Segment], opts: CoverageOptions) -> list[Segment]:
+    """The decoded segments a rung may contribute: never a loop, and on a strict rung only what
+    passed Whisper's log-probability check."""
+    if not segments or _loops(segments):
+        return []
+    if rung.strict:
+        return [s for s in segments if s.avg_logprob > opts.logprob_threshold]
+    return segments
+
+
+def climb(
+    engine: Engine,
+    audio: list[np.ndarray],
+    chunks: list[Chunk],
+    suspects: list[_Suspect],
+    options: TranscribeOptions,
+    rate: float,
+    opts: CoverageOptions,
+    rungs: dict[str, int],
+) -> None:
+    """Take every suspect up the ladder, all those on a rung in one engine call, until its words
+    are plausible for its speech or the ladder ends; each keeps its best acceptable words."""
+    for rung in opts.ladder:
+        climbing = [s for s in suspects if not s.done and (rung.for_chunks or s.kind != "chunk")]
+        if not climbing:
+            continue
+        pieces: list[np.ndarray] = []
+        subs: list[Chunk] = []
+        owner: list[_Suspect] = []
+        for s in climbing:
+            for piece, sub in _inputs(rung, s, chunks[s.pos], audio[s.pos], opts):
+                pieces.append(piece)
+                subs.append(msgspec.structs.replace(sub, index=len(subs)))
+                owner.append(s)
+        if not pieces:
+            continue
+        rungs[rung.name] = rungs.get(rung.name, 0) + len(climbing)
+        found: dict[int, list[Segment]] = defaultdict(list)
+        for seg in engine.transcribe_batch(pieces, subs, options, rung.decoding)[0]:
+            found[seg.chunk].append(seg)
+        heard: dict[int, list[Segment]] = defaultdict(list)
+        for k, s in enumerate(owner):
+            heard[id(s)].extend(_acceptable(rung, found.get(k, []), opts))
+        for s in climbing:
+            segments = heard[id(s)]
+            words = _inside(sorted(_words(segments), key=lambda w: w.start), s.region)
+            # judged by the words that land in the gap itself: the region around it was heard
+            margin = opts.word_margin_s
+            in_gap = len(_inside(words, (s.gap[0] - margin, s.gap[1] + margin)))
+            if in_gap > s.best_in_gap:
+                s.best, s.best_words, s.best_in_gap = segments, words, in_gap
+            if plausible(s.best_in_gap, s.speech_s, rate, opts):
+                s.done = True
+
+
+def _apply(suspect: _Suspect, chunk: Chunk, by_chunk: dict[int, list[Segment]], opts: CoverageOptions) -> bool:
+    """Merge a suspect's best words into its chunk's segments; True if any were added."""
+    heard = suspect.best_words
+    if not heard:
+        return False
+    segments = by_chunk.get(chunk.index, [])
+    before = _inside(_words(segments), suspect.region)
+    confident = _confident(suspect.best, heard, suspect.region, opts)
+    if confident and (len(heard) > len(before) or suspect.looping):
+        # The stretch on its own says more than the chunk did (or the chunk looped): its words
+        # replace the chunk's there (a phrase said twice and decoded once, a chunk ended early).
+        by_chunk[chunk.index] = segments = _without(segments, suspect.region)
+        fresh = heard
+    else:
+        existing = _covered(segments, 0.0, opts.max_word_s)
+        fresh = [w for w in heard if not _overlaps(w, existing)]
+    if not fresh:
+        return False
+    first = suspect.best[0]
+    span = (min(w.start for w in fresh), max(w.end for w in fresh))
+    by_chunk.setdefault(chunk.index, []).extend(
+        cues.split_into_cues(
+            Chunk(index=chunk.index, start=span[0], end=span[1]),
+            "",
+            fresh,
+            keep_words=True,
+            avg_logprob=first.avg_logprob,
+            no_speech_prob=first.no_speech_prob,
+        )
+    )
+    return True
 
 
 def repair_gaps(
@@ -171,65 +500,20 @@ def repair_gaps(
     options: TranscribeOptions,
     opts: CoverageOptions,
 ) -> CoverageStats:
-    """Decode again what no word covers, and merge the new words into ``by_chunk`` (chunk index
-    -> segments, with words), in place."""
+    """Take what the decode left suspect up the ladder, and merge the words found into
+    ``by_chunk`` (chunk index -> segments, with words), in place."""
     gaps, repaired, repaired_seconds = 0, 0, 0.0
-    tried: set[tuple[int, float, float]] = set()
+    rungs: dict[str, int] = {}
+    tried: set[tuple] = set()
+    rate = speech_rate(chunks, by_chunk, opts)
     for _ in range(opts.rounds):
-        todo: list[tuple[int, Span, Span, Span]] = []  # (position in batch, gap, its speech, stretch decoded)
-        for i, c in enumerate(chunks):
-            if c.probe:
-                continue
-            for gap in uncovered(c.speech or [(c.start, c.end)], by_chunk.get(c.index, []), opts):
-                key = (c.index, round(gap[0], 2), round(gap[1], 2))
-                if key not in tried:
-                    tried.add(key)
-                    # the whole of the VAD's speech around the gap: where Whisper merged a phrase
-                    # said twice, the words beside the gap are mistimed too; within the gap's own
-                    # piece of the chunk, with context: never across a cut pause
-                    around = [r for r in c.speech or [(c.start, c.end)] if r[0] < gap[1] and r[1] > gap[0]] or [gap]
-                    low, high = c.span_around(*gap)
-                    region = (max(low, min(r[0] for r in around)), min(high, max(r[1] for r in around)))
-                    stretch = (max(low, region[0] - opts.context_s), min(high, region[1] + opts.context_s))
-                    todo.append((i, gap, region, stretch))
-        if not todo:
+        suspects = _find_suspects(chunks, by_chunk, rate, opts, tried)
+        if not suspects:
             break
-        gaps += len(todo)
-        pieces, subs = [], []
-        for k, (i, _gap, _region, (start, end)) in enumerate(todo):
-            c = chunks[i]
-            pieces.append(audio[i][round(c.to_heard(start) * SAMPLE_RATE) : round(c.to_heard(end) * SAMPLE_RATE)])
-            subs.append(Chunk(index=k, start=start, end=end))
-        found: dict[int, list[Segment]] = defaultdict(list)
-        for seg in engine.transcribe_batch(pieces, subs, options)[0]:
-            found[seg.chunk].append(seg)
-        for k, (i, (g_start, g_end), region, (start, end)) in enumerate(todo):
-            parent = chunks[i]
-            segments = by_chunk.get(parent.index, [])
-            heard = _words(found.get(k, []))
-            before = [w for w in _words(segments) if region[0] <= _middle(w) <= region[1]]
-            again = [w for w in heard if region[0] <= _middle(w) <= region[1]]
-            if heard and len(again) > len(before) and _confident(found[k], again, region, opts):
-                # The stretch on its own says more than the chunk did: its words replace the
-                # chunk's there (a phrase said twice and decoded once, its words smeared).
-                by_chunk[parent.index] = segments = _without(segments, region)
-                fresh = again
-            else:
-                existing = _covered(segments, 0.0, opts.max_word_s)
-                fresh = [w for w in heard if not _overlaps(w, existing)]
-            if not fresh:
-                continue
-            first = found[k][0]
-            by_chunk.setdefault(parent.index, []).extend(
-                cues.split_into_cues(
-                    Chunk(index=parent.index, start=start, end=end),
-                    "",
-                    fresh,
-                    keep_words=True,
-                    avg_logprob=first.avg_logprob,
-                    no_speech_prob=first.no_speech_prob,
-                )
-            )
-            repaired += 1
-            repaired_seconds += g_end - g_start
-    return CoverageStats(gaps=gaps, repaired=repaired, repaired_seconds=round(repaired_seconds, 3))
+        gaps += len(suspects)
+        climb(engine, audio, chunks, suspects, options, rate, opts, rungs)
+        for s in suspects:
+            if _apply(s, chunks[s.pos], by_chunk, opts):
+                repaired += 1
+                repaired_seconds += s.gap[1] - s.gap[0]
+    return CoverageStats(gaps=gaps, repaired=repaired, repaired_seconds=round(repaired_seconds, 3), rungs=rungs)

@@ -130,14 +130,16 @@ async def transcribe(ctx: StageContext, req: TranscribeRequest) -> BatchTranscri
     data = await ctx.storage.get_bytes(req.batch.audio_key)
     pieces = split_batch_audio(data, req.batch)
     engine = await anyio.to_thread.run_sync(ctx.engines.get, req.options)
-    segments, language, covered = await anyio.to_thread.run_sync(
+    covered = await anyio.to_thread.run_sync(
         coverage.transcribe_covered, engine, pieces, req.batch.chunks, req.options, ctx.coverage
     )
     return BatchTranscript(
         batch_index=req.batch.index,
-        segments=segments,
-        language=language,
-        coverage=covered,
+        segments=covered.segments,
+        language=covered.language,
+        coverage=covered.stats,
+        speech=covered.speech,
+        unheard=covered.unheard,
         audio_seconds=round(req.batch.audio_seconds, 3),
         wall_seconds=round(time.perf_counter() - started, 3),
     )

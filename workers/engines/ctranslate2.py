@@ -19,7 +19,7 @@ import numpy as np
 from app import errors
 from app.messages import Chunk, Segment, TranscribeOptions, Word
 from workers import cues
-from workers.engines.base import FAST, Decoding
+from workers.engines.base import FAST, Decoding, needs_fallback
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ LOGPROB_THRESHOLD = -1.0
 #: ``add_word_timestamps``' "last speech" time: none before a chunk, so its first word may be
 #: clamped when DTW stretched it (as it was for every chunk when times were absolute).
 NO_SPEECH_BEFORE = float("-inf")
+#: Whisper's limit on the first timestamp of a window decoded with timestamps (seconds).
+MAX_INITIAL_TIMESTAMP = 1.0
 
 
 def bundled_model_path() -> Path:
@@ -188,7 +190,7 @@ class FasterWhisperEngine:
         self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST
     ) -> tuple[list[Segment], str]:
         from faster_whisper.audio import pad_or_trim
-        from faster_whisper.transcribe import BatchedInferencePipeline, get_suppressed_tokens
+        from faster_whisper.transcribe import get_suppressed_tokens
 
         if not audio:
             return [], options.language or "en"
@@ -200,9 +202,8 @@ class FasterWhisperEngine:
             tokenizer = self._tokenizer(language)
             tr_options = self._transcription_options(options)
             tr_options.suppress_tokens = get_suppressed_tokens(tokenizer, tr_options.suppress_tokens)
-            encoder_output, outputs = BatchedInferencePipeline(self.model).generate_segment_batched(
-                features, tokenizer, tr_options
-            )
+            encoder_output = self.model.encode(features)
+            outputs = self._generate(encoder_output, len(audio), tokenizer, tr_options, decoding)
             spoken = [
                 i
                 for i, out in enumerate(outputs)
@@ -229,6 +230,51 @@ class FasterWhisperEngine:
                 )
             )
         return segments, language
+
+    def _generate(self, encoder_output, rows: int, tokenizer, tr_options, decoding: Decoding) -> list[dict]:
+        """One batched ``generate`` per temperature of ``decoding``: every row at the first
+        (beam search at 0, as faster-whisper's batched pipeline calls it), then only the rows
+        that fail Whisper's checks (``needs_fallback``) at the next, sampling best of 5. With
+        ``decoding.timestamps`` the prompt asks for timestamp tokens and CTranslate2 applies
+        Whisper's timestamp rules (first timestamp within 1 s), as sequential Whisper decodes."""
+        prompt = self.model.get_prompt(tokenizer, [], without_timestamps=not decoding.timestamps)
+        common = dict(
+            length_penalty=tr_options.length_penalty,
+            max_length=self.model.max_length,
+            suppress_blank=tr_options.suppress_blank,
+            suppress_tokens=tr_options.suppress_tokens,
+            return_scores=True,
+            return_no_speech_prob=True,
+            repetition_penalty=tr_options.repetition_penalty,
+            no_repeat_ngram_size=tr_options.no_repeat_ngram_size,
+        )
+        if decoding.timestamps:
+            common["max_initial_timestamp_index"] = int(round(MAX_INITIAL_TIMESTAMP / self.model.time_precision))
+        outputs: list[dict] = [{}] * rows
+        todo = list(range(rows))
+        for temperature in decoding.temperatures:
+            if temperature > 0:
+                search = dict(beam_size=1, num_hypotheses=tr_options.best_of, sampling_topk=0,
+                              sampling_temperature=temperature)
+            else:
+                search = dict(beam_size=tr_options.beam_size, patience=tr_options.patience)
+            results = self.model.model.generate(
+                _select(encoder_output, todo, rows), [list(prompt) for _ in todo], **common, **search
+            )
+            failed = []
+            for row, result in zip(todo, results):
+                tokens = result.sequences_ids[0]
+                # faster-whisper's recovery of the average log-probability from the score
+                avg_logprob = result.scores[0] * (len(tokens) ** tr_options.length_penalty) / (len(tokens) + 1)
+                outputs[row] = {"tokens": tokens, "avg_logprob": avg_logprob, "no_speech_prob": result.no_speech_prob,
+                                "temperature": temperature}
+                text = tokenizer.decode([t for t in tokens if t < tokenizer.eot])
+                if needs_fallback(text, avg_logprob, result.no_speech_prob):
+                    failed.append(row)
+            todo = failed
+            if not todo:
+                break
+        return outputs
 
     def _align(self, spoken, outputs, chunks, audio, encoder_output, tokenizer, tr_options) -> list[dict]:
         """Word timings by cross-attention alignment (DTW), one sub-segment per chunk.
