@@ -112,9 +112,17 @@ def error(message: str) -> None:
     print(f"vtp: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
-def summary_line(name: str, duration: float, wall: float, outputs: dict[str, Path]) -> str:
+#: Seconds of unheard speech (``CoverageStats.unheard_seconds``) past which the summary warns.
+UNHEARD_WARN_S = 3.0
+
+
+def summary_line(name: str, duration: float, wall: float, outputs: dict[str, Path], unheard: float = 0.0) -> str:
+    """The one line per input on stdout; where speech produced no words, a warning on stderr."""
     rtf = duration / wall if wall > 0 else 0.0
     out = ", ".join(str(p) for p in outputs.values())
+    if unheard > UNHEARD_WARN_S:
+        print(f"vtp: warning: {name}: {unheard:.1f} s of speech produced no words (the JSON's `unheard`"
+              " spans say where): check them against the media", file=sys.stderr, flush=True)
     return f"{name}: {duration:.1f} s audio in {wall:.1f} s ({rtf:.1f}x realtime) -> {out}"
 
 
@@ -142,7 +150,8 @@ def cmd_transcribe(args: argparse.Namespace, settings: Settings) -> int:
                 continue
             bar.close()
             stats = result.transcript.stats
-            print(summary_line(path.name, result.transcript.duration, stats.wall_seconds, result.outputs), flush=True)
+            unheard = stats.coverage.unheard_seconds
+            print(summary_line(path.name, result.transcript.duration, stats.wall_seconds, result.outputs, unheard), flush=True)
 
     try:
         anyio.run(run_all)

@@ -180,7 +180,7 @@ async def _submit(args: argparse.Namespace, settings: Settings, options) -> int:
                     error(_input_error(path, final.error or f"job {final.id} was {final.state}"))
                     continue
                 outputs = await write_outputs(storage, final, args.output_dir, base)
-                print(summary_line(path.name, final.duration, final.wall_seconds, outputs), flush=True)
+                print(summary_line(path.name, final.duration, final.wall_seconds, outputs, final.unheard_seconds), flush=True)
     finally:
         await redis.aclose()
     return 1 if failed else 0
@@ -195,6 +195,8 @@ def _status_line(r: JobRecord) -> str:
         line += f"  {r.chunks_done}/{r.chunks_total} chunks, {r.audio_done:.0f}/{r.audio_total:.0f} s speech"
     if r.terminal:
         line += f"  {r.wall_seconds:.1f} s"
+    if r.unheard_seconds:
+        line += f"  {r.unheard_seconds:.1f} s speech unheard"
     if r.error:
         line += f"  ({r.error})"
     cost = costs.summary(r)

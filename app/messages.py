@@ -383,6 +383,9 @@ class JobRecord(Struct, kw_only=True):
     #: Seconds of speech transcribed / to transcribe.
     audio_done: float = 0.0
     audio_total: float = 0.0
+    #: Seconds of VAD speech that produced no words (``CoverageStats.unheard_seconds``), known
+    #: after merge: where speech may be missing from the transcript.
+    unheard_seconds: float = 0.0
     #: Seconds spent in each state: queue, extract, segment, transcribe, merge, render.
     timings: dict[str, float] = {}
     #: Seconds each stage's arq job waited in its queue before a worker started it (the
@@ -443,6 +446,8 @@ class JobView(Struct, frozen=True, kw_only=True):
     webhook: WebhookDelivery | None = None
     #: Machine time and its price, beside managed STT's (``app.costs``); None until recorded.
     cost: JobCost | None = None
+    #: Seconds of VAD speech that produced no words (the transcript JSON's ``unheard`` spans).
+    unheard_seconds: float = 0.0
 
     @classmethod
     def of(cls, r: JobRecord) -> JobView:
@@ -474,6 +479,7 @@ class JobView(Struct, frozen=True, kw_only=True):
             formats=sorted(r.outputs),
             webhook=r.webhook,
             cost=costs.cost_of(r),
+            unheard_seconds=round(r.unheard_seconds, 3),
         )
 
 

@@ -480,6 +480,7 @@ async def merge_task(ctx: dict, job_id: str) -> str:
 
         transcript = with_timings(transcript, timings, time.time() - record.created_at)
         await store.put_part(job_id, "transcript", transcript)  # what the sweeper re-drives render from
+        await store.note(job_id, unheard_seconds=transcript.stats.coverage.unheard_seconds)
         await store.count_run(job_id, "merge")
         nxt = RenderRequest(job_id=job_id, transcript=transcript, formats=record.options.formats, basename=record.basename)
         await _enqueue(
