@@ -333,6 +333,8 @@ def _find_suspects(
             tried.add(("chunk", c.index))
             found.append(_Suspect(i, "chunk", whole, whole, whole, speech_s, looping=looping))
             continue
+        if ("heard nothing", c.index) in tried:
+            continue  # the whole ladder heard nothing in the whole chunk: its parts are no different
         for gap in uncovered(speech, segments, opts):
             key = (c.index, round(gap[0], 2), round(gap[1], 2))
             if key in tried:
@@ -455,8 +457,13 @@ def climb(
             in_gap = len(_inside(words, (s.gap[0] - margin, s.gap[1] + margin)))
             if in_gap > s.best_in_gap:
                 s.best, s.best_words, s.best_in_gap = segments, words, in_gap
-            if plausible(s.best_in_gap, s.speech_s, rate, opts):
-                s.done = True
+                # plausible: enough words for the speech, and no stretch of it left without any
+                chunk = chunks[s.pos]
+                target = [(max(a, s.gap[0]), min(b, s.gap[1])) for a, b in chunk.speech or [(chunk.start, chunk.end)]]
+                left = uncovered([t for t in target if t[1] > t[0]], segments, opts)
+                s.done = plausible(in_gap, s.speech_s, rate, opts) and not any(
+                    b - a >= opts.min_suspect_s for a, b in left
+                )
 
 
 def _apply(suspect: _Suspect, chunk: Chunk, by_chunk: dict[int, list[Segment]], opts: CoverageOptions) -> bool:
@@ -513,6 +520,8 @@ def repair_gaps(
         gaps += len(suspects)
         climb(engine, audio, chunks, suspects, options, rate, opts, rungs)
         for s in suspects:
+            if s.kind == "chunk" and not s.best_words:
+                tried.add(("heard nothing", chunks[s.pos].index))
             if _apply(s, chunks[s.pos], by_chunk, opts):
                 repaired += 1
                 repaired_seconds += s.gap[1] - s.gap[0]

@@ -33,6 +33,8 @@ LOGPROB_THRESHOLD = -1.0
 NO_SPEECH_BEFORE = float("-inf")
 #: Whisper's limit on the first timestamp of a window decoded with timestamps (seconds).
 MAX_INITIAL_TIMESTAMP = 1.0
+#: The seed of the fallback's sampling (temperature > 0).
+FALLBACK_SEED = 1
 
 
 def bundled_model_path() -> Path:
@@ -237,6 +239,8 @@ class FasterWhisperEngine:
         that fail Whisper's checks (``needs_fallback``) at the next, sampling best of 5. With
         ``decoding.timestamps`` the prompt asks for timestamp tokens and CTranslate2 applies
         Whisper's timestamp rules (first timestamp within 1 s), as sequential Whisper decodes."""
+        import ctranslate2
+
         prompt = self.model.get_prompt(tokenizer, [], without_timestamps=not decoding.timestamps)
         common = dict(
             length_penalty=tr_options.length_penalty,
@@ -254,6 +258,8 @@ class FasterWhisperEngine:
         todo = list(range(rows))
         for temperature in decoding.temperatures:
             if temperature > 0:
+                # the same samples for the same audio, every run: results are reproducible
+                ctranslate2.set_random_seed(FALLBACK_SEED)
                 search = dict(beam_size=1, num_hypotheses=tr_options.best_of, sampling_topk=0,
                               sampling_temperature=temperature)
             else:
