@@ -25,7 +25,7 @@ from app.formats import MEDIA_TYPES
 from app.media import safe_basename
 from app.messages import ALL_FORMATS, JobRecord, JobView, TranscribeOptions, options_from
 from app.submit import Submitted, submit_file
-from app.web.server import Busy, WebState, state
+from app.web.server import OWNER, Busy, WebState, state
 from app.web.uploads import Upload, check_media, read_body, receive_multipart, receive_url
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -108,7 +108,7 @@ async def accept(
 
 async def create_job(request: web.Request) -> web.Response:
     st = state(request)
-    owner = request["owner"]
+    owner = request[OWNER]
     await st.store.ping()  # Redis away: 503 now, before the upload is read
     header_key = request.headers.get("Idempotency-Key", "")
     async with st.spool.file() as path:
@@ -151,7 +151,7 @@ async def owned(request: web.Request) -> JobRecord:
     """The job named in the path, if the caller owns it; 404 otherwise, whoever owns it."""
     job_id = request.match_info["id"]
     record = await state(request).store.find(job_id) if _JOB_ID.match(job_id) else None
-    if record is None or record.owner != request["owner"]:
+    if record is None or record.owner != request[OWNER]:
         raise errors.JobNotFound(f"no job {job_id!r}")
     return record
 
@@ -166,7 +166,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         offset = max(int(request.query.get("offset", "0")), 0)
     except ValueError:
         raise errors.OptionsError("limit and offset must be integers") from None
-    records, next_offset = await state(request).store.list_owned(request["owner"], offset=offset, limit=limit)
+    records, next_offset = await state(request).store.list_owned(request[OWNER], offset=offset, limit=limit)
     return encode_json({"jobs": [JobView.of(r) for r in records], "next_offset": next_offset})
 
 

@@ -28,7 +28,7 @@ from aiohttp import web
 from app import errors
 from app.messages import JobRecord
 from app.web import api
-from app.web.server import WebState, error_response, state
+from app.web.server import OWNER, WebState, error_response, state
 from app.web.uploads import receive_multipart
 
 log = logging.getLogger("vtp.web")
@@ -84,7 +84,7 @@ def _segments(doc: dict) -> list[dict]:
 
 async def transcriptions(request: web.Request) -> web.Response:
     st = state(request)
-    owner = request["owner"]
+    owner = request[OWNER]
     await st.store.ping()
     if not request.content_type.startswith("multipart/"):
         raise errors.OptionsError("send multipart/form-data with the audio as 'file'")

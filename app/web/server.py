@@ -108,6 +108,8 @@ class WebState:
 
 
 STATE = web.AppKey("vtp", WebState)
+#: The owner a request acts as (``app.web.auth``), set by ``auth_middleware``.
+OWNER = web.RequestKey("owner", str)
 
 
 def state(request: web.Request) -> WebState:
@@ -170,7 +172,7 @@ async def errors_middleware(request: web.Request, handler):
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
     if request.path.startswith("/v1/") or request.path == "/metrics":
-        request["owner"] = state(request).tokens.owner(request)
+        request[OWNER] = state(request).tokens.owner(request)
     return await handler(request)
 
 
