@@ -91,7 +91,11 @@ async def check_webhook_url(st: WebState, url: str | None) -> str:
 async def accept(
     st: WebState, owner: str, upload: Upload, options: TranscribeOptions, *, idempotency_key: str = "", webhook_url: str = ""
 ) -> Submitted:
-    """Check the media (415/413), then create and enqueue the job (``app.submit``)."""
+    """Check the media (415/413), then create and enqueue the job (``app.submit``).
+
+    The same media with the same options joins the owner's job that is queued, running or
+    done, unless the request names itself: with an idempotency key the key alone decides (a
+    client that sends two keys asks for two jobs), and with a webhook the job must be its own."""
     st.upload_bytes += upload.size
     if idempotency_key:  # a retried request returns its job before any probing
         earlier = await st.store.find_by_key(owner, idempotency_key)
@@ -101,7 +105,7 @@ async def accept(
     return await submit_file(
         st.store, st.storage, st.enqueue, upload.path, options,
         basename=safe_basename(upload.name), owner=owner, idempotency_key=idempotency_key,
-        max_bytes=st.settings.max_upload_bytes, reuse=not webhook_url, input_name=upload.name,
+        max_bytes=st.settings.max_upload_bytes, reuse=not webhook_url and not idempotency_key, input_name=upload.name,
         webhook_url=webhook_url, sha256=upload.sha256,
     )
 
