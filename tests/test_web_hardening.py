@@ -376,9 +376,27 @@ async def test_openai_retries_join_one_job_and_gone_clients_stop_waiting(redis_u
                 await anyio.sleep(0.05)
 
 
+async def test_same_media_joins_the_running_job_unless_the_request_names_itself(redis_url, tmp_path, data_dir):
+    async with serve(redis_url, tmp_path) as srv, aiohttp.ClientSession() as s:
+        jfk = data_dir / "jfk.flac"
+        async with s.post(srv.url + "/v1/jobs", data=form(jfk, formats="txt")) as r:
+            assert r.status == 202
+            first = (await r.json())["id"]
+        async with s.post(srv.url + "/v1/jobs", data=form(jfk, formats="txt")) as r:
+            assert r.status == 200 and (await r.json())["id"] == first  # joined while queued
+        async with s.post(srv.url + "/v1/jobs", data=form(jfk, formats="srt")) as r:
+            assert r.status == 202 and (await r.json())["id"] != first  # other options: its own job
+        keyed = set()
+        for key in ("k1", "k2", "k1"):
+            async with s.post(srv.url + "/v1/jobs", data=form(jfk, formats="txt", idempotency_key=key)) as r:
+                keyed.add((await r.json())["id"])
+        assert len(keyed) == 2 and first not in keyed  # the keys decide: two jobs, never the unkeyed one
+        assert len(srv.stored()) == 4  # one stored media per job, none for a joined request
+
+
 async def test_redis_connections_are_bounded(redis_url, tmp_path, data_dir):
     """Streams beyond ``max_streams`` get 503 at once; the others keep their connections."""
-    async with serve(redis_url, tmp_path, max_streams=2, redis_connections=4) as srv, aiohttp.ClientSession() as s:
+    async with serve(redis_url, tmp_path, max_streams=2, redis_connections=4, stream_poll_s=0.3) as srv, aiohttp.ClientSession() as s:
         async with s.post(srv.url + "/v1/jobs", data=form(data_dir / "jfk.flac", formats="txt")) as r:
             job_id = (await r.json())["id"]
         opened = [await s.get(f"{srv.url}/v1/jobs/{job_id}/events") for _ in range(2)]
