@@ -359,6 +359,9 @@ class JobStore:
     @_mapped
     async def delete(self, record: JobRecord) -> None:
         """Forget a finished job: its record, events, scratch state and index entries."""
+        same = self._sha_key(record.owner, record.sha256, record.options) if record.sha256 else None
+        if same is not None and await self.redis.get(same) != record.id.encode():
+            same = None  # it names a newer job with the same media: keep it
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(constants.job_key(record.id), constants.events_key(record.id))
             pipe.delete(*(constants.dag_key(record.id, part) for part in DAG_PARTS))
@@ -366,8 +369,8 @@ class JobStore:
             pipe.zrem(constants.owner_jobs_key(record.owner), record.id)
             if record.idempotency_key:
                 pipe.delete(f"{constants.IDEMPOTENCY_PREFIX}{record.owner}:{record.idempotency_key}")
-            if record.sha256:
-                pipe.delete(self._sha_key(record.owner, record.sha256, record.options))
+            if same is not None:
+                pipe.delete(same)
             await pipe.execute()
 
     @_mapped

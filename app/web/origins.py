@@ -8,7 +8,7 @@ Two attacks need no token when a browser is the weapon:
   ``Host: attacker.example``. So without ``VTP_API_TOKENS`` (the loopback-only mode) only
   loopback Host names are served: ``localhost``, ``127.x.x.x`` and ``[::1]``, any port (and a
   request with no Host at all, which no browser sends). Anything else gets 421 Misdirected
-  Request. ``vtp web --insecure`` (tokenless on a public address, anyone may submit anyway)
+  Request. ``vtp web --insecure`` on a public address (tokenless, anyone may submit anyway)
   turns this off.
 * **Cross-site request forgery.** Any page can make a browser POST a multipart form to any
   address. Every state-changing request (POST, PUT, PATCH, DELETE), in every mode, is refused

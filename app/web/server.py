@@ -284,7 +284,8 @@ def check_binding(host: str, settings: Settings, insecure: bool) -> str:
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     port = args.port if args.port is not None else settings.port
     note = check_binding(args.host, settings, args.insecure)
-    app = create_app(settings, any_host=bool(args.insecure))
+    # --insecure on a public address serves any name; on loopback the rebinding check stays
+    app = create_app(settings, any_host=bool(args.insecure) and not is_loopback(args.host))
     logging.getLogger("vtp").setLevel(logging.INFO)
     print(f"vtp web: http://{args.host}:{port}/ ({note})", file=sys.stderr, flush=True)
     web.run_app(app, host=args.host, port=port, print=None, access_log=None, handle_signals=True)
