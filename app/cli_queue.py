@@ -162,7 +162,10 @@ async def _submit(args: argparse.Namespace, settings: Settings, options) -> int:
             if not args.wait:
                 print(sub.record.id, flush=True)
             if sub.how != "new" and not args.quiet:
-                note = "same idempotency key" if sub.how == "idempotent" else "same media and options, already done"
+                note = {
+                    "idempotent": "same idempotency key",
+                    "reused": "same media and options, already done",
+                }.get(sub.how, f"same media and options, {sub.record.state}")
                 print(f"vtp: {path}: job {sub.record.id} ({note})", file=sys.stderr, flush=True)
         if args.wait:
             for path, base, record in accepted:

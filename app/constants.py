@@ -40,6 +40,12 @@ HEALTH_PREFIX = "vtp:health:"
 #: half a minute after the worker is gone. Read by ``/metrics``.
 GPU_STATS_PREFIX = "vtp:gpustats:"
 
+#: ``vtp:stats``: hash of the counters ``/metrics`` shows, moved by ``JobStore`` in the same
+#: MULTI as each state change: ``state:<state>`` (jobs in each state now; for done, failed and
+#: cancelled, jobs that ever ended so), ``audio_seconds`` (media of done jobs),
+#: ``stage_seconds:<stage>`` and ``stage_count:<stage>`` (time done jobs spent in each stage).
+STATS_KEY = "vtp:stats"
+
 #: ``vtp:active``: sorted set of the jobs that have not ended, scored by creation time (what the
 #: sweeper looks at; a job leaves it when it ends).
 ACTIVE_INDEX = "vtp:active"

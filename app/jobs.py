@@ -272,36 +272,53 @@ class JobStore:
     # -- records --------------------------------------------------------------------------
 
     @_mapped
-    async def create(self, record: JobRecord) -> tuple[JobRecord, bool]:
+    async def create(self, record: JobRecord, *, join: bool = False) -> tuple[JobRecord, bool]:
         """Store a new ``queued`` record; ``(record, True)``.
 
         With ``record.idempotency_key``, a second create with the same owner and key returns
-        the first job's record and False instead. The key and the record are written in one
-        MULTI, watched on the key: whoever sees the key sees its record, so two concurrent
-        submits agree on one winner (a key whose record has expired is free again).
+        the first job's record and False instead. With ``join`` (and ``record.sha256``), so
+        does a create while a job of the same owner with the same media and options is queued,
+        running or done (``find_reusable``): a retried request joins the job instead of
+        repeating its work. The keys and the record are written in one MULTI, watched on the
+        keys: whoever sees a key sees its record, so concurrent submits agree on one winner (a
+        key whose record has expired, failed or was cancelled is free again).
         """
         now = time.time()
         record = msgspec.structs.replace(record, state="queued", created_at=now, updated_at=now, state_since=now)
+        key = constants.job_key(record.id)
         idem = f"{constants.IDEMPOTENCY_PREFIX}{record.owner}:{record.idempotency_key}" if record.idempotency_key else None
+        same = self._sha_key(record.owner, record.sha256, record.options) if join and record.sha256 else None
 
         async def attempt(pipe) -> tuple[JobRecord, bool]:
+            mine = await pipe.get(key)
+            if mine is not None:  # a repeat whose reply was lost: it is in, counted once
+                return decode(mine, JobRecord), True
             if idem is not None:
                 holder = await pipe.get(idem)
-                if holder is not None and holder.decode() != record.id:  # (our own id: a repeat whose reply was lost)
+                if holder is not None:
                     existing = await pipe.get(constants.job_key(holder.decode()))
                     if existing is not None:
+                        return decode(existing, JobRecord), False
+            if same is not None:
+                holder = await pipe.get(same)
+                if holder is not None:
+                    existing = await pipe.get(constants.job_key(holder.decode()))
+                    if existing is not None and decode(existing, JobRecord).state not in ("failed", "cancelled"):
                         return decode(existing, JobRecord), False
             pipe.multi()
             if idem is not None:
                 pipe.set(idem, record.id, ex=self.result_ttl)
-            pipe.set(constants.job_key(record.id), encode(record))
+            if same is not None:
+                pipe.set(same, record.id, ex=self.result_ttl)
+            pipe.set(key, encode(record))
             pipe.zadd(constants.JOBS_INDEX, {record.id: now})
             pipe.zadd(constants.owner_jobs_key(record.owner), {record.id: now})
             pipe.zadd(constants.ACTIVE_INDEX, {record.id: now})
+            pipe.hincrby(constants.STATS_KEY, "state:queued", 1)
             self._queue_event(pipe, event_of(record))
             return record, True
 
-        watch = (idem,) if idem is not None else ()
+        watch = tuple(k for k in (key, idem, same) if k is not None)
         return await self.redis.transaction(attempt, *watch, value_from_callable=True)
 
     @_mapped
@@ -342,6 +359,9 @@ class JobStore:
     @_mapped
     async def delete(self, record: JobRecord) -> None:
         """Forget a finished job: its record, events, scratch state and index entries."""
+        same = self._sha_key(record.owner, record.sha256, record.options) if record.sha256 else None
+        if same is not None and await self.redis.get(same) != record.id.encode():
+            same = None  # it names a newer job with the same media: keep it
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(constants.job_key(record.id), constants.events_key(record.id))
             pipe.delete(*(constants.dag_key(record.id, part) for part in DAG_PARTS))
@@ -349,8 +369,8 @@ class JobStore:
             pipe.zrem(constants.owner_jobs_key(record.owner), record.id)
             if record.idempotency_key:
                 pipe.delete(f"{constants.IDEMPOTENCY_PREFIX}{record.owner}:{record.idempotency_key}")
-            if record.sha256:
-                pipe.delete(self._sha_key(record.owner, record.sha256, record.options))
+            if same is not None:
+                pipe.delete(same)
             await pipe.execute()
 
     @_mapped
@@ -388,6 +408,8 @@ class JobStore:
             new = msgspec.structs.replace(new, updated_at=time.time())
             pipe.multi()
             pipe.set(key, encode(new))
+            if new.state != old.state:
+                self._queue_counts(pipe, old, new)
             if publish:
                 self._queue_event(pipe, event_of(new, message))
             if new.terminal:
@@ -400,6 +422,25 @@ class JobStore:
         key = constants.events_key(event.job_id)
         pipe.xadd(key, {_EVENT_FIELD: encode(event)}, maxlen=_STREAM_MAXLEN, approximate=True)
         pipe.expire(key, self.result_ttl)
+
+    def _queue_counts(self, pipe, old: JobRecord, new: JobRecord) -> None:
+        """The counters ``/metrics`` shows, moved in the same MULTI as the record: exactly once
+        per state change. ``state:<s>`` is the number of jobs in ``s`` now for the states before
+        the end, and the number that ever ended so for done, failed and cancelled; a done job
+        adds its media seconds and its seconds in each stage."""
+        pipe.hincrby(constants.STATS_KEY, f"state:{old.state}", -1)
+        pipe.hincrby(constants.STATS_KEY, f"state:{new.state}", 1)
+        if new.state == "done":
+            pipe.hincrbyfloat(constants.STATS_KEY, "audio_seconds", new.duration)
+            for stage, seconds in new.timings.items():
+                pipe.hincrbyfloat(constants.STATS_KEY, f"stage_seconds:{stage}", seconds)
+                pipe.hincrby(constants.STATS_KEY, f"stage_count:{stage}", 1)
+
+    @_mapped
+    async def stats(self) -> dict[str, float]:
+        """The counters of ``_queue_counts`` (one HGETALL, however many jobs there are)."""
+        raw = await self.redis.hgetall(constants.STATS_KEY)
+        return {k.decode(): float(v) for k, v in raw.items()}
 
     def _queue_expiry(self, pipe, record: JobRecord) -> None:
         """A finished job's keys live ``result_ttl`` more seconds, then Redis drops them."""
@@ -524,12 +565,14 @@ class JobStore:
 
     @_mapped
     async def find_reusable(self, owner: str, sha256: str, options: TranscribeOptions) -> JobRecord | None:
-        """A ``done`` job of the same owner with the same media bytes and the same options."""
+        """A job of the same owner with the same media bytes and the same options that is
+        ``done``, or still queued or running (created with ``join``): not a failed or
+        cancelled one."""
         job_id = await self.redis.get(self._sha_key(owner, sha256, options))
         if job_id is None:
             return None
         record = await self.find(job_id.decode())
-        return record if record is not None and record.state == "done" else None
+        return record if record is not None and record.state not in ("failed", "cancelled") else None
 
     @_mapped
     async def remember_done(self, record: JobRecord) -> None:
@@ -547,14 +590,18 @@ class JobStore:
 
     async def events(
         self, job_id: str, *, since: str = "0-0", poll_s: float = 1.0, reconnect_s: float = 90.0,
-        stall_s: float | None = None,
-    ) -> AsyncIterator[ProgressEvent]:
+        stall_s: float | None = None, idle: bool = False,
+    ) -> AsyncIterator[ProgressEvent | None]:
         """The job's events from ``since`` (all of them by default), ending with its final one.
 
         Survives Redis going away for up to ``reconnect_s`` seconds (it reads on from the last
         event it saw); raises ``QueueError`` after that, ``JobNotFound`` for an unknown job.
         With ``stall_s``, raises ``JobStalled`` once the job has shown no progress for that long:
-        no change to its record and no worker renewing a lease on one of its stages.
+        no change to its record and no worker renewing a lease on one of its stages. With
+        ``idle``, yields None after every ``poll_s`` without an event (an SSE keep-alive).
+
+        Each read blocks in Redis for ``poll_s``: that must be shorter than the client's socket
+        timeout, or a quiet job's read times out as if Redis were gone.
         """
         key = constants.events_key(job_id)
         last: str | bytes = since
@@ -587,6 +634,8 @@ class JobStore:
                     return
                 if stall_s is not None:
                     await self._check_stalled(record, started, stall_s)
+                if idle:
+                    yield None
 
     async def _check_stalled(self, record: JobRecord, started: float, stall_s: float) -> None:
         now = time.time()

@@ -308,11 +308,32 @@ def decode(data: bytes, type_: type[T]) -> T:
 
 
 def options_from(values: dict) -> TranscribeOptions:
-    """Build options from loosely typed input (CLI, HTTP form), validating every field."""
+    """Build options from loosely typed input (CLI, HTTP form), validating every field.
+
+    Every entry point (``vtp transcribe``/``submit``, the jobs API, the OpenAI endpoint) goes
+    through here, so a language Whisper does not know (``en-US``, ``xx``) is refused at once
+    with ``OptionsError`` (a 400, a usage error), not after a job's tries on a GPU worker.
+    """
     try:
-        return msgspec.convert({k: v for k, v in values.items() if v is not None}, TranscribeOptions)
+        options = msgspec.convert({k: v for k, v in values.items() if v is not None}, TranscribeOptions)
     except msgspec.ValidationError as exc:
         raise errors.OptionsError(f"invalid option: {exc}") from exc
+    check_language(options.language)
+    return options
+
+
+def check_language(code: str | None) -> None:
+    """``OptionsError`` unless ``code`` is None or one of Whisper's language codes (``app.languages``)."""
+    from app.languages import LANGUAGES
+
+    if code is None or code in LANGUAGES:
+        return
+    base = code.split("-")[0].lower()
+    hint = f"; use {base!r} ({LANGUAGES[base]})" if base in LANGUAGES else ""
+    raise errors.OptionsError(
+        f"language {code!r} is not one Whisper knows{hint}: give a code such as en, de, fr, es, zh or yue"
+        " (app/languages.py lists all of them)"
+    )
 
 
 class JobCost(Struct, frozen=True, kw_only=True):

@@ -8,15 +8,25 @@ Deduplication, in this order:
 
 * the same ``idempotency_key`` (per owner) returns the job first created with it, whatever
   its state: a client may retry a submit safely;
-* the same media bytes (sha256) with the same options, when a job of the same owner already
-  finished ``done``, returns *that* job (its id, record and outputs) instead of creating one:
-  nothing is uploaded or recomputed. Scoped per owner so that one user's submission never
-  reveals another's transcript.
+* the same media bytes (sha256) with the same options, when a job of the same owner is
+  queued, running or ``done``, returns *that* job (its id, record and outputs) instead of
+  creating one: nothing is uploaded again or recomputed, and a client that retries a request
+  (the OpenAI SDK does, twice, after its timeout) joins the job its first try started. Checked
+  again atomically when the record is created, so two identical submits at once make one job.
+  A failed or cancelled job is not joined: the same media then makes a new job. Scoped per
+  owner so that one user's submission never reveals another's transcript.
+
+The media is stored under the new job's id before its record is created. If storing it or
+creating the record fails (Redis unreachable: 503 in the web process), the stored media is
+deleted before the error is raised, so no upload is left that no record names. Once the
+record exists its artifacts go with it (deleted with the job, or expired by the sweeper
+``VTP_RESULT_TTL`` after it ends).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,13 +43,28 @@ from app.media import check_media_file
 from app.storage import Storage
 
 Enqueue = Callable[[JobRecord], Awaitable[None]]
+log = logging.getLogger("vtp.submit")
 
 
 @dataclass(frozen=True)
 class Submitted:
     record: JobRecord
-    #: new job; the job of the same idempotency key; or a finished job with the same media and options.
-    how: Literal["new", "idempotent", "reused"]
+    #: new job; the job of the same idempotency key; a done job with the same media and options;
+    #: or a queued or running job with the same media and options.
+    how: Literal["new", "idempotent", "reused", "joined"]
+
+
+def _how(record: JobRecord) -> Literal["reused", "joined"]:
+    return "reused" if record.state == "done" else "joined"
+
+
+async def _discard(storage: Storage, job_id: str) -> None:
+    """Delete what was stored for a job that never got a record (never raises)."""
+    try:
+        with anyio.CancelScope(shield=True):
+            await storage.delete_prefix(keys.job_prefix(job_id))
+    except Exception as exc:  # storage down too: say what is left where
+        log.warning("could not delete %s after a failed submit: %s", keys.job_prefix(job_id), exc)
 
 
 def sha256_of(path: Path) -> str:
@@ -77,28 +102,34 @@ async def submit_file(
     # The web process hashes uploads while they stream in: no second read of the file.
     sha = sha256 or await anyio.to_thread.run_sync(sha256_of, path)
     if reuse:
-        done = await store.find_reusable(owner, sha, options)
-        if done is not None:
-            return Submitted(done, "reused")
+        earlier = await store.find_reusable(owner, sha, options)
+        if earlier is not None:
+            return Submitted(earlier, _how(earlier))
 
     job_id = uuid.uuid4().hex
-    await storage.put_file(keys.media_key(job_id), path)
-    record, created = await store.create(
-        JobRecord(
-            id=job_id,
-            owner=owner,
-            input_name=input_name or path.name,
-            basename=basename,
-            media_key=keys.media_key(job_id),
-            sha256=sha,
-            idempotency_key=idempotency_key,
-            options=options,
-            webhook_url=webhook_url,
+    try:
+        await storage.put_file(keys.media_key(job_id), path)
+        record, created = await store.create(
+            JobRecord(
+                id=job_id,
+                owner=owner,
+                input_name=input_name or path.name,
+                basename=basename,
+                media_key=keys.media_key(job_id),
+                sha256=sha,
+                idempotency_key=idempotency_key,
+                options=options,
+                webhook_url=webhook_url,
+            ),
+            join=reuse,
         )
-    )
-    if not created:  # lost a race for the idempotency key: drop our upload, report the winner
-        await storage.delete_prefix(keys.job_prefix(job_id))
-        return Submitted(record, "idempotent")
+    except BaseException:  # no record names the media: nothing would ever find it again
+        await _discard(storage, job_id)
+        raise
+    if not created:  # lost a race for the idempotency key or the same media: drop our upload, report the winner
+        await _discard(storage, job_id)
+        same_key = bool(idempotency_key) and record.idempotency_key == idempotency_key
+        return Submitted(record, "idempotent" if same_key else _how(record))
     try:
         await enqueue(record)
     except errors.VtpError as exc:

@@ -204,7 +204,7 @@ async def test_api_round_trip(web_server, data_dir):
             assert job["id"] in [j["id"] for j in page["jobs"]]
         async with s.get(f"{base}/metrics", headers=auth()) as r:
             text = await r.text()
-            assert 'vtp_jobs{state="done"}' in text and "vtp_queue_depth" in text and "vtp_stage_seconds_sum" in text
+            assert 'vtp_jobs_ended_total{state="done"}' in text and "vtp_queue_depth" in text and "vtp_stage_seconds_sum" in text
             # the GPU worker's batching across jobs (its vtp:gpustats hash, refreshed with its health)
             assert "vtp_gpu_batch_fill_ratio{worker=" in text and "vtp_gpu_decode_batch_size{worker=" in text
 
@@ -449,14 +449,15 @@ async def test_limits_and_bad_uploads(strict_server, data_dir, tmp_path):
             assert status == 400 and needle in body["error"]["message"], (fields, body)
         async with s.post(f"{base}/v1/jobs", data=b"raw", headers={**auth(TOKEN_C), "Content-Type": "text/plain"}) as r:
             assert r.status == 415
-        # a hostile filename names the job, nothing else
-        for raw_name, shown in [
-            (b"../../../../tmp/evil.flac", "evil.flac"),
-            (rb"..\\..\\windows\\win.ini", "win.ini"),  # escaped in the quoted-string: backslashes arrive
-            (b"..%2f..%2fetc%2fx%00%0a.flac", "x_.flac"),
+        # a hostile filename names the job, nothing else (other formats each time: the same
+        # media with the same options would join the job already running)
+        for raw_name, shown, fmt in [
+            (b"../../../../tmp/evil.flac", "evil.flac", b"srt"),
+            (rb"..\\..\\windows\\win.ini", "win.ini", b"vtt"),  # escaped in the quoted-string: backslashes arrive
+            (b"..%2f..%2fetc%2fx%00%0a.flac", "x_.flac", b"txt"),
         ]:
             raw = (
-                b'--BOUNDARY\r\nContent-Disposition: form-data; name="formats"\r\n\r\ntxt\r\n'
+                b'--BOUNDARY\r\nContent-Disposition: form-data; name="formats"\r\n\r\n' + fmt + b'\r\n'
                 b'--BOUNDARY\r\nContent-Disposition: form-data; name="file"; filename="' + raw_name + b'"\r\n'
                 b"Content-Type: application/octet-stream\r\n\r\n" + (data_dir / "jfk.flac").read_bytes() + b"\r\n--BOUNDARY--\r\n"
             )

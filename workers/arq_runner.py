@@ -66,6 +66,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.jobs import deserialize_result
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
+from redis.asyncio import BlockingConnectionPool
 
 from app import constants, costs, errors, keys
 from app.config import Settings
@@ -175,13 +176,23 @@ async def connect(settings: Settings, *, conn_retries: int = 0) -> ArqRedis:
         raise errors.QueueError(f"cannot reach Redis at {redis_location(settings.redis_url)}: {exc}") from exc
 
 
-def client(settings: Settings) -> ArqRedis:
+def client(
+    settings: Settings, *, socket_timeout: float = 10.0, max_connections: int | None = None, pool_wait_s: float = 2.0
+) -> ArqRedis:
     """An arq-capable Redis client that connects on first use (the web process starts, and
-    answers 503, while Redis is away; ``connect`` instead fails at once)."""
-    return ArqRedis.from_url(
-        settings.redis_url, socket_connect_timeout=1, socket_timeout=10,
+    answers 503, while Redis is away; ``connect`` instead fails at once). With
+    ``max_connections`` it holds at most that many connections: a command waits up to
+    ``pool_wait_s`` for a free one, then fails as Redis being unreachable would."""
+    kwargs: dict[str, Any] = dict(
+        socket_connect_timeout=1, socket_timeout=socket_timeout,
         retry=redis_retry(1), retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
     )
+    if max_connections is None:
+        return ArqRedis.from_url(settings.redis_url, **kwargs)
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=max_connections, timeout=pool_wait_s, **kwargs
+    )
+    return ArqRedis(pool_or_conn=pool)
 
 
 async def _enqueue(

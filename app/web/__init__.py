@@ -6,6 +6,7 @@ onnxruntime, torch, transformers) and reaches the workers only through Redis, en
 
     server.py    the app factory, middlewares, ``vtp web`` and its safe binding rules
     auth.py      bearer tokens -> the owner of a job
+    origins.py   the Host check (DNS rebinding) and the Origin check (cross-site requests)
     uploads.py   multipart and URL uploads streamed to disk under a size limit, then checked
     api.py       the jobs API (/v1/jobs...), progress as Server-Sent Events
     openai.py    the OpenAI-compatible /v1/audio/transcriptions
@@ -26,7 +27,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--port", type=int, default=None, help="port (default: $PORT, else 8000)")
     w.add_argument(
         "--insecure", action="store_true",
-        help="allow a non-loopback address without VTP_API_TOKENS (anyone who can reach it may submit)",
+        help="allow a non-loopback address without VTP_API_TOKENS, and any Host name (anyone who can reach it may submit)",
     )
     w.set_defaults(func=_cmd_web)
 

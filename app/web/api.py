@@ -25,8 +25,8 @@ from app.formats import MEDIA_TYPES
 from app.media import safe_basename
 from app.messages import ALL_FORMATS, JobRecord, JobView, TranscribeOptions, options_from
 from app.submit import Submitted, submit_file
-from app.web.server import WebState, state
-from app.web.uploads import Upload, check_media, receive_multipart, receive_url
+from app.web.server import OWNER, Busy, WebState, state
+from app.web.uploads import Upload, check_media, read_body, receive_multipart, receive_url
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 #: What a client may set; anything else (device, compute_type, a path...) is refused with 400.
@@ -91,7 +91,11 @@ async def check_webhook_url(st: WebState, url: str | None) -> str:
 async def accept(
     st: WebState, owner: str, upload: Upload, options: TranscribeOptions, *, idempotency_key: str = "", webhook_url: str = ""
 ) -> Submitted:
-    """Check the media (415/413), then create and enqueue the job (``app.submit``)."""
+    """Check the media (415/413), then create and enqueue the job (``app.submit``).
+
+    The same media with the same options joins the owner's job that is queued, running or
+    done, unless the request names itself: with an idempotency key the key alone decides (a
+    client that sends two keys asks for two jobs), and with a webhook the job must be its own."""
     st.upload_bytes += upload.size
     if idempotency_key:  # a retried request returns its job before any probing
         earlier = await st.store.find_by_key(owner, idempotency_key)
@@ -101,20 +105,20 @@ async def accept(
     return await submit_file(
         st.store, st.storage, st.enqueue, upload.path, options,
         basename=safe_basename(upload.name), owner=owner, idempotency_key=idempotency_key,
-        max_bytes=st.settings.max_upload_bytes, reuse=not webhook_url, input_name=upload.name,
+        max_bytes=st.settings.max_upload_bytes, reuse=not webhook_url and not idempotency_key, input_name=upload.name,
         webhook_url=webhook_url, sha256=upload.sha256,
     )
 
 
 async def create_job(request: web.Request) -> web.Response:
     st = state(request)
-    owner = request["owner"]
+    owner = request[OWNER]
     await st.store.ping()  # Redis away: 503 now, before the upload is read
     header_key = request.headers.get("Idempotency-Key", "")
     async with st.spool.file() as path:
         if request.content_type == "application/json":
             try:
-                body = msgspec.json.decode(await request.read(), type=JobRequest)
+                body = msgspec.json.decode(await read_body(request, idle_s=st.limits.idle_s), type=JobRequest)
             except msgspec.ValidationError as exc:
                 raise errors.OptionsError(f"invalid request: {exc}") from None
             except msgspec.DecodeError as exc:
@@ -126,7 +130,7 @@ async def create_job(request: web.Request) -> web.Response:
             upload = await receive_url(st.guard, body.url, path, max_bytes=st.settings.max_upload_bytes)
             key = body.idempotency_key or header_key
         elif request.content_type.startswith("multipart/"):
-            upload = await receive_multipart(request, path, max_bytes=st.settings.max_upload_bytes)
+            upload = await receive_multipart(request, path, max_bytes=st.settings.max_upload_bytes, idle_s=st.limits.idle_s)
             unknown = sorted(set(upload.fields) - CLIENT_FIELDS)
             if unknown:
                 raise errors.OptionsError(
@@ -151,7 +155,7 @@ async def owned(request: web.Request) -> JobRecord:
     """The job named in the path, if the caller owns it; 404 otherwise, whoever owns it."""
     job_id = request.match_info["id"]
     record = await state(request).store.find(job_id) if _JOB_ID.match(job_id) else None
-    if record is None or record.owner != request["owner"]:
+    if record is None or record.owner != request[OWNER]:
         raise errors.JobNotFound(f"no job {job_id!r}")
     return record
 
@@ -166,7 +170,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         offset = max(int(request.query.get("offset", "0")), 0)
     except ValueError:
         raise errors.OptionsError("limit and offset must be integers") from None
-    records, next_offset = await state(request).store.list_owned(request["owner"], offset=offset, limit=limit)
+    records, next_offset = await state(request).store.list_owned(request[OWNER], offset=offset, limit=limit)
     return encode_json({"jobs": [JobView.of(r) for r in records], "next_offset": next_offset})
 
 
@@ -201,22 +205,36 @@ async def transcript(request: web.Request) -> web.Response:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-Sent Events: one ``data: <ProgressEvent JSON>`` per change, the last one final."""
+    """Server-Sent Events: one ``data: <ProgressEvent JSON>`` per change, the last one final;
+    a ``: keep-alive`` comment whenever ``stream_poll_s`` passes without one. At most
+    ``max_streams`` at once (each holds a Redis connection in a blocking read): 503 beyond."""
     st = state(request)
     record = await owned(request)
-    resp = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
-    await resp.prepare(request)
-    await resp.write(b": " + record.state.encode() + b"\n\n")
+    limits = st.limits
+    if st.streams >= limits.max_streams:
+        raise Busy(f"{limits.max_streams} progress streams are open; try again shortly")
+    st.streams += 1
     try:
-        async for event in st.store.events(record.id, poll_s=10.0):
-            await resp.write(b"event: progress\ndata: " + msgspec.json.encode(event) + b"\n\n")
-    except errors.VtpError as exc:
-        await resp.write(b"event: error\ndata: " + msgspec.json.encode({"message": str(exc)}) + b"\n\n")
-    except ConnectionResetError:  # the browser went away
-        pass
-    return resp
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        await resp.prepare(request)
+        await resp.write(b": " + record.state.encode() + b"\n\n")
+        try:
+            async for event in st.store.events(
+                record.id, poll_s=limits.stream_poll_s, reconnect_s=limits.stream_reconnect_s, idle=True
+            ):
+                if event is None:
+                    await resp.write(b": keep-alive\n\n")
+                else:
+                    await resp.write(b"event: progress\ndata: " + msgspec.json.encode(event) + b"\n\n")
+        except errors.VtpError as exc:
+            await resp.write(b"event: error\ndata: " + msgspec.json.encode({"message": str(exc)}) + b"\n\n")
+        except ConnectionResetError:  # the browser went away
+            pass
+        return resp
+    finally:
+        st.streams -= 1
 
 
 def add_routes(app: web.Application) -> None:

@@ -1,17 +1,26 @@
-"""``GET /metrics``: Prometheus text format, computed from Redis at scrape time.
+"""``GET /metrics``: Prometheus text format, from counters kept in Redis.
+
+Every number is the whole server's, never one owner's: any token may read them (no job, name
+or owner appears). A scrape costs a few Redis commands however many jobs there are: the job
+counts are counters ``app.jobs.JobStore`` moves in the same MULTI as each state change
+(``vtp:stats``), not a scan of the records.
 
 * ``vtp_queue_depth{queue}``: arq jobs waiting in each queue (``vtp:cpu``, ``vtp:gpu``);
-* ``vtp_jobs{state}``: jobs by state, among the newest ``SCAN_JOBS`` records still kept
-  (``VTP_RESULT_TTL``), so it is a gauge over the retained window, not a lifetime counter;
-* ``vtp_audio_seconds_processed``: media seconds of the ``done`` jobs in that window;
+* ``vtp_jobs{state}``: jobs queued or in each running state now;
+* ``vtp_jobs_ended_total{state}``: jobs that ended done, failed or cancelled;
+* ``vtp_audio_seconds_processed_total``: media seconds of the jobs that ended done;
 * ``vtp_stage_seconds_sum`` / ``_count{stage}``: time in each stage (queue, extract, segment,
-  transcribe, merge, render) of those done jobs: average stage latency is sum / count;
+  transcribe, merge, render) of the jobs that ended done: average stage latency is sum / count;
 * ``vtp_gpu_decode_batches_total`` / ``_chunks_total`` / ``_slots_total{worker}``, and the gauges
   ``vtp_gpu_batch_fill_ratio``, ``vtp_gpu_decode_batch_size`` (the configured size) and
   ``vtp_gpu_last_batch{worker}``: each live GPU worker's batching across jobs, from its
   ``vtp:gpustats:<name>`` hash (``workers/batcher.py``; counters since that worker started);
-* ``vtp_http_requests_total{method,route,status}`` and ``vtp_upload_bytes_total``: this web
-  process's own counters since it started.
+* ``vtp_http_requests_total{method,route,status}``, ``vtp_upload_bytes_total``,
+  ``vtp_web_open_streams`` and ``vtp_web_openai_waiting``: this web process's own, since it
+  started.
+
+The counters count from when this version first ran against the Redis database; a record
+that vanished without ending (a flushed or evicting Redis) leaves its state's gauge one high.
 
 No client library: the format is a few lines of text, and the numbers live in Redis anyway.
 """
@@ -22,11 +31,10 @@ from aiohttp import web
 
 from app import constants
 from app.jobs import retrying
-from app.messages import JobRecord, decode
 from app.web.server import state
 
-SCAN_JOBS = 5000
-_BATCH = 500
+ACTIVE_STATES = ("queued", "extracting", "segmenting", "transcribing", "merging", "rendering")
+ENDED_STATES = ("done", "failed", "cancelled")
 
 
 def _label(value: str) -> str:
@@ -74,39 +82,27 @@ async def handle(request: web.Request) -> web.Response:
         lines.append("# HELP vtp_queue_depth arq jobs waiting in each queue")
         lines.append("# TYPE vtp_queue_depth gauge")
         lines.extend(f'vtp_queue_depth{{queue="{name}"}} {n}' for name, n in depths.items())
-        ids = await redis.zrevrange(constants.JOBS_INDEX, 0, SCAN_JOBS - 1)
-        states: dict[str, int] = {}
-        audio = 0.0
-        stage_sum: dict[str, float] = {}
-        stage_count: dict[str, int] = {}
-        for i in range(0, len(ids), _BATCH):
-            keys = [constants.job_key(j.decode()) for j in ids[i : i + _BATCH]]
-            for raw in await redis.mget(keys):
-                if raw is None:
-                    continue
-                rec = decode(raw, JobRecord)
-                states[rec.state] = states.get(rec.state, 0) + 1
-                if rec.state == "done":
-                    audio += rec.duration
-                    for stage, seconds in rec.timings.items():
-                        stage_sum[stage] = stage_sum.get(stage, 0.0) + seconds
-                        stage_count[stage] = stage_count.get(stage, 0) + 1
-        lines.append("# HELP vtp_jobs jobs by state among the retained job records")
-        lines.append("# TYPE vtp_jobs gauge")
-        for name in ("queued", "extracting", "segmenting", "transcribing", "merging", "rendering", "done", "failed", "cancelled"):
-            lines.append(f'vtp_jobs{{state="{name}"}} {states.get(name, 0)}')
-        lines.append("# HELP vtp_audio_seconds_processed media seconds of the retained done jobs")
-        lines.append("# TYPE vtp_audio_seconds_processed gauge")
-        lines.append(f"vtp_audio_seconds_processed {audio:.3f}")
-        lines.append("# HELP vtp_stage_seconds time done jobs spent in each stage")
-        lines.append("# TYPE vtp_stage_seconds summary")
-        for stage in sorted(stage_sum):
-            lines.append(f'vtp_stage_seconds_sum{{stage="{_label(stage)}"}} {stage_sum[stage]:.3f}')
-            lines.append(f'vtp_stage_seconds_count{{stage="{_label(stage)}"}} {stage_count[stage]}')
-
         await _gpu_stats(redis, lines)
 
     await retrying(read, where=st.store.where, outage_s=st.store.outage_s)
+    stats = await st.store.stats()
+    lines.append("# HELP vtp_jobs jobs in each state before the end, now (all owners together)")
+    lines.append("# TYPE vtp_jobs gauge")
+    for name in ACTIVE_STATES:
+        lines.append(f'vtp_jobs{{state="{name}"}} {max(stats.get("state:" + name, 0.0), 0.0):g}')
+    lines.append("# HELP vtp_jobs_ended_total jobs that ended done, failed or cancelled (all owners together)")
+    lines.append("# TYPE vtp_jobs_ended_total counter")
+    for name in ENDED_STATES:
+        lines.append(f'vtp_jobs_ended_total{{state="{name}"}} {stats.get("state:" + name, 0.0):g}')
+    lines.append("# HELP vtp_audio_seconds_processed_total media seconds of the jobs that ended done")
+    lines.append("# TYPE vtp_audio_seconds_processed_total counter")
+    lines.append(f"vtp_audio_seconds_processed_total {stats.get('audio_seconds', 0.0):.3f}")
+    lines.append("# HELP vtp_stage_seconds time the jobs that ended done spent in each stage")
+    lines.append("# TYPE vtp_stage_seconds summary")
+    for stage in sorted(k.split(":", 1)[1] for k in stats if k.startswith("stage_seconds:")):
+        lines.append(f'vtp_stage_seconds_sum{{stage="{_label(stage)}"}} {stats["stage_seconds:" + stage]:.3f}')
+        lines.append(f'vtp_stage_seconds_count{{stage="{_label(stage)}"}} {stats.get("stage_count:" + stage, 0.0):g}')
+
     lines.append("# HELP vtp_http_requests_total requests this web process answered")
     lines.append("# TYPE vtp_http_requests_total counter")
     for (method, route, status), n in sorted(st.requests.items()):
@@ -114,5 +110,11 @@ async def handle(request: web.Request) -> web.Response:
     lines.append("# HELP vtp_upload_bytes_total bytes of media this web process received")
     lines.append("# TYPE vtp_upload_bytes_total counter")
     lines.append(f"vtp_upload_bytes_total {st.upload_bytes}")
+    lines.append("# HELP vtp_web_open_streams progress streams this web process serves now")
+    lines.append("# TYPE vtp_web_open_streams gauge")
+    lines.append(f"vtp_web_open_streams {st.streams}")
+    lines.append("# HELP vtp_web_openai_waiting OpenAI-compatible requests of this web process waiting for their job now")
+    lines.append("# TYPE vtp_web_openai_waiting gauge")
+    lines.append(f"vtp_web_openai_waiting {st.openai_waiting}")
     body = ("\n".join(lines) + "\n").encode()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

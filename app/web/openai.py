@@ -7,23 +7,59 @@ server's default model; otherwise one of ``VTP_MODELS``); ``language``; ``respon
 ``timestamp_granularities[]`` ``segment`` and/or ``word`` (words need ``verbose_json``).
 ``prompt`` and ``temperature`` are accepted and ignored. The job is an ordinary job of the
 caller's token: it shows up in ``GET /v1/jobs`` too.
+
+No work is repeated: the request is keyed by its media's sha256 and its options, so a retry
+(the official SDK retries twice after its timeout) or an identical request joins the job that
+is queued, running or done instead of starting another (``app.submit``). A request whose
+client has gone away stops waiting within ``WebLimits.openai_poll_s``; the job runs on, and a
+retry joins it. A waiting request holds no Redis connection: it reads the job's record once
+per ``openai_poll_s``. It waits at most ``openai_wait_s`` (then 504 with the job's URL).
 """
 
 from __future__ import annotations
+
+import logging
+import time
 
 import anyio
 import msgspec
 from aiohttp import web
 
 from app import errors
+from app.messages import JobRecord
 from app.web import api
-from app.web.server import error_response, state
+from app.web.server import OWNER, WebState, error_response, state
 from app.web.uploads import receive_multipart
+
+log = logging.getLogger("vtp.web")
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 IGNORED = frozenset({"prompt", "temperature", "stream", "chunking_strategy", "include[]"})
-#: Longest a request waits for its job (a client that gives up first just disconnects; the job runs on).
-WAIT_S = 3600.0
+
+
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def wait_for(request: web.Request, st: WebState, record: JobRecord) -> JobRecord | None:
+    """The job's record once it has ended; None as soon as the client has gone away;
+    ``TimeoutError`` after ``openai_wait_s``."""
+    limits = st.limits
+    deadline = time.monotonic() + limits.openai_wait_s
+    st.openai_waiting += 1
+    try:
+        while not record.terminal:
+            if client_gone(request):
+                log.info("job %s: the OpenAI client went away; stopped waiting (the job runs on)", record.id)
+                return None
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            await anyio.sleep(limits.openai_poll_s)
+            record = await st.store.get(record.id)
+        return record
+    finally:
+        st.openai_waiting -= 1
 
 
 def _segments(doc: dict) -> list[dict]:
@@ -48,12 +84,12 @@ def _segments(doc: dict) -> list[dict]:
 
 async def transcriptions(request: web.Request) -> web.Response:
     st = state(request)
-    owner = request["owner"]
+    owner = request[OWNER]
     await st.store.ping()
     if not request.content_type.startswith("multipart/"):
         raise errors.OptionsError("send multipart/form-data with the audio as 'file'")
     async with st.spool.file() as path:
-        upload = await receive_multipart(request, path, max_bytes=st.settings.max_upload_bytes)
+        upload = await receive_multipart(request, path, max_bytes=st.settings.max_upload_bytes, idle_s=st.limits.idle_s)
         fmt = (upload.field("response_format") or "json").strip().lower()
         if fmt not in RESPONSE_FORMATS:
             raise errors.OptionsError(f"response_format {fmt!r} is not one of {', '.join(RESPONSE_FORMATS)}")
@@ -68,14 +104,14 @@ async def transcriptions(request: web.Request) -> web.Response:
             formats=None, word_timestamps="word" in granularities,
         )
         sub = await api.accept(st, owner, upload, options)
-    record = sub.record
-    if not record.terminal:
-        try:
-            with anyio.fail_after(WAIT_S):
-                record = await st.store.wait(record.id)
-        except TimeoutError:
-            msg = f"job {record.id} is still running; follow it at /v1/jobs/{record.id}"
-            return error_response(504, msg, "Timeout", headers={"Location": f"/v1/jobs/{record.id}"})
+    try:
+        record = await wait_for(request, st, sub.record)
+    except TimeoutError:
+        job_id = sub.record.id
+        msg = f"job {job_id} is still running; follow it at /v1/jobs/{job_id}"
+        return error_response(504, msg, "Timeout", headers={"Location": f"/v1/jobs/{job_id}"})
+    if record is None:  # nobody to answer
+        return web.Response(status=499)
     if record.state != "done":
         # The media was refused by a worker (unreadable, no audio...): the client's fault, 400.
         raise errors.InputError(record.error or f"the job was {record.state}")

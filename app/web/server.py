@@ -1,9 +1,16 @@
 """The web process: app factory, error and auth middlewares, and ``vtp web``.
 
-Safe by default: without ``VTP_API_TOKENS`` it binds loopback only and says so; a public
-address without tokens needs ``--insecure``. Redis being away answers 503 with
-``Retry-After`` within about a second, never a hang; every error is JSON
-``{"error": {"message", "type"}}`` with a one-line message (the shape OpenAI clients read).
+Safe by default: without ``VTP_API_TOKENS`` it binds loopback only and says so, and answers
+only to loopback Host names (DNS rebinding); a public address without tokens needs
+``--insecure``. State-changing requests from another site's page are refused in every mode
+(``app.web.origins``). Redis being away answers 503 with ``Retry-After`` within about a
+second, never a hang; every error is JSON ``{"error": {"message", "type"}}`` with a one-line
+message (the shape OpenAI clients read).
+
+Bounded: the process holds at most ``WebLimits.redis_connections`` Redis connections (a
+request waits up to two seconds for one, then 503), at most ``max_streams`` progress streams
+(503 beyond), and every read of a request body gives up with 408 after ``idle_s`` without a
+byte (``app.web.uploads``).
 """
 
 from __future__ import annotations
@@ -28,14 +35,51 @@ from app.jobs import JobStore, redis_location
 from app.messages import JobRecord
 from app.netguard import Guard
 from app.storage import Storage, open_storage
+from app.web import origins
 from app.web.auth import Tokens, Unauthorized
-from app.web.uploads import Spool, UploadStalled, default_probe_limit
+from app.web.uploads import IDLE_TIMEOUT_S, Spool, UploadStalled, default_probe_limit
 
 log = logging.getLogger("vtp.web")
 
 #: Seconds a request waits for an unreachable Redis before answering 503.
 REDIS_OUTAGE_S = 1.0
 RETRY_AFTER_S = 5
+
+
+@dataclass(frozen=True)
+class WebLimits:
+    """The web process's timeouts and bounds (the defaults serve; tests make them short)."""
+
+    #: Seconds one Redis command may take on the socket before it counts as a lost connection.
+    redis_socket_s: float = 10.0
+    #: Redis connections the process holds at most; a request waits up to 2 s for a free one.
+    redis_connections: int = 128
+    #: Progress streams (``/v1/jobs/{id}/events``) open at once; one more gets 503.
+    max_streams: int = 96
+    #: Seconds one blocking read of a progress stream waits for an event. Shorter than
+    #: ``redis_socket_s`` (when both were 10 s the read raced the socket timeout and a quiet
+    #: stream died with a false "cannot reach Redis"); a stream that got no event in that time
+    #: gets a comment line, so proxies and browsers see it alive.
+    stream_poll_s: float = 5.0
+    #: Seconds a progress stream rides out an unreachable Redis before it reports an error.
+    stream_reconnect_s: float = 90.0
+    #: Seconds any read of a request body (part headers, a form field, a piece of the file, a
+    #: JSON body) may wait for a byte before the request is answered 408.
+    idle_s: float = IDLE_TIMEOUT_S
+    #: Longest an OpenAI-compatible request waits for its job (then 504 with the job's URL).
+    openai_wait_s: float = 3600.0
+    #: Seconds between an OpenAI-compatible request's looks at its job and at its client.
+    openai_poll_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.stream_poll_s < self.redis_socket_s:
+            raise ValueError("stream_poll_s must be positive and shorter than redis_socket_s")
+        if not 0 < self.max_streams < self.redis_connections:
+            raise ValueError("max_streams must leave Redis connections for other requests")
+
+
+class Busy(errors.VtpError):
+    """A bounded resource of the web process is all taken (503, try again shortly)."""
 
 
 @dataclass
@@ -46,6 +90,7 @@ class WebState:
     storage: Storage
     spool: Spool
     probe_limit: anyio.Semaphore
+    limits: WebLimits = field(default_factory=WebLimits)
     #: Set at start-up (``_start``), over one Redis client that connects on first use.
     store: JobStore | None = None
     #: ``await enqueue(record)``: queue the first stage (``workers.arq_runner``, imported at start-up).
@@ -57,9 +102,14 @@ class WebState:
     #: counters for /metrics: (method, route, status) -> n; bytes received in uploads.
     requests: dict[tuple[str, str, int], int] = field(default_factory=dict)
     upload_bytes: int = 0
+    #: progress streams open now; OpenAI-compatible requests waiting for their job now.
+    streams: int = 0
+    openai_waiting: int = 0
 
 
 STATE = web.AppKey("vtp", WebState)
+#: The owner a request acts as (``app.web.auth``), set by ``auth_middleware``.
+OWNER = web.RequestKey("owner", str)
 
 
 def state(request: web.Request) -> WebState:
@@ -69,6 +119,9 @@ def state(request: web.Request) -> WebState:
 #: The HTTP status of each kind of error (first match wins).
 STATUS: tuple[tuple[type[Exception], int], ...] = (
     (Unauthorized, 401),
+    (origins.CrossOrigin, 403),
+    (origins.MisdirectedHost, 421),
+    (Busy, 503),
     (UploadStalled, 408),
     (errors.MediaTooLarge, 413),
     (errors.MediaTooLong, 413),
@@ -119,7 +172,7 @@ async def errors_middleware(request: web.Request, handler):
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
     if request.path.startswith("/v1/") or request.path == "/metrics":
-        request["owner"] = state(request).tokens.owner(request)
+        request[OWNER] = state(request).tokens.owner(request)
     return await handler(request)
 
 
@@ -140,7 +193,9 @@ async def _start(app: web.Application) -> None:
     from workers import arq_runner  # the enqueue side only: it loads the stages in workers alone
 
     st = app[STATE]
-    st.redis = arq_runner.client(st.settings)
+    st.redis = arq_runner.client(
+        st.settings, socket_timeout=st.limits.redis_socket_s, max_connections=st.limits.redis_connections
+    )
     st.store = JobStore(
         st.redis, result_ttl=st.settings.result_ttl, where=redis_location(st.settings.redis_url), outage_s=REDIS_OUTAGE_S
     )
@@ -165,7 +220,11 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "uptime_s": round(time.time() - st.started, 1)})
 
 
-def create_app(settings: Settings, *, spool_dir: Path | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, spool_dir: Path | None = None, limits: WebLimits | None = None, any_host: bool = False
+) -> web.Application:
+    """The web app. Without tokens it answers only to loopback Host names unless ``any_host``
+    (``vtp web --insecure``)."""
     from app.web import api, metrics, openai, pages
 
     if settings.webhook_secret:
@@ -173,8 +232,10 @@ def create_app(settings: Settings, *, spool_dir: Path | None = None) -> web.Appl
 
         secret_key(settings.webhook_secret)  # a malformed secret stops start-up, not the first webhook
     # The multipart reader streams; this bounds only what a handler reads whole (JSON bodies).
+    loopback_only = not settings.token_list and not any_host
     app = web.Application(
-        middlewares=[headers_middleware, errors_middleware, auth_middleware], client_max_size=1 << 20
+        middlewares=[headers_middleware, errors_middleware, origins.middleware(loopback_only=loopback_only), auth_middleware],
+        client_max_size=1 << 20,
     )
     app[STATE] = WebState(
         settings=settings,
@@ -183,6 +244,7 @@ def create_app(settings: Settings, *, spool_dir: Path | None = None) -> web.Appl
         storage=open_storage(settings.storage_url),
         spool=Spool(spool_dir),
         probe_limit=anyio.Semaphore(default_probe_limit()),
+        limits=limits or WebLimits(),
     )
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
@@ -222,7 +284,8 @@ def check_binding(host: str, settings: Settings, insecure: bool) -> str:
 def cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     port = args.port if args.port is not None else settings.port
     note = check_binding(args.host, settings, args.insecure)
-    app = create_app(settings)
+    # --insecure on a public address serves any name; on loopback the rebinding check stays
+    app = create_app(settings, any_host=bool(args.insecure) and not is_loopback(args.host))
     logging.getLogger("vtp").setLevel(logging.INFO)
     print(f"vtp web: http://{args.host}:{port}/ ({note})", file=sys.stderr, flush=True)
     web.run_app(app, host=args.host, port=port, print=None, access_log=None, handle_signals=True)

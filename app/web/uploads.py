@@ -8,6 +8,11 @@ headers (``app.media.probe_duration``): not media -> 415, media longer than
 ``VTP_MAX_DURATION`` -> 413, each with a one-line reason. Only then is a job created, and
 ``app.submit`` copies the spool file into storage.
 
+Nothing waits on a client without limit: every read (a part's headers, a text field, each
+piece of the file, a JSON body) gives up after ``idle_s`` (60 s) without a byte and the
+request is answered 408 (``UploadStalled``); a part's headers, a text field and a JSON body
+must each arrive whole within that time. A text field may arrive in any number of TCP reads.
+
 The client's filename is display text only: ``safe_filename`` keeps its last path component,
 without control characters, so ``../../etc/passwd`` can name nothing but a job.
 """
@@ -120,7 +125,37 @@ async def _part_chunks(part: BodyPartReader, idle_s: float = IDLE_TIMEOUT_S) -> 
         yield chunk
 
 
-async def receive_multipart(request: web.Request, path: Path, *, max_bytes: int | None) -> Upload:
+def _stalled(idle_s: float, what: str) -> UploadStalled:
+    return UploadStalled(f"the upload stalled: {what} did not arrive within {idle_s:g} s")
+
+
+async def _next_part(reader, idle_s: float):
+    """The next part, its headers read within ``idle_s``."""
+    try:
+        with anyio.fail_after(idle_s):
+            return await reader.next()
+    except TimeoutError:
+        raise _stalled(idle_s, "a form part's headers") from None
+
+
+async def _read_field(part: BodyPartReader, idle_s: float) -> str:
+    """A text field, whole, however many reads its bytes take; at most MAX_FIELD_BYTES."""
+    data = bytearray()
+    try:
+        with anyio.fail_after(idle_s):
+            # Never read_chunk(n) with a small n: aiohttp asserts n >= its boundary length.
+            while chunk := await part.read_chunk(CHUNK):
+                data += chunk
+                if len(data) > MAX_FIELD_BYTES:
+                    raise errors.OptionsError(f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
+    except TimeoutError:
+        raise _stalled(idle_s, f"form field {part.name!r}") from None
+    return data.decode("utf-8", "replace")
+
+
+async def receive_multipart(
+    request: web.Request, path: Path, *, max_bytes: int | None, idle_s: float = IDLE_TIMEOUT_S
+) -> Upload:
     """Stream the ``file`` part of a multipart request to ``path``; collect the text fields."""
     if max_bytes is not None and request.content_length and request.content_length > max_bytes + 65536:
         raise too_large(request.content_length, max_bytes)
@@ -133,25 +168,34 @@ async def receive_multipart(request: web.Request, path: Path, *, max_bytes: int 
     size = 0
     sha = ""
     count = 0
-    while (part := await reader.next()) is not None:
-        count += 1
-        if count > MAX_FIELDS or not isinstance(part, BodyPartReader):
-            raise errors.OptionsError("too many or nested form parts")
-        if part.name == "file":
-            if name is not None:
-                raise errors.OptionsError("one file per request")
-            name = safe_filename(part.filename)
-            size, sha = await _write_stream(_part_chunks(part), path, max_bytes)
-        elif part.name:
-            data = await part.read_chunk(MAX_FIELD_BYTES + 1)
-            if len(data) > MAX_FIELD_BYTES or await part.read_chunk(1):
-                raise errors.OptionsError(f"form field {part.name!r} is longer than {MAX_FIELD_BYTES} bytes")
-            fields.setdefault(part.name, []).append(data.decode("utf-8", "replace"))
+    try:
+        while (part := await _next_part(reader, idle_s)) is not None:
+            count += 1
+            if count > MAX_FIELDS or not isinstance(part, BodyPartReader):
+                raise errors.OptionsError("too many or nested form parts")
+            if part.name == "file":
+                if name is not None:
+                    raise errors.OptionsError("one file per request")
+                name = safe_filename(part.filename)
+                size, sha = await _write_stream(_part_chunks(part, idle_s), path, max_bytes)
+            elif part.name:
+                fields.setdefault(part.name, []).append(await _read_field(part, idle_s))
+    except (AssertionError, ValueError) as exc:  # aiohttp's word for a malformed body
+        raise errors.OptionsError(f"malformed multipart/form-data body: {exc}") from None
     if name is None:
         raise errors.OptionsError("no file: send the media as the multipart field 'file'")
     if size == 0:
         raise errors.EmptyMedia(f"{name}: the file is empty (0 bytes)")
     return Upload(path, name, size, sha, fields)
+
+
+async def read_body(request: web.Request, *, idle_s: float = IDLE_TIMEOUT_S) -> bytes:
+    """A small request body (JSON; at most the app's ``client_max_size``), whole within ``idle_s``."""
+    try:
+        with anyio.fail_after(idle_s):
+            return await request.read()
+    except TimeoutError:
+        raise _stalled(idle_s, "the request body") from None
 
 
 def _name_from(resp, url: str) -> str:
