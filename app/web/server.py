@@ -166,7 +166,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def create_app(settings: Settings, *, spool_dir: Path | None = None) -> web.Application:
-    from app.web import api, metrics, openai, pages
+    from app.web import api, media, metrics, openai, pages
 
     if settings.webhook_secret:
         from app.webhooks import secret_key
@@ -189,6 +189,7 @@ def create_app(settings: Settings, *, spool_dir: Path | None = None) -> web.Appl
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics.handle)
     api.add_routes(app)
+    media.add_routes(app)
     openai.add_routes(app)
     pages.add_routes(app)
     return app
