@@ -236,6 +236,64 @@ async def test_tokens_isolate_jobs(web_server, data_dir):
         assert (await wait_done(s, base, job_id))["status"] == "done"
 
 
+async def test_media_timeline_and_signed_links_serve_only_the_owner(web_server, data_dir):
+    """The upload and its WAV rendition by byte ranges, the timeline (cues, speech, words,
+    unheard, links) and the signed links the page's player uses: all for the owner alone, and
+    all there although the job asked for TXT only (no VTT, no JSON)."""
+    base = web_server.url
+    upload = (data_dir / "jfk.flac").read_bytes()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{base}/v1/jobs", data=form(data_dir / "jfk.flac", formats="txt"), headers=auth()) as r:
+            job_id = (await r.json())["id"]
+        assert (await wait_done(s, base, job_id))["status"] == "done"
+        job = f"{base}/v1/jobs/{job_id}"
+
+        async with s.get(f"{job}/media", headers={**auth(), "Range": "bytes=100-1099"}) as r:
+            assert r.status == 206 and r.headers["Content-Range"] == f"bytes 100-1099/{len(upload)}"
+            assert await r.read() == upload[100:1100] and r.headers["Content-Type"] == "audio/flac"
+        async with s.get(f"{job}/media", headers=auth()) as r:
+            assert r.status == 200 and await r.read() == upload
+        async with s.get(f"{job}/audio.wav", headers={**auth(), "Range": "bytes=0-99"}) as r:
+            head = await r.read()
+            total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
+            assert r.status == 206 and head[:4] == b"RIFF" and head[8:16] == b"WAVEfmt " and len(head) == 100
+        assert (total - 44) / 32000 == pytest.approx(11.0, abs=0.1)  # 16 kHz, 16-bit mono: the whole file
+        async with s.get(f"{job}/audio.wav", headers={**auth(), "Range": f"bytes={total - 10}-"}) as r:
+            assert r.status == 206 and len(await r.read()) == 10
+        async with s.get(f"{job}/audio.wav", headers={**auth(), "Range": f"bytes={total}-"}) as r:
+            assert r.status == 416
+
+        async with s.get(f"{job}/timeline", headers=auth()) as r:
+            tl = await r.json()
+        assert JFK in flat(" ".join(c["text"] for c in tl["cues"]))
+        assert tl["duration"] == pytest.approx(11.0, abs=0.1) and tl["media_type"] == "audio/flac"
+        assert tl["words"] and all(a < b for a, b in tl["words"]) and isinstance(tl["unheard"], list)
+        assert isinstance(tl["speech"], list) and set(tl["links"]) == {"media", "audio", "subtitles"}
+
+        # the links work without a token, by ranges too, and only as signed
+        async with s.get(base + tl["links"]["media"], headers={"Range": "bytes=0-3"}) as r:
+            assert r.status == 206 and await r.read() == upload[:4]
+        async with s.get(base + tl["links"]["subtitles"]) as r:
+            vtt = await r.text()
+            assert r.status == 200 and vtt.startswith("WEBVTT") and "-->" in vtt and "country" in vtt
+        async with s.get(base + tl["links"]["audio"], headers={"Range": "bytes=0-3"}) as r:
+            assert r.status == 206 and await r.read() == b"RIFF"
+        forged = [
+            tl["links"]["media"].replace("sig=", "sig=0"),
+            tl["links"]["media"].replace("/media?", "/audio.wav?"),  # another file, same signature
+            tl["links"]["media"].split("?")[0],
+            tl["links"]["media"].replace("exp=", "exp=1"),
+        ]
+        for link in forged:
+            async with s.get(base + link) as r:
+                assert r.status == 404, link
+
+        # another token: 404 for every one of them, like a job that does not exist
+        for path in ("/media", "/audio.wav", "/timeline"):
+            async with s.get(job + path, headers=auth(TOKEN_B)) as r:
+                assert r.status == 404, path
+
+
 async def test_openai_client(web_server, data_dir):
     import openai
 
