@@ -892,3 +892,33 @@ def test_browser_jobs_list_pages_and_shows_live_state(browser, web_server, data_
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # the table scrolls in its own box
     assert page.errors == []
     page.context.close()
+
+
+def test_browser_plays_the_audio_rendition_where_the_upload_cannot_play(browser, web_server, data_dir, tmp_path):
+    """An AVI (MPEG-4 part 2 video, PCM audio) is nothing Chromium plays: the page plays the
+    extract stage's audio as WAV instead, with the same subtitles, and seeking works on it."""
+    from playwright.sync_api import expect
+
+    from workers.audio import ffmpeg_exe
+
+    avi = tmp_path / "jfk.avi"
+    subprocess.run(
+        [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-i", str(data_dir / "jfk.flac"), "-f", "lavfi", "-t", "11",
+         "-i", "color=c=blue:s=64x48:r=5", "-map", "1:v", "-map", "0:a", "-c:v", "mpeg4", "-c:a", "pcm_s16le", str(avi)],
+        check=True, timeout=60,
+    )
+    page = open_page(browser, web_server)
+    upload_via_form(page, web_server.url, avi)
+    expect(page.locator("#state")).to_have_text("done", timeout=120_000)
+    expect(page.locator("audio#player[data-rendition=audio]")).to_have_count(1, timeout=10_000)
+    assert page.locator("#player").get_attribute("src").split("?")[0].endswith("/audio.wav")
+    expect(page.locator("#rendition")).to_contain_text("audio-only")
+    page.wait_for_function("document.querySelector('#player').readyState >= 1", timeout=15_000)
+    assert page.locator("#player").evaluate("m => m.duration") == pytest.approx(11.0, abs=0.2)
+    starts = cue_starts(page)
+    assert len(starts) >= 2
+    page.locator("#transcript button.cue").last.click()
+    wait_until(lambda: starts[-1] - 0.05 <= current_time(page) < starts[-1] + 2, what="the seek on the WAV")
+    wait_until(lambda: highlighted(page) == [len(starts) - 1], what="the last cue highlighted")
+    assert page.errors == []
+    page.context.close()
