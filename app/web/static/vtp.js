@@ -327,12 +327,14 @@ function jobPage() {
       });
     }
 
-    // Keys: space plays or pauses, the arrows move between lines (not while typing, and the
-    // player's own controls keep theirs).
+    // Keys: space plays or pauses, the arrows move between lines. Not while typing; the player's
+    // own controls keep theirs; other buttons and links keep Space (a line's button gives it to
+    // the player: Enter plays from that line).
     document.addEventListener("keydown", (e) => {
       if (e.ctrlKey || e.metaKey || e.altKey) return;
       const el = document.activeElement, tag = el ? el.tagName : "";
       if (["INPUT", "TEXTAREA", "SELECT"].includes(tag) || el === media) return;
+      if (e.key === " " && ["BUTTON", "A", "SUMMARY"].includes(tag) && !el.classList.contains("cue")) return;
       if (e.key === " ") {
         e.preventDefault();
         if (media.paused) media.play().catch(() => {}); else media.pause();
