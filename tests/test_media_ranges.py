@@ -84,3 +84,8 @@ def test_wav_header_describes_the_pcm():
     with wave.open(io.BytesIO(media.wav_header(len(pcm)) + pcm)) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (1, 2, 16000, 1600)
         assert w.readframes(1600) == pcm
+
+
+async def test_head_answers_the_length_without_a_body(served):
+    async with aiohttp.ClientSession() as s, s.head(served, headers={"Range": "bytes=10-19"}) as r:
+        assert (r.status, r.headers["Content-Length"], await r.read()) == (206, "10", b"")

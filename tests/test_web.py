@@ -686,6 +686,8 @@ def open_page(browser, web_server, *, viewport=(1280, 800), token: str | None = 
     page = context.new_page()
     page.errors = []
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    # the strict CSP (no inline script or style) is kept: a violation is a console error
+    page.on("console", lambda m: "Content Security Policy" in m.text and page.errors.append(m.text))
     return page
 
 

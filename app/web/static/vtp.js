@@ -11,7 +11,9 @@ async function api(path, options = {}) {
   if (!resp.ok) {
     let message = resp.status + " " + resp.statusText;
     try { message = (await resp.json()).error.message; } catch (e) { /* not JSON */ }
-    throw new Error(message);
+    const err = new Error(message);
+    err.status = resp.status;
+    throw err;
   }
   return resp;
 }
@@ -407,7 +409,9 @@ function jobsPage() {
     try {
       page = await (await api(`/v1/jobs?limit=${limit}&offset=${offset}`)).json();
     } catch (e) {
-      $("status").textContent = `${e.message} — set your API token on the upload page.`;
+      $("status").textContent = e.status === 401 ? `${e.message}: set your API token on the upload page.` : e.message;
+      clearTimeout(timer);
+      timer = setTimeout(load, 5000);  // Redis away, a restart: try again
       return;
     }
     const body = $("jobs-body");
