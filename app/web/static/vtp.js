@@ -411,7 +411,7 @@ function jobsPage() {
     } catch (e) {
       $("status").textContent = e.status === 401 ? `${e.message}: set your API token on the upload page.` : e.message;
       clearTimeout(timer);
-      timer = setTimeout(load, 5000);  // Redis away, a restart: try again
+      if (e.status !== 401) timer = setTimeout(load, 5000);  // Redis away, a restart: try again
       return;
     }
     const body = $("jobs-body");
