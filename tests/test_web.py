@@ -749,6 +749,14 @@ def test_browser_upload_then_the_job_page_plays_beside_a_following_transcript(br
     wait_until(lambda: highlighted(page) == [3], timeout=10, what="the highlight to follow playback to the fourth cue")
     assert current_time(page) >= starts[3]
 
+    # the highlighted line is kept in view as playback moves down the list
+    page.locator("#player").evaluate(f"m => {{ m.currentTime = {starts[-1] + 0.1}; }}")
+    wait_until(lambda: highlighted(page) == [len(starts) - 1], what="the last cue highlighted")
+    listed, last = page.locator("#transcript").bounding_box(), page.locator("#transcript li").last.bounding_box()
+    assert listed["y"] <= last["y"] and last["y"] + last["height"] <= listed["y"] + listed["height"] + 1
+    page.locator("#player").evaluate(f"m => {{ m.currentTime = {starts[3] + 0.1}; }}")
+    wait_until(lambda: highlighted(page) == [3], what="back to the fourth cue")
+
     # keys: space pauses and plays, the arrows move between lines
     page.locator("#transcript button.cue").nth(3).focus()
     page.keyboard.press("Space")
@@ -832,6 +840,16 @@ def test_browser_timeline_marks_unheard_speech_red_and_plays_it(browser, web_ser
     page.locator("#player").evaluate("m => m.pause()")
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT))
+
+    # a transcript without `unheard` (written before the coverage stage filled it): the page
+    # draws VAD speech minus the words itself, and finds the same stretch
+    path = cluster.data_dir / "jobs" / job_id / "review.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in doc.items() if k != "unheard"}))
+    page.reload()
+    expect(red).to_have_count(1, timeout=10_000)
+    assert red.bounding_box()["x"] == pytest.approx(box["x"], abs=2)
+    page.wait_for_function("document.querySelector('#player').readyState >= 1", timeout=15_000)
 
     red.click()  # plays the stretch, and stops at its end
     wait_until(lambda: a - 0.05 <= current_time(page) <= b + 0.5 and not page.locator("#player").evaluate("m => m.paused"),

@@ -245,7 +245,7 @@ function jobPage() {
       if (i < 0) return;
       items[i].classList.add("current");
       items[i].setAttribute("aria-current", "true");
-      const top = items[i].offsetTop - list.offsetTop, bottom = top + items[i].offsetHeight;
+      const top = items[i].offsetTop, bottom = top + items[i].offsetHeight;  // the list is their offsetParent
       if (top < list.scrollTop || bottom > list.scrollTop + list.clientHeight) list.scrollTop = top - list.clientHeight / 3;
     }
 
