@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import mimetypes
 import re
 import struct
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -248,14 +248,41 @@ async def linked(request: web.Request) -> web.StreamResponse:
     return await subtitles(request, record)
 
 
-async def timeline(request: web.Request) -> web.Response:
-    """What the job page shows beside the player, in one answer:
+class Cue(msgspec.Struct, frozen=True):
+    start: float
+    end: float
+    text: str
 
-    ``cues`` ({start, end, text}), ``speech`` (where the VAD heard speech), ``words`` (where
-    words landed: word timings when the job has them, else its cues' spans, joined across gaps
-    under ``WORD_GAP_S``), ``unheard`` (VAD speech that produced no words; absent only for a
-    transcript written before it existed), ``duration``, ``media_type`` (guessed from the upload's
-    name) and ``links`` (signed: ``media``, ``audio``, ``subtitles``)."""
+
+class Links(msgspec.Struct, frozen=True):
+    """Signed ``/media/{id}/...`` links, valid ``LINK_TTL_S``: what a player element can fetch."""
+
+    media: str
+    audio: str
+    subtitles: str
+
+
+class Timeline(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``GET /v1/jobs/{id}/timeline``. Spans are ``[start, end]`` source seconds, sorted, disjoint."""
+
+    duration: float
+    language: str | None
+    #: Guessed from the upload's name ("" when unknown): whether a player may play it.
+    media_type: str
+    cues: list[Cue]
+    #: Where the VAD heard speech.
+    speech: list[list[float]]
+    #: Where words landed: word timings when the job has them, else its cues' spans; spans
+    #: closer than ``WORD_GAP_S`` joined.
+    words: list[list[float]]
+    links: Links
+    #: VAD speech that produced no words; absent only for a transcript written before it existed
+    #: (a client may then take ``speech`` minus ``words``, as the job page does).
+    unheard: list[list[float]] | msgspec.UnsetType = msgspec.UNSET
+
+
+async def timeline(request: web.Request) -> web.Response:
+    """What the job page shows beside the player, in one answer (``Timeline``)."""
     record = await owned(request)
     key = state(request).tokens.link_key(record.owner)
     try:
@@ -264,27 +291,26 @@ async def timeline(request: web.Request) -> web.Response:
         raise errors.JobError(f"job {record.id}: its stored transcript is unreadable: {exc}") from None
     segments = doc.get("segments") or []
     cues = [
-        {"start": round(s["start"], 3), "end": round(s["end"], 3), "text": " ".join(s["text"].split())}
+        Cue(round(s["start"], 3), round(s["end"], 3), " ".join(s["text"].split()))
         for s in segments
         if s.get("text", "").strip()
     ]
     words = [(w["start"], w["end"]) for s in segments for w in (s.get("words") or [])]
-    body = {
-        "duration": doc.get("duration", record.duration),
-        "language": doc.get("language"),
-        "media_type": mimetypes.guess_type(record.input_name or "")[0] or "",
-        "cues": cues,
-        "speech": merged(doc.get("speech") or []),
-        "words": merged(words or [(c["start"], c["end"]) for c in cues], WORD_GAP_S),
-        "links": {
-            "media": signed_link(key, record.id, "media"),
-            "audio": signed_link(key, record.id, "audio.wav"),
-            "subtitles": signed_link(key, record.id, "subtitles.vtt"),
-        },
-    }
-    if "unheard" in doc:
-        body["unheard"] = merged(doc["unheard"])
-    return web.json_response(body)
+    body = Timeline(
+        duration=doc.get("duration", record.duration),
+        language=doc.get("language"),
+        media_type=mimetypes.guess_type(record.input_name or "")[0] or "",
+        cues=cues,
+        speech=merged(doc.get("speech") or []),
+        words=merged(words or [(c.start, c.end) for c in cues], WORD_GAP_S),
+        links=Links(
+            media=signed_link(key, record.id, "media"),
+            audio=signed_link(key, record.id, "audio.wav"),
+            subtitles=signed_link(key, record.id, "subtitles.vtt"),
+        ),
+        unheard=merged(doc["unheard"]) if "unheard" in doc else msgspec.UNSET,
+    )
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json")
 
 
 def add_routes(app: web.Application) -> None:
