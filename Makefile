@@ -30,8 +30,11 @@ demo: $(BIN)/.installed-demo
 	@echo; head -n 12 $(OUT)/$$(basename "$(SAMPLE)" | sed 's/\.[^.]*$$//').srt
 
 # redis-server and Chromium: found, installed (apt-get as root; Playwright's download otherwise),
-# or a one-line stop before the suite starts. `make provision DRY=1` only says what it would do.
-provision: install
+# or a one-line stop before the suite starts: checked once before the pip install (a missing
+# redis-server stops at once) and once after it. `make provision DRY=1` only says what it would do.
+provision:
+	$(PYTHON) tests/provision.py --before-install $(if $(DRY),--dry-run)
+	@$(MAKE) --no-print-directory install
 	$(BIN)/python tests/provision.py $(if $(DRY),--dry-run)
 
 test: provision

@@ -1,6 +1,7 @@
 """What ``make test`` needs from the machine beyond Python packages, provisioned before pytest runs.
 
-    .venv/bin/python tests/provision.py [--dry-run]
+    python3 tests/provision.py --before-install [--dry-run]   # before pip: redis-server, apt's Chromium
+    .venv/bin/python tests/provision.py [--dry-run]            # after: Playwright's own where needed
 
 The suite starts private ``redis-server`` processes and drives a Chromium through Playwright.
 This finds them or installs them, the way each one's ecosystem does, and otherwise stops at once
@@ -18,6 +19,9 @@ Chromium, first found wins:
   5. otherwise Playwright downloads its own (``playwright install chromium``); where that
      browser then cannot start for lack of system libraries, the line says how to add them.
 
+``make test`` runs it twice: ``--before-install`` with the system Python, so that a machine without
+redis-server stops in a second and not after the minutes of ``pip install`` (Playwright's download
+waits for the second run, once the venv holds Playwright); then with the venv's Python.
 ``--dry-run`` prints what it would do and changes nothing. The browser tests use ``chromium()``
 to find the same browser.
 """
@@ -75,7 +79,9 @@ def apt_install(packages: list[str]) -> list[str]:
     return ["apt-get", "install", "-y", "-qq", *packages]
 
 
-def plan(facts: Facts) -> Plan:
+def plan(facts: Facts, *, before_install: bool = False) -> Plan:
+    """What to run, or the line to stop with. ``before_install``: Playwright is not there yet but
+    will be, so a Chromium it would download is left to the run after the install."""
     p = Plan()
     apt_packages: list[str] = []
     if facts.redis:
@@ -91,6 +97,8 @@ def plan(facts: Facts) -> Plan:
         p.found.append(f"chromium: {chromium}")
     elif facts.root and facts.apt:
         apt_packages.append("chromium")
+    elif before_install:
+        p.found.append("chromium: none yet (Playwright's own, after the install)")
     elif facts.playwright:
         p.commands.append([sys.executable, "-m", "playwright", "install", "chromium"])
         p.check_playwright_browser = True
@@ -154,7 +162,7 @@ def browser_starts(path: str) -> str:
 
 def main(argv: list[str]) -> int:
     dry = "--dry-run" in argv
-    p = plan(Facts.gather())
+    p = plan(Facts.gather(), before_install="--before-install" in argv)
     for line in p.found:
         print(f"provision: {line}")
     if p.stop:

@@ -74,3 +74,9 @@ def test_cli_dry_run_says_what_it_would_install(tmp_path):
     assert res.returncode == 0, res.stderr
     assert f"redis-server: {tmp_path}/redis-server" in res.stdout
     assert "would run: " + " ".join([sys.executable, "-m", "playwright", "install", "chromium"]) in res.stdout
+
+
+def test_before_the_install_a_download_waits_and_a_missing_redis_stops():
+    p = plan(replace(BARE, redis="/r", playwright=False), before_install=True)
+    assert p.commands == [] and not p.stop  # Playwright comes with the install: its download waits
+    assert "redis-server" in plan(replace(BARE, playwright=False), before_install=True).stop
