@@ -1,13 +1,15 @@
-# Two commands on a fresh machine (Python 3.11+, pip; nothing else):
-#   make demo   installs vtp into .venv and transcribes a sample video with the bundled model
-#   make test   installs vtp with its test extras into .venv and runs the test suite
+# Two commands on a fresh machine:
+#   make demo   (Python 3.11+ and pip) installs vtp into .venv and transcribes a sample video
+#   make test   installs vtp with its test extras into .venv, provisions redis-server and a Chromium
+#               (tests/provision.py: found, or installed, or one line saying what to install), then
+#               runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SAMPLE ?= examples/sample.mp4
 OUT ?= out
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install provision bench clean
 
 # The demo needs vtp alone; the tests add their extras (torch CPU, a browser driver, ...).
 $(BIN)/.installed-demo: pyproject.toml
@@ -27,7 +29,15 @@ demo: $(BIN)/.installed-demo
 	$(BIN)/vtp transcribe "$(SAMPLE)" -o $(OUT)/
 	@echo; head -n 12 $(OUT)/$$(basename "$(SAMPLE)" | sed 's/\.[^.]*$$//').srt
 
-test: install
+# redis-server and Chromium: found, installed (apt-get as root; Playwright's download otherwise),
+# or a one-line stop before the suite starts: checked once before the pip install (a missing
+# redis-server stops at once) and once after it. `make provision DRY=1` only says what it would do.
+provision:
+	$(PYTHON) tests/provision.py --before-install $(if $(DRY),--dry-run)
+	@$(MAKE) --no-print-directory install
+	$(BIN)/python tests/provision.py $(if $(DRY),--dry-run)
+
+test: provision
 	$(BIN)/python -m pytest
 
 bench: install

@@ -23,3 +23,9 @@ def batch_audio_key(job_id: str, index: int) -> str:
 
 def output_key(job_id: str, basename: str, fmt: str) -> str:
     return f"jobs/{job_id}/out/{basename}.{fmt}"
+
+
+def review_key(job_id: str) -> str:
+    """The whole transcript as JSON (``app.formats.to_json``), whatever formats the job asked for:
+    what the job page reads for its cues and speech timeline, and renders its subtitles from."""
+    return f"jobs/{job_id}/review.json"

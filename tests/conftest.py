@@ -83,7 +83,7 @@ class RedisServer:
 def redis_server_factory(tmp_path_factory) -> Iterator:
     """Start private redis-servers; every one is killed when the test ends."""
     if not shutil.which("redis-server"):
-        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)", pytrace=False)
+        pytest.fail("redis-server is not installed (apt-get install redis-server; make test provisions it)", pytrace=False)
     servers: list[RedisServer] = []
 
     def start(*, appendonly: bool = False) -> RedisServer:
@@ -100,7 +100,7 @@ def redis_server_factory(tmp_path_factory) -> Iterator:
 @pytest.fixture(scope="session")
 def redis_session_server(tmp_path_factory) -> Iterator[RedisServer]:
     if not shutil.which("redis-server"):
-        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)", pytrace=False)
+        pytest.fail("redis-server is not installed (apt-get install redis-server; make test provisions it)", pytrace=False)
     server = RedisServer(free_port(), tmp_path_factory.mktemp("redis-session"), appendonly=False)
     server.start()
     yield server

@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -234,6 +235,64 @@ async def test_tokens_isolate_jobs(web_server, data_dir):
         async with s.post(f"{base}/v1/jobs", data=form(data_dir / "jfk.flac", formats="txt"), headers=auth(TOKEN_B)) as r:
             assert (await r.json())["id"] != job_id
         assert (await wait_done(s, base, job_id))["status"] == "done"
+
+
+async def test_media_timeline_and_signed_links_serve_only_the_owner(web_server, data_dir):
+    """The upload and its WAV rendition by byte ranges, the timeline (cues, speech, words,
+    unheard, links) and the signed links the page's player uses: all for the owner alone, and
+    all there although the job asked for TXT only (no VTT, no JSON)."""
+    base = web_server.url
+    upload = (data_dir / "jfk.flac").read_bytes()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{base}/v1/jobs", data=form(data_dir / "jfk.flac", formats="txt"), headers=auth()) as r:
+            job_id = (await r.json())["id"]
+        assert (await wait_done(s, base, job_id))["status"] == "done"
+        job = f"{base}/v1/jobs/{job_id}"
+
+        async with s.get(f"{job}/media", headers={**auth(), "Range": "bytes=100-1099"}) as r:
+            assert r.status == 206 and r.headers["Content-Range"] == f"bytes 100-1099/{len(upload)}"
+            assert await r.read() == upload[100:1100] and r.headers["Content-Type"] == "audio/flac"
+        async with s.get(f"{job}/media", headers=auth()) as r:
+            assert r.status == 200 and await r.read() == upload
+        async with s.get(f"{job}/audio.wav", headers={**auth(), "Range": "bytes=0-99"}) as r:
+            head = await r.read()
+            total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
+            assert r.status == 206 and head[:4] == b"RIFF" and head[8:16] == b"WAVEfmt " and len(head) == 100
+        assert (total - 44) / 32000 == pytest.approx(11.0, abs=0.1)  # 16 kHz, 16-bit mono: the whole file
+        async with s.get(f"{job}/audio.wav", headers={**auth(), "Range": f"bytes={total - 10}-"}) as r:
+            assert r.status == 206 and len(await r.read()) == 10
+        async with s.get(f"{job}/audio.wav", headers={**auth(), "Range": f"bytes={total}-"}) as r:
+            assert r.status == 416
+
+        async with s.get(f"{job}/timeline", headers=auth()) as r:
+            tl = await r.json()
+        assert JFK in flat(" ".join(c["text"] for c in tl["cues"]))
+        assert tl["duration"] == pytest.approx(11.0, abs=0.1) and tl["media_type"] == "audio/flac"
+        assert tl["words"] and all(a < b for a, b in tl["words"]) and isinstance(tl["unheard"], list)
+        assert isinstance(tl["speech"], list) and set(tl["links"]) == {"media", "audio", "subtitles"}
+
+        # the links work without a token, by ranges too, and only as signed
+        async with s.get(base + tl["links"]["media"], headers={"Range": "bytes=0-3"}) as r:
+            assert r.status == 206 and await r.read() == upload[:4]
+        async with s.get(base + tl["links"]["subtitles"]) as r:
+            vtt = await r.text()
+            assert r.status == 200 and vtt.startswith("WEBVTT") and "-->" in vtt and "country" in vtt
+        async with s.get(base + tl["links"]["audio"], headers={"Range": "bytes=0-3"}) as r:
+            assert r.status == 206 and await r.read() == b"RIFF"
+        forged = [
+            tl["links"]["media"].replace("sig=", "sig=0"),
+            tl["links"]["media"].replace("/media?", "/audio.wav?"),  # another file, same signature
+            tl["links"]["media"].split("?")[0],
+            tl["links"]["media"].replace("exp=", "exp=1"),
+        ]
+        for link in forged:
+            async with s.get(base + link) as r:
+                assert r.status == 404, link
+
+        # another token: 404 for every one of them, like a job that does not exist
+        for path in ("/media", "/audio.wav", "/timeline"):
+            async with s.get(job + path, headers=auth(TOKEN_B)) as r:
+                assert r.status == 404, path
 
 
 async def test_openai_client(web_server, data_dir):
@@ -596,40 +655,291 @@ def test_public_bind_without_tokens_refused(tmp_path):
 
 # -- the browser --------------------------------------------------------------------------------
 
-CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = ROOT / "docs" / "job-page.png"
 
 
-def test_browser_upload_shows_transcript(web_server, data_dir):
-    """Headless Debian Chromium, driven by Playwright: pick a video in the form, upload it,
-    follow the job page's live progress, and read the transcript and the download links."""
-    from playwright.sync_api import expect, sync_playwright
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Playwright: the one ``tests/provision.py`` found or installed
+    (``make test`` runs it first); none at all fails here with what to install."""
+    from playwright.sync_api import sync_playwright
 
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing (apt-get install chromium; .ci/run does it)", pytrace=False)
+    from provision import chromium
+
+    path = chromium()
+    if path is None:
+        pytest.fail("no Chromium: run `make provision` (or apt-get install chromium)", pytrace=False)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        b = p.chromium.launch(
+            executable_path=path, headless=True, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"]
+        )
         try:
-            page = browser.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(web_server.url + "/")
-            # the API answers 401 without a token: the page opens its token box by itself
-            expect(page.locator("#token-box")).to_have_attribute("open", "")
-            page.fill("#token", TOKEN_A)
-            page.press("#token", "Tab")  # "change": the page keeps the token in localStorage
-            page.reload()
-            expect(page.locator("#model option")).to_have_count(1)
-            page.set_input_files("#file", str(data_dir / "talk_tts.mp4"))
-            expect(page.locator("#drop-text")).to_have_text("talk_tts.mp4")
-            page.click("#submit")
-            page.wait_for_url("**/jobs/*", timeout=30_000)
-            expect(page.locator("#state")).to_have_text("done", timeout=120_000)
-            expect(page.locator("#transcript")).to_contain_text("vacuum tubes", timeout=10_000)
-            assert page.locator("#progress").evaluate("e => e.value") == 1
-            expect(page.locator("#downloads a")).to_have_count(4)
-            with page.expect_download() as download:
-                page.click("#downloads a[data-format=srt]")
-            assert download.value.suggested_filename == "talk_tts.srt"
-            assert errors == []
+            yield b
         finally:
-            browser.close()
+            b.close()
+
+
+def open_page(browser, web_server, *, viewport=(1280, 800), token: str | None = TOKEN_A):
+    """A page with ``token`` in its localStorage, as the upload form leaves it (or none)."""
+    context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+    if token:
+        context.add_init_script(f"localStorage.getItem('vtp-token') || localStorage.setItem('vtp-token', {json.dumps(token)})")
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    # the strict CSP (no inline script or style) is kept: a violation is a console error
+    page.on("console", lambda m: "Content Security Policy" in m.text and page.errors.append(m.text))
+    return page
+
+
+def cue_starts(page) -> list[float]:
+    return page.locator("#transcript button.cue").evaluate_all("bs => bs.map(b => parseFloat(b.dataset.start))")
+
+
+def current_time(page) -> float:
+    return page.locator("#player").evaluate("m => m.currentTime")
+
+
+def highlighted(page) -> list[int]:
+    return page.locator("#transcript li").evaluate_all(
+        "lis => lis.flatMap((li, i) => li.classList.contains('current') ? [i] : [])"
+    )
+
+
+def wait_until(predicate, timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_browser_upload_then_the_job_page_plays_beside_a_following_transcript(browser, web_server, data_dir):
+    """Upload a short video in the form, follow the job to done, then check it as a user would:
+    the third line seeks the player there, the highlight follows playback, the keys move between
+    lines, search keeps the lines with the word, downloads and copies work, and a phone-width
+    screen has no sideways scrolling."""
+    from playwright.sync_api import expect
+
+    page = open_page(browser, web_server, token=None)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=web_server.url)
+    page.goto(web_server.url + "/")
+    # the API answers 401 without a token: the page opens its token box by itself
+    expect(page.locator("#token-box")).to_have_attribute("open", "")
+    page.fill("#token", TOKEN_A)
+    page.press("#token", "Tab")  # "change": the page keeps the token in localStorage
+    upload_via_form(page, web_server.url, data_dir / "talk_tts.mp4")
+    expect(page.locator("#state")).to_have_text("done", timeout=120_000)
+    assert page.locator("#progress").evaluate("e => e.value") == 1
+    expect(page.locator("#transcript")).to_contain_text("vacuum tubes", timeout=10_000)
+    starts = cue_starts(page)
+    assert len(starts) >= 6 and starts == sorted(starts)
+    page.wait_for_function("document.querySelector('#player').readyState >= 1", timeout=15_000)
+    # Playwright's own Chromium has no H.264: it gets the audio-only rendition; Debian's plays the upload
+    rendition = page.locator("#player").get_attribute("data-rendition")
+    assert rendition in ("original", "audio")
+    assert page.locator("#player track").get_attribute("src").startswith("/media/")
+
+    # the third line seeks there (and plays)
+    page.locator("#transcript button.cue").nth(2).click()
+    wait_until(lambda: starts[2] - 0.05 <= current_time(page) < starts[2] + 2, what="the seek to the third cue")
+    wait_until(lambda: highlighted(page) == [2], what="the third cue highlighted")
+    assert page.locator("#transcript li").nth(2).get_attribute("aria-current") == "true"
+    # play across the boundary: the highlight moves to the fourth line
+    page.locator("#player").evaluate(f"m => {{ m.currentTime = {starts[3] - 0.5}; m.play(); }}")
+    wait_until(lambda: highlighted(page) == [3], timeout=10, what="the highlight to follow playback to the fourth cue")
+    assert current_time(page) >= starts[3]
+
+    # the highlighted line is kept in view as playback moves down the list
+    page.locator("#player").evaluate(f"m => {{ m.currentTime = {starts[-1] + 0.1}; }}")
+    wait_until(lambda: highlighted(page) == [len(starts) - 1], what="the last cue highlighted")
+    listed, last = page.locator("#transcript").bounding_box(), page.locator("#transcript li").last.bounding_box()
+    assert listed["y"] <= last["y"] and last["y"] + last["height"] <= listed["y"] + listed["height"] + 1
+    page.locator("#player").evaluate(f"m => {{ m.currentTime = {starts[3] + 0.1}; }}")
+    wait_until(lambda: highlighted(page) == [3], what="back to the fourth cue")
+
+    # keys: space pauses and plays, the arrows move between lines
+    page.locator("#transcript button.cue").nth(3).focus()
+    page.keyboard.press("Space")
+    wait_until(lambda: page.locator("#player").evaluate("m => m.paused"), what="space to pause")
+    page.keyboard.press("ArrowDown")
+    wait_until(lambda: highlighted(page) == [4], what="ArrowDown to the fifth cue")
+    assert abs(current_time(page) - starts[4]) < 0.05
+    page.keyboard.press("ArrowUp")
+    page.keyboard.press("ArrowUp")
+    wait_until(lambda: highlighted(page) == [2], what="ArrowUp twice to the third cue")
+    page.keyboard.press("Space")
+    wait_until(lambda: not page.locator("#player").evaluate("m => m.paused"), what="space to play")
+    page.keyboard.press("Space")
+
+    # search: only the lines with the word stay, the word marked in each
+    page.fill("#search", "transistor")
+    visible = page.locator("#transcript li:not([hidden])")
+    expect(page.locator("#search-count")).to_contain_text(f"of {len(starts)} lines")
+    assert 1 <= visible.count() < len(starts)
+    assert all(m.lower() == "transistor" for m in page.locator("#transcript li:not([hidden]) mark").all_inner_texts())
+    page.fill("#search", "")
+    expect(page.locator("#transcript li:not([hidden])")).to_have_count(len(starts))
+
+    # downloads and copies, one of each per format
+    expect(page.locator("#downloads a")).to_have_count(4)
+    with page.expect_download() as download:
+        page.click("#downloads a[data-format=srt]")
+    assert download.value.suggested_filename == "talk_tts.srt"
+    page.click("#downloads button[data-copy=txt]")
+    expect(page.locator("#copied")).to_have_text("TXT copied to the clipboard.")
+    assert "vacuum tubes" in page.evaluate("navigator.clipboard.readText()")
+    # no price is set on these workers: no "$0.000 per audio hour", but how to set one
+    assert "$" not in page.locator("#stats").inner_text() and "VTP_MACHINE_PRICE_HOUR" in page.locator("#stats").inner_text()
+
+    # a phone-width screen: one column, nothing wider than the screen
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    player, cues = page.locator("#player").bounding_box(), page.locator("#transcript").bounding_box()
+    assert cues["y"] >= player["y"] + player["height"]  # stacked, not side by side
+    assert page.errors == []
+    page.context.close()
+
+
+def mark_unheard(cluster, job_id: str, index: int) -> tuple[float, float]:
+    """Make a real job's stored transcript one with speech that produced no words: the cue at
+    ``index`` loses its words and its stretch becomes ``unheard`` (still VAD ``speech``)."""
+    path = cluster.data_dir / "jobs" / job_id / "review.json"
+    doc = json.loads(path.read_text())
+    lost = doc["segments"].pop(index)
+    span = [lost["start"], lost["end"]]
+    speech = doc["speech"] or [[s["start"], s["end"]] for s in doc["segments"]]
+    doc["speech"] = sorted(speech + [span])
+    doc["unheard"] = [span]
+    path.write_text(json.dumps(doc))
+    return span[0], span[1]
+
+
+def test_browser_timeline_marks_unheard_speech_red_and_plays_it(browser, web_server, cluster, data_dir):
+    """A real job whose stored transcript has a stretch of speech without words (``mark_unheard``
+    writes the coverage stage's ``unheard`` into a real run's transcript): the timeline shows it
+    in red, and clicking it plays exactly that stretch. Writes docs/job-page.png for the README."""
+    from playwright.sync_api import expect
+
+    page = open_page(browser, web_server)
+    job_id = upload_via_form(page, web_server.url, data_dir / "talk_tts.mp4")  # the same job as above, when it ran first
+    expect(page.locator("#state")).to_have_text("done", timeout=120_000)
+    expect(page.locator("#timeline")).to_be_visible(timeout=10_000)
+    expect(page.locator("#timeline .unheard")).to_have_count(0)  # this run heard everything
+    a, b = mark_unheard(cluster, job_id, 4)
+
+    page.reload()
+    red = page.locator("#timeline .unheard")
+    expect(red).to_have_count(1, timeout=10_000)
+    expect(page.locator("#unheard-summary")).to_contain_text("1 stretch")
+    assert "Speech without words" in red.get_attribute("aria-label")
+    bar, box = page.locator("#timeline").bounding_box(), red.bounding_box()
+    duration = page.evaluate(f"fetch('/v1/jobs/{job_id}/timeline', {{headers: {{Authorization: 'Bearer {TOKEN_A}'}}}}).then(r => r.json()).then(t => t.duration)")
+    assert box["x"] - bar["x"] == pytest.approx(bar["width"] * a / duration, abs=3)  # drawn where it is
+    page.wait_for_function("document.querySelector('#player').readyState >= 1", timeout=15_000)
+    page.locator("#transcript button.cue").nth(1).click()  # something else highlighted, for the picture
+    page.locator("#player").evaluate("m => m.pause()")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+
+    # a transcript without `unheard` (written before the coverage stage filled it): the page
+    # draws VAD speech minus the words itself, and finds the same stretch
+    path = cluster.data_dir / "jobs" / job_id / "review.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in doc.items() if k != "unheard"}))
+    page.reload()
+    expect(red).to_have_count(1, timeout=10_000)
+    assert red.bounding_box()["x"] == pytest.approx(box["x"], abs=2)
+    page.wait_for_function("document.querySelector('#player').readyState >= 1", timeout=15_000)
+
+    red.click()  # plays the stretch, and stops at its end
+    wait_until(lambda: a - 0.05 <= current_time(page) <= b + 0.5 and not page.locator("#player").evaluate("m => m.paused"),
+               what="the red stretch to play")
+    wait_until(lambda: page.locator("#player").evaluate("m => m.paused"), timeout=b - a + 10, what="it to stop at its end")
+    assert b - 0.1 <= current_time(page) <= b + 1.0
+    assert page.errors == []
+    page.context.close()
+
+
+def upload_via_form(page, base: str, path: Path) -> str:
+    """Pick ``path`` in the upload form and submit it; the job id, once the job page is open."""
+    from playwright.sync_api import expect
+
+    page.goto(base + "/")
+    expect(page.locator("#model option")).to_have_count(1)
+    page.set_input_files("#file", str(path))
+    expect(page.locator("#drop-text")).to_have_text(path.name)
+    page.click("#submit")
+    page.wait_for_url("**/jobs/*", timeout=30_000)
+    return page.url.rsplit("/", 1)[1]
+
+
+def test_browser_jobs_list_pages_and_shows_live_state(browser, web_server, data_dir):
+    """The token's jobs, newest first, a page at a time; a running job's state moves on the page
+    without a reload; no price set means no dollar figure."""
+    from playwright.sync_api import expect
+
+    page = open_page(browser, web_server, token=TOKEN_B)  # B's jobs: none of this module's other tests reuses them
+    page.goto(web_server.url + "/")
+    ids = []
+    for path, fmt in ((data_dir / "jfk.flac", "srt"), (data_dir / "jfk.flac", "vtt"), (data_dir / "talk_tts.mp4", "srt")):
+        r = page.request.post(
+            web_server.url + "/v1/jobs", headers=auth(TOKEN_B),
+            multipart={"formats": fmt, "word_timestamps": "true", "file": {"name": path.name, "mimeType": "application/octet-stream", "buffer": path.read_bytes()}},
+        )
+        assert r.status in (200, 202), r.text()
+        ids.append(r.json()["id"])
+    page.goto(web_server.url + "/jobs?limit=2")
+    rows = page.locator("#jobs-body tr")
+    expect(rows).to_have_count(2)
+    assert rows.nth(0).get_attribute("data-job") == ids[2] and rows.nth(1).get_attribute("data-job") == ids[1]
+    newest = page.locator(f"#jobs-body tr[data-job='{ids[2]}'] td.state")
+    seen = newest.inner_text()
+    # the 65 s talk is still moving when the page first loads; the page follows it to done by itself
+    expect(newest).to_have_text("done", timeout=120_000)
+    assert seen != "done", "the job was already done when the page loaded: nothing live to see"
+    first = rows.nth(0).locator("td")
+    assert first.nth(0).inner_text() == "talk_tts.mp4" and first.nth(0).locator("a").get_attribute("href") == f"/jobs/{ids[2]}"
+    expect(first.nth(3)).to_have_text(re.compile(r"^[0-9.]+x$"))  # x realtime
+    assert re.fullmatch(r"1:0\d", first.nth(2).inner_text()) and first.nth(4).inner_text() == "—"  # duration; cost: no price set
+    expect(rows.nth(0).locator("a[data-format=srt]")).to_have_count(1)
+
+    expect(page.locator("#newer")).to_be_hidden()
+    page.click("#older")
+    page.wait_for_url("**/jobs?offset=2&limit=2")
+    expect(rows.first).to_have_attribute("data-job", ids[0])
+    expect(page.locator("#newer")).to_be_visible()
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # the table scrolls in its own box
+    assert page.errors == []
+    page.context.close()
+
+
+def test_browser_plays_the_audio_rendition_where_the_upload_cannot_play(browser, web_server, data_dir, tmp_path):
+    """An AVI (MPEG-4 part 2 video, PCM audio) is nothing Chromium plays: the page plays the
+    extract stage's audio as WAV instead, with the same subtitles, and seeking works on it."""
+    from playwright.sync_api import expect
+
+    from workers.audio import ffmpeg_exe
+
+    avi = tmp_path / "jfk.avi"
+    subprocess.run(
+        [ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-i", str(data_dir / "jfk.flac"), "-f", "lavfi", "-t", "11",
+         "-i", "color=c=blue:s=64x48:r=5", "-map", "1:v", "-map", "0:a", "-c:v", "mpeg4", "-c:a", "pcm_s16le", str(avi)],
+        check=True, timeout=60,
+    )
+    page = open_page(browser, web_server)
+    upload_via_form(page, web_server.url, avi)
+    expect(page.locator("#state")).to_have_text("done", timeout=120_000)
+    expect(page.locator("audio#player[data-rendition=audio]")).to_have_count(1, timeout=10_000)
+    assert page.locator("#player").get_attribute("src").split("?")[0].endswith("/audio.wav")
+    expect(page.locator("#rendition")).to_contain_text("audio-only")
+    page.wait_for_function("document.querySelector('#player').readyState >= 1", timeout=15_000)
+    assert page.locator("#player").evaluate("m => m.duration") == pytest.approx(11.0, abs=0.2)
+    starts = cue_starts(page)
+    assert len(starts) >= 2
+    page.locator("#transcript button.cue").last.click()
+    wait_until(lambda: starts[-1] - 0.05 <= current_time(page) < starts[-1] + 2, what="the seek on the WAV")
+    wait_until(lambda: highlighted(page) == [len(starts) - 1], what="the last cue highlighted")
+    assert page.errors == []
+    page.context.close()

@@ -36,7 +36,7 @@ from app.messages import (
     Transcript,
     TranscribeRequest,
 )
-from app.keys import audio_key, batch_audio_key, job_prefix, media_key, output_key
+from app.keys import audio_key, batch_audio_key, job_prefix, media_key, output_key, review_key
 from app.storage import Storage
 from workers import audio, coverage, merge as merging, vad
 from workers.engines.base import EnginePool
@@ -157,7 +157,9 @@ async def merge(ctx: StageContext, req: MergeRequest) -> Transcript:
 
 
 async def render(ctx: StageContext, req: RenderRequest) -> Rendered:
-    """The transcript in each requested format, written to storage."""
+    """The transcript in each requested format, written to storage, and always its JSON under
+    ``review_key`` (the job page's cues, subtitles and speech timeline; not an output)."""
+    await ctx.storage.put_bytes(review_key(req.job_id), formats.to_json(req.transcript))
     outputs: dict[str, str] = {}
     for fmt in req.formats:
         key = output_key(req.job_id, req.basename, fmt)

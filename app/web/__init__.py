@@ -10,7 +10,8 @@ onnxruntime, torch, transformers) and reaches the workers only through Redis, en
     uploads.py   multipart and URL uploads streamed to disk under a size limit, then checked
     api.py       the jobs API (/v1/jobs...), progress as Server-Sent Events
     openai.py    the OpenAI-compatible /v1/audio/transcriptions
-    pages.py     the upload form and the job page (static HTML + plain JS)
+    media.py     a job's media by HTTP Range (the upload, a WAV of its audio), signed links, its timeline
+    pages.py     the upload form, the jobs list and the job page (static HTML + plain JS)
     metrics.py   /metrics in Prometheus' text format
 
 This module only registers the command, so ``vtp --help`` does not import aiohttp.

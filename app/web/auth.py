@@ -33,6 +33,16 @@ def owner_id(token: str) -> str:
 class Tokens:
     def __init__(self, tokens: tuple[str, ...]) -> None:
         self._owners = {t.encode(): owner_id(t) for t in tokens}
+        self._secrets = {owner: hashlib.sha256(b"vtp media link\0" + t).digest() for t, owner in self._owners.items()}
+
+    def link_key(self, owner: str) -> bytes:
+        """The key that signs ``owner``'s media links (``app.web.media``): derived from the
+        owner's token, so every web process holding the same tokens checks the same links, and a
+        link stops working when its token is removed. The anonymous owner (no tokens) gets a
+        fixed key: without tokens the whole API is open to whoever can reach it anyway."""
+        if not self._owners:
+            return hashlib.sha256(b"vtp media link\0").digest()
+        return self._secrets.get(owner, b"")
 
     @property
     def enabled(self) -> bool:

@@ -225,7 +225,7 @@ def create_app(
 ) -> web.Application:
     """The web app. Without tokens it answers only to loopback Host names unless ``any_host``
     (``vtp web --insecure``)."""
-    from app.web import api, metrics, openai, pages
+    from app.web import api, media, metrics, openai, pages
 
     if settings.webhook_secret:
         from app.webhooks import secret_key
@@ -251,6 +251,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics.handle)
     api.add_routes(app)
+    media.add_routes(app)
     openai.add_routes(app)
     pages.add_routes(app)
     return app
