@@ -182,9 +182,33 @@ def _speech_seconds(speech: list[Span], span: Span) -> float:
     return sum(max(0.0, min(e, span[1]) - max(s, span[0])) for s, e in speech)
 
 
-def _loops(segments: list[Segment]) -> bool:
+def _loops(segments: list[Segment], seconds: float | None = None) -> bool:
+    """Whisper looping: its text ends in ``LOOP_COPIES`` or more back-to-back copies of a phrase
+    (at least ``LOOP_WORDS`` words in all), or it compresses like a loop *and* runs faster than
+    anyone speaks. Compression alone is not enough: real speech repeats itself (a phone menu says
+    one prompt three times, measured at a ratio above 2.4) and must not be decoded again for it."""
+    words = [w.strip(".,!?;:\"'()-").lower() for s in segments for w in s.text.split()]
+    if _repeats_at_end(words):
+        return True
     text = " ".join(s.text.strip() for s in segments)
-    return compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD
+    if seconds is None:
+        seconds = sum(s.end - s.start for s in segments)
+    return compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD and len(words) > MAX_WORDS_PER_S * max(seconds, 1.0)
+
+
+#: What a decoding loop looks like in words: at least this many copies, this many words in all.
+LOOP_COPIES = 4
+LOOP_WORDS = 16
+
+
+def _repeats_at_end(words: list[str], longest: int = 16) -> bool:
+    for unit in range(1, longest + 1):
+        copies = 1
+        while (copies + 1) * unit <= len(words) and words[len(words) - (copies + 1) * unit : len(words) - copies * unit] == words[len(words) - unit :]:
+            copies += 1
+        if copies >= LOOP_COPIES and copies * unit >= LOOP_WORDS:
+            return True
+    return False
 
 
 def _confident(segments: list[Segment], words: list[Word], span: Span, opts: CoverageOptions) -> bool:
@@ -327,7 +351,7 @@ def _find_suspects(
         segments = by_chunk.get(c.index, [])
         whole = (c.start, c.end)
         speech_s = _speech_seconds(speech, whole)
-        looping = bool(segments) and _loops(segments)
+        looping = bool(segments) and _loops(segments, speech_s)
         sparse = speech_s >= opts.min_suspect_s and not plausible(len(_words(segments)), speech_s, rate, opts)
         if (looping or sparse) and ("chunk", c.index) not in tried:
             tried.add(("chunk", c.index))
