@@ -8,6 +8,7 @@ worker that serves many jobs loads each model once.
 from __future__ import annotations
 
 import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,6 +28,13 @@ LOGPROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.6
 #: Whisper's temperature fallback after the greedy/beam decode (OpenAI's defaults, 0.2 steps).
 FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def compression_ratio(text: str) -> float:
+    """How well ``text`` compresses (OpenAI's ``compression_ratio``: UTF-8 bytes over zlib bytes);
+    above ``COMPRESSION_RATIO_THRESHOLD`` the decode repeats itself. The empty text gives 0."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data))
 
 
 @dataclass(frozen=True)
