@@ -7,6 +7,13 @@ It produces what the CTranslate2 engine produces, the same way:
 * the same log-mel features as faster-whisper's extractor (``mel.log_mel``: the whole batch in
   one STFT on the engine's device), the same prompt (start of
   transcript, language, task, *no timestamps*) and the same suppressed tokens;
+* the same rungs of the coverage ladder (``base.Decoding``): with timestamp tokens (the prompt
+  without *no timestamps*, OpenAI's timestamp rules as transformers'
+  ``WhisperTimeStampLogitsProcessor``), and Whisper's temperature fallback, batched over the rows
+  that fail its checks (sampling best of 5, from a fixed seed);
+* a looping guard on every decode (``_LoopGuard``): a chunk whose tokens end in four copies of
+  one phrase is ended there, so it cannot run its whole batch to the 448-token limit, and is
+  cut after the first copy (or, with a fallback, decoded again at the next temperature);
 * words timed by cross-attention: one teacher-forced decoder pass over each chunk's text
   records the raw attention scores of the model's alignment heads (hooks on their q/k
   projections, so any attention kernel works), then OpenAI's recipe (softmax over the chunk's
@@ -214,7 +221,8 @@ class TransformersEngine:
         beam 5, and a smaller card settles on what it holds instead of failing every job."""
         import torch
 
-        beams = max(1, options.beam_size)
+        # sequences per chunk: its beams, or its samples where the fallback may sample
+        beams = max(1, options.beam_size, SAMPLES if len(decoding.temperatures) > 1 else 1)
         segments: list[Segment] = []
         language = ""
         start = 0
@@ -591,7 +599,7 @@ def _seeded(device: str, sampling: bool):
     if not sampling:
         yield
         return
-    with torch.random.fork_rng(devices=[torch.device(device)] if device.startswith("cuda") else []):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.startswith("cuda") else []):
         torch.manual_seed(SAMPLING_SEED)
         yield
 
