@@ -90,7 +90,6 @@ SAMPLING_SEED = 0
 LOOP_MAX_PERIOD = 48
 LOOP_REPEATS = 4
 LOOP_MIN_TOKENS = 24
-LOOP_WINDOW = LOOP_MAX_PERIOD * LOOP_REPEATS
 
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
@@ -222,7 +221,7 @@ class TransformersEngine:
         import torch
 
         # sequences per chunk: its beams, or its samples where the fallback may sample
-        beams = max(1, options.beam_size, SAMPLES if len(decoding.temperatures) > 1 else 1)
+        beams = max(1, options.beam_size, SAMPLES if any(t > 0 for t in decoding.temperatures) else 1)
         segments: list[Segment] = []
         language = ""
         start = 0
@@ -306,11 +305,12 @@ class TransformersEngine:
         and timestamp rules (OpenAI sums them after). The fast default (no timestamps, one
         temperature) needs none: ``_score`` gives them with the alignment."""
         prompt = list(tokenizer.sot_sequence) if decoding.timestamps else [*tokenizer.sot_sequence, tokenizer.no_timestamps]
-        scores_needed = decoding.timestamps or len(decoding.temperatures) > 1
+        temperatures = decoding.temperatures or (0.0,)
+        scores_needed = decoding.timestamps or temperatures != (0.0,)
         kept: list[_Decoded | None] = [None] * encoded.shape[0]
         pending = list(range(encoded.shape[0]))
-        for step, temperature in enumerate(decoding.temperatures):
-            last = step == len(decoding.temperatures) - 1
+        for step, temperature in enumerate(temperatures):
+            last = step == len(temperatures) - 1
             candidates = self._generate(encoded[pending], prompt, tokenizer, suppress, options,
                                         temperature=temperature, timestamps=decoding.timestamps)
             found = [[_Decoded.of(seq, tokenizer, temperature) for seq in row] for row in candidates]
@@ -551,9 +551,9 @@ def loop_cut(tokens: list[int], timestamp_begin: int) -> int | None:
 class _LoopGuard:
     """A logits processor that ends a looping row: once a row's generated tokens end in a loop
     (``loop_cut``'s rule), its only choice is end of text, at no cost to its score. Without it one
-    looping chunk runs its whole batch to ``MAX_LENGTH`` tokens. Vectorised over the batch: the
-    last ``LOOP_WINDOW`` tokens of each row are compared with themselves shifted by every period
-    at once, so it costs a few tensor operations a step."""
+    looping chunk runs its whole batch to ``MAX_LENGTH`` tokens. Vectorised over the batch and
+    the periods: a loop of period p means the last need(p) - p tokens each equal the token p
+    before, so one gather compares those pairs for every period at once (~3,500 per row)."""
 
     def __init__(self, begin: int, eot: int, timestamp_begin: int) -> None:
         self.begin, self.eot, self.timestamp_begin = begin, eot, timestamp_begin
@@ -563,11 +563,19 @@ class _LoopGuard:
         import torch
 
         if self._index is None:
-            total = LOOP_WINDOW + LOOP_MAX_PERIOD
-            positions = torch.arange(total - LOOP_WINDOW, total, device=device)
-            periods = torch.arange(1, LOOP_MAX_PERIOD + 1, device=device)
-            need = torch.as_tensor(_loop_need(), device=device)
-            self._index = (positions, positions[None, :] - periods[:, None], periods, need)
+            width = int(_loop_need().max())  # tokens looked at: the longest loop's span
+            later, earlier, period_of = [], [], []
+            for p, need in enumerate(_loop_need(), start=1):
+                for j in range(width - (need - p), width):
+                    later.append(j)
+                    earlier.append(j - p)
+                    period_of.append(p - 1)
+            self._index = (
+                width,
+                torch.tensor(later, device=device),
+                torch.tensor(earlier, device=device),
+                torch.tensor(period_of, device=device),
+            )
         return self._index
 
     def __call__(self, input_ids, scores):
@@ -576,18 +584,21 @@ class _LoopGuard:
         generated = input_ids[:, self.begin :]
         if generated.shape[1] < LOOP_MIN_TOKENS:
             return scores
-        positions, shifted, periods, need = self._indices(input_ids.device)
-        total = LOOP_WINDOW + LOOP_MAX_PERIOD
-        tail = generated[:, -total:].clamp(max=self.timestamp_begin)  # every timestamp alike
-        if tail.shape[1] < total:  # pad with values that match nothing
-            pad = -1 - torch.arange(total - tail.shape[1], device=tail.device)
+        width, later, earlier, period_of = self._indices(input_ids.device)
+        tail = generated[:, -width:].clamp(max=self.timestamp_begin)  # every timestamp alike
+        if tail.shape[1] < width:  # pad with values that match nothing
+            pad = -1 - torch.arange(width - tail.shape[1], device=tail.device, dtype=tail.dtype)
             tail = torch.cat([pad.expand(tail.shape[0], -1), tail], dim=1)
-        same = tail[:, None, positions] == tail[:, shifted]  # rows x periods x window
-        run = same.flip(-1).cumprod(-1).sum(-1)  # trailing positions equal to the one a period back
-        looping = ((run + periods) >= need).any(-1)
-        forced = torch.full_like(scores[:1], -float("inf"))
-        forced[:, self.eot] = 0.0
-        return torch.where(looping[:, None], forced, scores)
+        differ = (tail[:, later] != tail[:, earlier]).to(torch.int32)
+        # per row and period: how many of its pairs differ (none: a loop)
+        counts = torch.zeros(tail.shape[0], LOOP_MAX_PERIOD, dtype=torch.int32, device=tail.device)
+        counts.index_add_(1, period_of, differ)
+        looping = (counts == 0).any(-1)
+        if not bool(looping.any()):  # (generate syncs every step anyway, for its stopping test)
+            return scores
+        scores = scores.masked_fill(looping[:, None], -float("inf"))
+        scores[looping, self.eot] = 0.0
+        return scores
 
 
 @contextmanager
