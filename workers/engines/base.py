@@ -30,13 +30,6 @@ NO_SPEECH_THRESHOLD = 0.6
 FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 
-def compression_ratio(text: str) -> float:
-    """How well ``text`` compresses (OpenAI's ``compression_ratio``: UTF-8 bytes over zlib bytes);
-    above ``COMPRESSION_RATIO_THRESHOLD`` the decode repeats itself. The empty text gives 0."""
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data))
-
-
 @dataclass(frozen=True)
 class Decoding:
     """How an engine decodes a batch: the fast default, or one rung of the coverage ladder.
@@ -63,6 +56,22 @@ class Decoding:
         if self.temperatures != (0.0,):
             parts.append("T=" + ",".join(f"{t:g}" for t in self.temperatures))
         return " ".join(parts)
+
+
+def compression_ratio(text: str) -> float:
+    """Whisper's looping check: the text's bytes over its zlib-compressed bytes (OpenAI's and
+    faster-whisper's formula). Ordinary speech is about 1.5-2; a decode that repeats itself is
+    above ``COMPRESSION_RATIO_THRESHOLD``."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def needs_fallback(text: str, avg_logprob: float, no_speech_prob: float) -> bool:
+    """Whisper's rule for decoding a window again at the next temperature: the text loops or the
+    decoder was unsure, unless Whisper judges the window silence (then there is nothing to find)."""
+    silence = no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
+    failed = compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD or avg_logprob < LOGPROB_THRESHOLD
+    return failed and not silence
 
 
 #: The fast batched decode: no timestamp tokens, one temperature (0: beam search).

@@ -55,14 +55,7 @@ from workers.engines.ctranslate2 import (
     _word,
     bundled_model_path,
 )
-from workers.engines.base import (
-    COMPRESSION_RATIO_THRESHOLD,
-    FAST,
-    LOGPROB_THRESHOLD,
-    NO_SPEECH_THRESHOLD,
-    Decoding,
-    compression_ratio,
-)
+from workers.engines.base import FAST, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, Decoding, needs_fallback
 from workers.engines.dtw import dtw_batch
 from workers.engines.mel import log_mel
 
@@ -520,8 +513,9 @@ class _Decoded:
         """Whisper's fallback test: looping or unsure, unless it judges the row silence."""
         assert self.avg_logprob is not None and self.no_speech_prob is not None
         text = tokenizer.decode([t for t in self.tokens if t < tokenizer.eot])
-        bad = self.looped or compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD or self.avg_logprob < LOGPROB_THRESHOLD
-        return bad and not _silence(self.no_speech_prob, self.avg_logprob)
+        if self.looped:
+            return not _silence(self.no_speech_prob, self.avg_logprob)
+        return needs_fallback(text, self.avg_logprob, self.no_speech_prob)
 
 
 def _loop_need() -> np.ndarray:
