@@ -157,11 +157,11 @@ def test_a_batch_that_runs_out_of_gpu_memory_is_halved_and_the_size_kept(cache_d
 
     real, calls = engine._transcribe, []
 
-    def small_card(audio, chunks, options):
+    def small_card(audio, chunks, options, decoding):
         calls.append(len(audio))
         if len(audio) * options.beam_size > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(audio, chunks, options)
+        return real(audio, chunks, options, decoding)
 
     engine._transcribe = small_card
     got, language = engine.transcribe_batch(pieces, chunks, options)
@@ -174,3 +174,152 @@ def test_a_batch_that_runs_out_of_gpu_memory_is_halved_and_the_size_kept(cache_d
     calls.clear()
     with pytest.raises(Exception, match="out of memory"):  # one chunk that does not fit: a (transient) EngineError
         engine.transcribe_batch(pieces[:1], chunks[:1], TranscribeOptions(engine="transformers", beam_size=5))
+
+
+# -- the coverage ladder's decodes and the looping guard ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(cache_dir):
+    from workers.engines.transformers import TransformersEngine
+
+    return TransformersEngine.load(TranscribeOptions(engine="transformers"), cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def speech(data_dir):
+    """Windows of the repository's speech that tiny.en gets wrong in the fast decode (measured):
+    talk_tts 10-40 s ends at once without timestamp tokens (1 word; 60 with them), ivr_prompts
+    60-90 s loops ("to increase the audio volume from other participants" to the token limit)."""
+    from tests.media import RATE, load_pcm
+
+    talk, ivr = load_pcm(data_dir / "talk_tts.mp4"), load_pcm(data_dir / "ivr_prompts.mp4")
+    return {
+        "jfk": load_pcm(data_dir / "jfk.flac"),
+        "ends_early": talk[10 * RATE : 40 * RATE],
+        "loops": ivr[60 * RATE : 90 * RATE],
+    }
+
+
+def decode(engine, audio, decoding, beam_size=1):
+    """Transcribe whole windows as chunks of their own; the words and the decoder steps taken."""
+    from app.messages import Chunk
+
+    steps = [0]
+
+    def count(_module, _args, kwargs):
+        ids = kwargs.get("input_ids")
+        steps[0] += ids is not None and ids.shape[1] == 1  # one new token per row: a generation step
+
+    chunks = [Chunk(index=i, start=0.0, end=a.size / 16000) for i, a in enumerate(audio)]
+    hook = engine.model.model.decoder.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        segments, _ = engine.transcribe_batch(
+            audio, chunks, TranscribeOptions(engine="transformers", beam_size=beam_size, word_timestamps=True), decoding
+        )
+    finally:
+        hook.remove()
+    words = [[w.word.strip() for s in segments if s.chunk == i for w in s.words] for i in range(len(audio))]
+    return words, segments, steps[0]
+
+
+def test_timestamps_decode_hears_a_window_the_fast_decode_ends_at_once(engine, speech):
+    """Rung 1: the window decoded with timestamp tokens, as sequential Whisper does, gives what
+    CTranslate2 gives decoding it that way; the timestamp tokens steer, never reach the text."""
+    import ctranslate2  # noqa: F401
+    from faster_whisper import WhisperModel
+    from faster_whisper.audio import pad_or_trim
+
+    from workers.engines.base import Decoding
+
+    audio = speech["ends_early"]
+    fast, _, _ = decode(engine, [audio], Decoding())
+    assert len(fast[0]) <= 2, fast  # "The"
+    words, segments, _ = decode(engine, [audio], Decoding(timestamps=True))
+    assert len(words[0]) >= 50
+    assert not any("<|" in s.text for s in segments)
+    for seg in segments:
+        assert 0.0 <= seg.start <= seg.end <= 30.0
+        assert all(seg.start <= w.start <= w.end <= seg.end for w in seg.words)
+    ct2 = WhisperModel(str(bundled_model_path()), compute_type="float32", cpu_threads=1)
+    features = pad_or_trim(ct2.feature_extractor(audio)[..., :-1])[None]
+    result = ct2.model.generate(ct2.encode(features), [[ct2.hf_tokenizer.token_to_id("<|startoftranscript|>")]],
+                                beam_size=1, max_initial_timestamp_index=50, suppress_blank=True, suppress_tokens=[-1])
+    expected = ct2.hf_tokenizer.decode([t for t in result[0].sequences_ids[0] if t < 50257]).split()
+    assert " ".join(s.text for s in segments).split() == expected
+
+
+@pytest.fixture(scope="module")
+def fast_with_a_loop(engine, speech):
+    """The fast default on a batch of jfk and the looping window."""
+    from workers.engines.base import FAST
+
+    return decode(engine, [speech["jfk"], speech["loops"]], FAST)
+
+
+def test_a_looping_chunk_is_ended_and_cut_without_holding_up_its_batch(fast_with_a_loop, data_dir):
+    """The fast default: the looping chunk stops at its fourth copy instead of running the
+    batch to 448 tokens, and keeps its text up to the first copy; the other chunk is untouched."""
+    words, _, steps = fast_with_a_loop
+    assert steps < 150, steps  # without the guard: 445
+    assert wer((data_dir / "jfk.ref.txt").read_text(), " ".join(words[0])) <= 0.1
+    text = " ".join(words[1])
+    assert text.startswith("When our glorious leader arrives")
+    assert text.count("increase the audio volume") == 1 and len(words[1]) < 60, text
+
+
+def test_temperature_fallback_redoes_only_the_failing_rows(engine, speech, fast_with_a_loop):
+    """Whisper's fallback, batched: both rows at temperature 0, then only the looping one,
+    sampled; the passing row's words are those of the fast decode."""
+    from workers.engines.base import Decoding
+
+    calls = []
+    real = engine._generate
+
+    def spy(encoded, *args, **kwargs):
+        calls.append((encoded.shape[0], kwargs["temperature"]))
+        return real(encoded, *args, **kwargs)
+
+    engine._generate = spy
+    try:
+        words, segments, _ = decode(engine, [speech["jfk"], speech["loops"]], Decoding(temperatures=(0.0, 1.0)))
+    finally:
+        del engine._generate
+    assert calls == [(2, 0.0), (1, 1.0)]
+    assert words[0] == fast_with_a_loop[0][0]
+    text = " ".join(words[1])
+    assert words[1] and text.count("increase the audio volume") <= 1, text
+    assert all(s.avg_logprob >= -1.0 for s in segments if s.chunk == 1)  # the kept decode passed the checks
+
+
+def test_the_loop_rule_on_token_sequences():
+    """``loop_cut``: a tail of 4+ back-to-back copies (24+ tokens) is a loop, cut after its first
+    copy; speech-like repeats are not; timestamp tokens count as one. ``_LoopGuard`` forces end of
+    text on exactly the rows ``loop_cut`` calls looping."""
+    import torch
+
+    from workers.engines.transformers import _LoopGuard, loop_cut
+
+    ts = 50363
+    phrase = [300 + k for k in range(9)]
+    assert loop_cut(list(range(10, 20)) + phrase * 4, ts) == 10 + 9  # cut after the first copy
+    assert loop_cut(list(range(10, 20)) + phrase * 3, ts) is None  # three copies: a chant, not a loop
+    assert loop_cut([7] * 23, ts) is None and loop_cut([5] + [7] * 24, ts) == 2  # "no no no ..." x24
+    assert loop_cut(list(range(400)), ts) is None
+    assert loop_cut([1, 2] * 6 + list(range(100, 150)), ts) is None  # a repeat earlier on is no loop at the end
+    segment = lambda k: [ts + 10 * k, 500, 501, 502, 503, ts + 10 * k + 5]  # noqa: E731  <|t|> text <|t'|>, times moving on
+    assert loop_cut([600] + [t for k in range(5) for t in segment(k)], ts) == 7
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(40):
+        head = list(rng.integers(0, 1000, size=int(rng.integers(0, 60))))
+        unit = list(rng.integers(0, 1000, size=int(rng.integers(1, 49))))
+        rows.append((head + unit * int(rng.integers(1, 7)))[-200:])
+    width = max(map(len, rows))
+    prompt = [50257, 50362]
+    guard = _LoopGuard(len(prompt), 50256, ts)
+    ids = torch.tensor([prompt + [1000 + j for j in range(width - len(r))] + r for r in rows])  # distinct left fill
+    scores = guard(ids, torch.zeros(len(rows), 51864))
+    forced = (scores[:, 50256] == 0) & torch.isinf(scores[:, 0])
+    expected = [loop_cut(r, ts) is not None for r in rows]
+    assert forced.tolist() == expected and 5 < sum(expected) < 35
