@@ -300,7 +300,11 @@ function jobPage() {
 
     // The speech timeline: VAD speech, where words landed, and in red the speech without words.
     const bar = $("timeline"), dur = tl.duration || (cues.length ? cues[cues.length - 1].end : 0);
-    const unheard = tl.unheard !== undefined ? tl.unheard : subtract(tl.speech, tl.words);
+    // (a transcript from before the coverage stage wrote `unheard`: as workers/coverage.py counts it,
+    // words cover 0.25 s around them and stretches under 1 s do not count)
+    const covered = tl.words.map(([a, b]) => [a - 0.25, b + 0.25]);
+    const unheard = tl.unheard !== undefined ? tl.unheard
+      : subtract(tl.speech, covered).filter(([a, b]) => b - a >= 1.0);
     function span(cls, [a, b], el) {
       el = el || document.createElement("div");
       el.className = `span ${cls}`;
