@@ -38,7 +38,8 @@ class Fleet:
 
     def __init__(self, redis_url: str, tmp_path, **controller_env: str) -> None:
         self.cluster = Cluster(redis_url, tmp_path / "cluster")
-        self.standin = FlyStandin(work_dir=tmp_path).start()
+        # REDIS_URL is an app secret, as the README's Fly steps set it: every machine has it
+        self.standin = FlyStandin(work_dir=tmp_path, app_secrets={"REDIS_URL": redis_url}).start()
         self.log = tmp_path / "controller.log"
         self.env = {
             **self.cluster.env,
