@@ -131,12 +131,14 @@ def job_machine(job: k8s.V1Job, health: Mapping[str, Health]) -> Machine:
             if c.type in ("Complete", "Failed") and c.status == "True":
                 ended = ended or c.last_transition_time
         return Machine(id=name, state="stopped", since=_stamp(ended), restartable=False)
+    holding = h is not None and h.holding > 0
     if status.active:
+        alive = h is not None and h.alive
         return Machine(
             id=name, state="started", since=_stamp(status.start_time or job.metadata.creation_timestamp),
-            alive=h is not None, running=h.running if h else 0, restartable=False,
+            alive=alive, running=h.running if alive else 0, restartable=False, holding=holding,
         )
-    return Machine(id=name, state="starting", since=_stamp(job.metadata.creation_timestamp), restartable=False)
+    return Machine(id=name, state="starting", since=_stamp(job.metadata.creation_timestamp), restartable=False, holding=holding)
 
 
 def _namespace(settings: Settings) -> str:
@@ -191,7 +193,7 @@ class KubernetesBackend:
         by_id = {m.id: m for m in machines}
         for name in plan.destroy:
             m = by_id.get(name)
-            if m is not None and m.busy:
+            if m is not None and m.keep:  # decide() never asks this; the backend refuses anyway
                 continue
             try:
                 await self._call(self.api.delete_namespaced_job, name, self.namespace, propagation_policy="Background")
