@@ -53,6 +53,10 @@ BEAT_PREFIX = "vtp:beat:"
 #: set and renewed with their leases (TTL ``VTP_LEASE``), deleted when it runs none: the fleet
 #: controller never destroys a machine whose worker holds one, health key or not.
 HOLDS_PREFIX = "vtp:holds:"
+#: ``vtp:webhooks:due``: set of ended jobs whose webhook is still to be queued. Added in the same
+#: MULTI that ends a job with a ``webhook_url`` (whoever ends it: a stage, the sweeper, a cancel),
+#: emptied by the sweeper's pass, which queues each one: every end notifies.
+WEBHOOKS_DUE = "vtp:webhooks:due"
 #: ``vtp:sweep:lock``: held by the one worker sweeping right now (SET NX PX, token-checked release).
 SWEEP_LOCK = "vtp:sweep:lock"
 

@@ -392,6 +392,8 @@ class JobStore:
                 self._queue_event(pipe, event_of(new, message))
             if new.terminal:
                 self._queue_expiry(pipe, new)
+                if new.webhook_url and not old.terminal:  # every end notifies (workers/sweeper.py)
+                    pipe.sadd(constants.WEBHOOKS_DUE, job_id)
             return new
 
         return await self.redis.transaction(attempt, key, value_from_callable=True)
@@ -719,6 +721,15 @@ class JobStore:
         """state -> times the sweeper re-drove the job in that state."""
         raw = await self.redis.hgetall(constants.dag_key(job_id, "redrives"))
         return {k.decode(): int(v) for k, v in raw.items()}
+
+    @_mapped
+    async def webhooks_due(self, limit: int = 1000) -> list[str]:
+        """Ended jobs whose webhook is still to be queued (``constants.WEBHOOKS_DUE``)."""
+        return [i.decode() for i in await self.redis.srandmember(constants.WEBHOOKS_DUE, limit) or []]
+
+    @_mapped
+    async def webhook_queued(self, job_id: str) -> None:
+        await self.redis.srem(constants.WEBHOOKS_DUE, job_id)
 
     @_mapped
     async def last_beat(self, job_id: str) -> float | None:

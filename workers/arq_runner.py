@@ -739,6 +739,9 @@ class ArqStages:
         await retrying(forget, where=redis_location(self.settings.redis_url))
         await _enqueue(self.redis, self.settings, step.function, *step.args, queue=step.queue, arq_id=step.arq_id)
 
+    async def notify(self, job_id: str) -> None:
+        await enqueue_webhook(self.redis, job_id, settings=self.settings)
+
 
 async def sweep_forever(settings: Settings) -> None:
     """The CPU worker's sweeper (``workers.sweeper``), on its own Redis connection."""
