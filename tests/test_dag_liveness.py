@@ -387,3 +387,77 @@ async def test_submit_wait_follows_a_slow_stage(redis_server_factory, make_clust
     )
     assert res.returncode == 0, res.stderr + c.logs()
     assert (tmp_path / "jfk.txt").exists()
+
+
+# -- cancel, then delete, while a stage runs ------------------------------------------------
+
+
+async def test_scratch_writes_after_a_delete_bring_nothing_back(redis_url):
+    """A batch in flight when its job is cancelled and deleted writes nothing afterwards; one
+    in flight when its job is only cancelled writes keys that expire with the record."""
+    from app.messages import BatchTranscript
+
+    store = JobStore.open(redis_url, result_ttl=600)
+    try:
+        for job_id in ("deleted", "cancelled"):
+            await store.create(JobRecord(id=job_id, media_key=keys.media_key(job_id)))
+            await store.start_fan_out(job_id, 2)
+            await store.count_run(job_id, "segment")
+        part = BatchTranscript(batch_index=0, segments=[], language="en", audio_seconds=1.0, wall_seconds=0.1)
+
+        record = await store.cancel("deleted")
+        await store.delete(record)
+        assert await store.redis.keys(constants.dag_key("deleted", "*")) == []
+        with pytest.raises(errors.JobNotFound):
+            await store.count_run("deleted", "transcribe")
+        with pytest.raises(errors.JobNotFound):
+            await store.record_batch("deleted", part, 1)
+        with pytest.raises(errors.JobNotFound):
+            await store.put_part("deleted", "transcript", part)
+        with pytest.raises(errors.JobNotFound):
+            await store.start_fan_out("deleted", 2)
+        assert await store.redis.keys(constants.dag_key("deleted", "*")) == []
+
+        await store.cancel("cancelled")
+        await store.count_run("cancelled", "transcribe")
+        fan = await store.record_batch("cancelled", part, 1)
+        await store.put_part("cancelled", "transcript", part)
+        assert fan.batches_left == 1
+        record_ttl = await store.redis.ttl(constants.job_key("cancelled"))
+        written = await store.redis.keys(constants.dag_key("cancelled", "*"))
+        assert len(written) >= 5  # pending, runs, finished, parts, done, transcript
+        for key in written:
+            assert 0 < await store.redis.ttl(key) <= record_ttl, key
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.slow
+async def test_cancel_then_delete_while_a_batch_runs(redis_server_factory, make_cluster, data_dir):
+    """What DELETE /v1/jobs/{id} does twice (cancel, then delete) while the job's batch is on a
+    GPU worker: once the batch has finished, nothing of the job is left in Redis."""
+    server = redis_server_factory()
+    c = make_cluster(server.url, VTP_TEST_STAGE_DELAY="transcribe:3")
+    store = JobStore.open(server.url)
+    try:
+        start_workers(c)
+        (job_id,) = c.submit(data_dir / "jfk.flac")
+        running = constants.ARQ_IN_PROGRESS_PREFIX + f"{job_id}:transcribe:*"
+
+        async def batch_running() -> bool:
+            return bool(await store.redis.keys(running))
+
+        await wait_until(batch_running, 60, "a transcribe in progress", c)
+        record = await store.cancel(job_id)
+        await store.delete(record)
+
+        async def batches_done() -> bool:
+            return not await store.redis.keys(running) and not await store.redis.zcard(constants.QUEUE_GPU)
+
+        await wait_until(batches_done, 60, "the batches to end", c)
+        await anyio.sleep(0.5)
+        left = [k.decode() for k in await store.redis.keys(f"vtp:*{job_id}*")]
+        assert [k for k in left if not k.startswith(constants.BEAT_PREFIX)] == [], (left, c.logs())
+        assert "transcribe" in c.logs()
+    finally:
+        await store.aclose()
