@@ -1,13 +1,20 @@
-"""fly.toml, Procfile and Dockerfile name commands that vtp's own CLI accepts (``vtp web``
-belongs to the web process and is only checked for its name)."""
+"""fly.toml, Procfile and Dockerfile name commands that vtp's own CLI accepts; and the Fly and
+Kubernetes recipes *start*: each command goes through vtp's parser and the start-up checks it
+runs before serving (the web process's binding rules), with the settings the recipe and the
+README's steps give it."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import tomllib
 from pathlib import Path
 
+import pytest
+import yaml
+
 from app.cli import build_parser
+from app.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,14 +53,6 @@ def test_dockerfile_has_a_cuda_variant():
 
 # -- the recipes start: each command through vtp's parser and start-up checks, with the env the
 # -- recipe and the README's steps give it --------------------------------------------------------
-
-import re  # noqa: E402
-
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-
-from app.config import Settings  # noqa: E402
-
 
 def readme_block(heading: str) -> str:
     """The first ```sh block under a README heading."""
