@@ -126,8 +126,14 @@ class Settings:
     warm_pool: int = 2
     #: ``VTP_STOPPED_GRACE``: seconds a surplus stopped machine is kept before it is destroyed.
     stopped_grace: float = 600.0
-    #: ``VTP_BOOT_GRACE``: seconds a machine may run without a live worker before it counts as broken.
-    boot_grace: float = 300.0
+    #: ``VTP_BOOT_GRACE``: seconds a machine may be up without its worker ever having been seen
+    #: alive before it counts as broken: scheduling, a GPU node scale-up, the image pull and the
+    #: model load (the Kubernetes startup probe of the worker Jobs is sized from it).
+    boot_grace: float = 900.0
+    #: ``VTP_LOST_GRACE``: seconds a machine whose worker *was* seen alive may go without a live
+    #: health key before it counts as broken (a Redis restart, a blip, a slow poll cost nothing).
+    #: A machine whose worker still holds a stage's lease is never destroyed, whatever this says.
+    lost_grace: float = 60.0
     #: ``VTP_CONTROLLER_INTERVAL``: seconds between two looks at the queue.
     controller_interval: float = 5.0
     #: ``VTP_WORKER_IMAGE``: the image worker machines run (default ``FLY_IMAGE_REF``: this app's).
@@ -196,6 +202,7 @@ class Settings:
         "warm_pool": "VTP_WARM_POOL",
         "stopped_grace": "VTP_STOPPED_GRACE",
         "boot_grace": "VTP_BOOT_GRACE",
+        "lost_grace": "VTP_LOST_GRACE",
         "controller_interval": "VTP_CONTROLLER_INTERVAL",
         "worker_image": "VTP_WORKER_IMAGE",
         "fly_image_ref": "FLY_IMAGE_REF",
@@ -210,15 +217,23 @@ class Settings:
         "machine_kind": "VTP_MACHINE_KIND",
         "machine_price_hour": "VTP_MACHINE_PRICE_HOUR",
     }
-    #: Settings of the controller itself, never handed on to the workers it starts.
-    _CONTROLLER_ONLY = frozenset(
+    #: What a worker machine the controller starts is told in its env (``worker_env``): an
+    #: allow-list of the settings a worker reads, so a setting added later stays on the controller
+    #: until someone decides a worker needs it. Never a secret (``SECRETS``), nor the web
+    #: process's or the controller's own settings.
+    _FOR_WORKERS = frozenset(
         {
-            "max_machines", "drain_target", "machine_throughput", "warm_pool", "stopped_grace", "boot_grace",
-            "controller_interval", "worker_image", "fly_image_ref", "fly_api_hostname",
-            "fly_api_token", "fly_app_name", "fly_regions", "fly_guests", "k8s_namespace", "k8s_gpus",
-            "k8s_job_ttl", "machine_kind", "machine_price_hour", "data_dir",
+            "storage_url", "batch_size", "ffmpeg_timeout", "max_input_mb", "max_duration", "job_tries",
+            "transcribe_timeout", "cpu_timeout", "result_ttl", "retry_delay", "lease", "sweep_interval",
+            "test_stage_delay", "models", "engine", "device", "compute_type", "gpu_jobs", "decode_batch",
+            "batch_wait_ms",
         }
     )
+    #: Settings that hold credentials: they reach a process only through the platform's secret
+    #: store (Fly app secrets, which every machine of the app gets; a Kubernetes Secret named by
+    #: reference), never through a machine config or a Job body that the API shows to whoever
+    #: may read it. ``REDIS_URL`` is one: it usually carries the Redis password.
+    SECRETS = frozenset({"redis_url", "api_tokens", "webhook_secret", "fly_api_token"})
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -241,16 +256,21 @@ class Settings:
         return settings
 
     def worker_env(self) -> dict[str, str]:
-        """The environment of a worker the controller starts: Redis, storage, and every pipeline
-        setting that differs from its default (the controller's own settings and the Fly token
-        stay here; S3 credentials come from the platform's secrets)."""
-        env = {"REDIS_URL": self.redis_url, "VTP_STORAGE": self.storage_url}
+        """The environment a worker machine the controller starts is given: ``VTP_STORAGE`` and
+        every allow-listed pipeline setting (``_FOR_WORKERS``) that differs from its default.
+        No secret: ``REDIS_URL``, the S3 credentials, ``VTP_WEBHOOK_SECRET`` and the tokens come
+        from the platform's secret store (Fly app secrets; the Kubernetes Secret ``vtp-secrets``)."""
+        env = {"VTP_STORAGE": self.storage_url}
         for f in fields(self):
             var = self._ENV.get(f.name)
             value = getattr(self, f.name)
-            if var and f.name not in self._CONTROLLER_ONLY and var not in env and value != f.default:
+            if var and f.name in self._FOR_WORKERS and var not in env and value != f.default:
                 env[var] = str(value)
         return env
+
+    def secret_values(self) -> list[str]:
+        """The values of the secret settings that are set (for tests and log scrubbing)."""
+        return [v for name in sorted(self.SECRETS) if (v := str(getattr(self, name)))]
 
     @property
     def fleet_idle_exit(self) -> float:

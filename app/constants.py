@@ -55,6 +55,14 @@ ENDED_INDEX = "vtp:ended"
 #: ``vtp:beat:<id>``: set (to the Unix time) by the worker running one of the job's stages, renewed
 #: with its lease: the job is being worked on (``vtp submit --wait`` tells slow from stopped).
 BEAT_PREFIX = "vtp:beat:"
+#: ``vtp:holds:<queue>:<worker name>``: the arq ids of the stage jobs a worker runs (comma list),
+#: set and renewed with their leases (TTL ``VTP_LEASE``), deleted when it runs none: the fleet
+#: controller never destroys a machine whose worker holds one, health key or not.
+HOLDS_PREFIX = "vtp:holds:"
+#: ``vtp:webhooks:due``: set of ended jobs whose webhook is still to be queued. Added in the same
+#: MULTI that ends a job with a ``webhook_url`` (whoever ends it: a stage, the sweeper, a cancel),
+#: emptied by the sweeper's pass, which queues each one: every end notifies.
+WEBHOOKS_DUE = "vtp:webhooks:due"
 #: ``vtp:sweep:lock``: held by the one worker sweeping right now (SET NX PX, token-checked release).
 SWEEP_LOCK = "vtp:sweep:lock"
 
@@ -90,6 +98,10 @@ def beat_key(job_id: str) -> str:
 
 def health_key(queue: str, name: str) -> str:
     return f"{HEALTH_PREFIX}{queue}:{name}"
+
+
+def holds_key(queue: str, name: str) -> str:
+    return f"{HOLDS_PREFIX}{queue}:{name}"
 
 
 def gpu_stats_key(name: str) -> str:

@@ -213,16 +213,36 @@ def _mapped(fn):
 # batch runs (a retried or duplicated transcribe job finds its index in `finished` and changes
 # nothing). Returns {batches left, chunks done, audio seconds done (a string: Lua truncates
 # numbers to integers)}; -1 batches left means the fan-out was never set up (or has expired).
+#
+# Like every write of scratch state (``_DAG_WRITE``), only while the job's record exists (-2
+# batches left otherwise: the job was deleted), and the keys written never outlive the record.
 _FAN_IN = """
+if redis.call('EXISTS', KEYS[5]) == 0 then return {-2, 0, '0'} end
 if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
   redis.call('HINCRBY', KEYS[4], 'chunks', ARGV[3])
   redis.call('HINCRBYFLOAT', KEYS[4], 'audio', ARGV[4])
   redis.call('DECR', KEYS[3])
 end
+local ttl = redis.call('PTTL', KEYS[5])
+if ttl > 0 then
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
+end
 local left = redis.call('GET', KEYS[3])
 return {tonumber(left or '-1'), tonumber(redis.call('HGET', KEYS[4], 'chunks') or '0'),
         redis.call('HGET', KEYS[4], 'audio') or '0'}
+"""
+
+# One write of a job's scratch state (KEYS[2]): the command ARGV[1] with the arguments after it,
+# run only while the job's record (KEYS[1]) exists, so a stage still in flight when its job is
+# deleted (cancel, then DELETE) cannot bring the deleted state back; and a key written after
+# the job ended expires with its record, never later. {1, reply}, or {0} when the job is gone.
+_DAG_WRITE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local reply = redis.call(ARGV[1], KEYS[2], unpack(ARGV, 2))
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return {1, reply}
 """
 
 
@@ -247,6 +267,7 @@ class JobStore:
             where = f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
         self.where = where
         self._fan_in = redis.register_script(_FAN_IN)
+        self._dag_write = redis.register_script(_DAG_WRITE)
 
     @classmethod
     def open(cls, url: str, *, result_ttl: int = 7 * 24 * 3600, outage_s: float = OUTAGE_S) -> JobStore:
@@ -358,7 +379,11 @@ class JobStore:
 
     @_mapped
     async def delete(self, record: JobRecord) -> None:
-        """Forget a finished job: its record, events, scratch state and index entries."""
+        """Forget a finished job: its record, events, scratch state and index entries. A stage
+        still running for it (a cancelled job's batch) writes nothing afterwards: every scratch
+        write needs the record (``_DAG_WRITE``). Its storage artifacts stay listed in
+        ``vtp:ended``, so the sweeper deletes again, after ``VTP_RESULT_TTL``, whatever such a
+        stage wrote there."""
         same = self._sha_key(record.owner, record.sha256, record.options) if record.sha256 else None
         if same is not None and await self.redis.get(same) != record.id.encode():
             same = None  # it names a newer job with the same media: keep it
@@ -414,6 +439,8 @@ class JobStore:
                 self._queue_event(pipe, event_of(new, message))
             if new.terminal:
                 self._queue_expiry(pipe, new)
+                if new.webhook_url and not old.terminal:  # every end notifies (workers/sweeper.py)
+                    pipe.sadd(constants.WEBHOOKS_DUE, job_id)
             return new
 
         return await self.redis.transaction(attempt, key, value_from_callable=True)
@@ -663,9 +690,17 @@ class JobStore:
 
     # -- DAG scratch state (used by workers/arq_runner.py) ----------------------------------
 
+    async def _write_part(self, job_id: str, part: str, *command: Any) -> Any:
+        """Run ``command`` on the job's scratch key ``part`` while its record exists (see
+        ``_DAG_WRITE``); ``JobNotFound`` once the job is gone (deleted, or expired)."""
+        reply = await self._dag_write(keys=[constants.job_key(job_id), constants.dag_key(job_id, part)], args=list(command))
+        if not reply or reply[0] == 0:
+            raise errors.JobNotFound(f"no job {job_id!r} (deleted, or its record has expired)")
+        return reply[1] if len(reply) > 1 else None
+
     @_mapped
     async def put_part(self, job_id: str, part: str, message: msgspec.Struct) -> None:
-        await self.redis.set(constants.dag_key(job_id, part), encode(message))
+        await self._write_part(job_id, part, "SET", encode(message))
 
     @_mapped
     async def get_part(self, job_id: str, part: str, type_: type) -> Any:
@@ -677,15 +712,17 @@ class JobStore:
     @_mapped
     async def start_fan_out(self, job_id: str, batches: int) -> None:
         """Set the count of batches to wait for; a second call (a retried segment) keeps the first."""
-        await self.redis.set(constants.dag_key(job_id, "pending"), batches, nx=True)
+        await self._write_part(job_id, "pending", "SET", batches, "NX")
 
     @_mapped
     async def record_batch(self, job_id: str, part: BatchTranscript, chunks: int) -> FanIn:
         """Store one batch's result and count it down, exactly once per batch index."""
         keys = [constants.dag_key(job_id, p) for p in ("finished", "parts", "pending", "done")]
         left, chunks_done, audio_done = await self._fan_in(
-            keys=keys, args=[part.batch_index, encode(part), chunks, part.audio_seconds]
+            keys=[*keys, constants.job_key(job_id)], args=[part.batch_index, encode(part), chunks, part.audio_seconds]
         )
+        if left == -2:
+            raise errors.JobNotFound(f"no job {job_id!r} (deleted, or its record has expired)")
         if left < 0:
             raise errors.JobError(f"job {job_id}: its fan-out state is missing from Redis (expired or flushed)")
         return FanIn(int(left), int(chunks_done), float(audio_done))
@@ -700,7 +737,7 @@ class JobStore:
         """Count a stage whose work is complete, just before it hands on to the next stage (so
         the count is in before the job can be seen ``done``); tests check that nothing ran
         twice to completion."""
-        await self.redis.hincrby(constants.dag_key(job_id, "runs"), stage, 1)
+        await self._write_part(job_id, "runs", "HINCRBY", stage, 1)
 
     @_mapped
     async def add_usage(self, job_id: str, stage: str, seconds: float, cost_usd: float) -> None:
@@ -761,13 +798,22 @@ class JobStore:
     @_mapped
     async def count_redrive(self, job_id: str, state: str) -> int:
         """Count one re-drive of the job's ``state`` by the sweeper; the count so far."""
-        return int(await self.redis.hincrby(constants.dag_key(job_id, "redrives"), state, 1))
+        return int(await self._write_part(job_id, "redrives", "HINCRBY", state, 1))
 
     @_mapped
     async def redrives(self, job_id: str) -> dict[str, int]:
         """state -> times the sweeper re-drove the job in that state."""
         raw = await self.redis.hgetall(constants.dag_key(job_id, "redrives"))
         return {k.decode(): int(v) for k, v in raw.items()}
+
+    @_mapped
+    async def webhooks_due(self, limit: int = 1000) -> list[str]:
+        """Ended jobs whose webhook is still to be queued (``constants.WEBHOOKS_DUE``)."""
+        return [i.decode() for i in await self.redis.srandmember(constants.WEBHOOKS_DUE, limit) or []]
+
+    @_mapped
+    async def webhook_queued(self, job_id: str) -> None:
+        await self.redis.srem(constants.WEBHOOKS_DUE, job_id)
 
     @_mapped
     async def last_beat(self, job_id: str) -> float | None:

@@ -27,6 +27,11 @@ for), then SIGKILL after the timeout.
 ``no_capacity.add((region, kind))`` refuses creates and starts there with Fly's 412;
 ``fail_starts`` makes the next N machine boots end ``failed``.
 
+**App secrets**: ``app_secrets`` go into every machine's environment at boot, beside its
+``config.env``, as Fly does with ``fly secrets set`` values (fly.io/docs/apps/secrets: "available
+as environment variables on every Machine belonging to that Fly App, whether the Machine is part
+of Fly Launch or not"); ``created_bodies`` keeps what each create request carried.
+
 The server runs on its own event loop in a thread, bound to 127.0.0.1; ``close()`` kills every
 machine process.
 """
@@ -98,15 +103,20 @@ class StandinMachine:
 
 class FlyStandin:
     def __init__(
-        self, *, token: str = "test-token", app: str = "vtp-test", work_dir: Path, extra_env: dict | None = None,
+        self, *, token: str = "test-token", app: str = "vtp-test", work_dir: Path, app_secrets: dict | None = None,
         command: list[str] | None = None,
     ):
-        """``command`` replaces every machine's own command (client tests that need no worker)."""
+        """``app_secrets`` are the app's secrets (``fly secrets set``): as on Fly, every machine of the
+        app gets them in its environment at boot, whoever created it, and they never appear in
+        a machine's config. ``command`` replaces every machine's own command (client tests that
+        need no worker)."""
         self.command = command
         self.token = token
         self.app = app
         self.work_dir = work_dir
-        self.extra_env = extra_env or {}
+        self.app_secrets = dict(app_secrets or {})
+        #: Every create request's body, as the API received it.
+        self.created_bodies: list[dict] = []
         self.machines: dict[str, StandinMachine] = {}
         self.requests: list[tuple[str, str, int]] = []
         self.no_capacity: set[tuple[str, str]] = set()
@@ -228,6 +238,7 @@ class FlyStandin:
 
     async def _create(self, request: web.Request) -> web.Response:
         body = await request.json()
+        self.created_bodies.append(body)
         config = body.get("config") or {}
         if not config.get("image"):
             return web.json_response({"error": "invalid config: image is required"}, status=400)
@@ -318,7 +329,7 @@ class FlyStandin:
             "FLY_MACHINE_ID": m.id,
             "FLY_APP_NAME": self.app,
             "FLY_REGION": m.region,
-            **self.extra_env,
+            **self.app_secrets,
             **(m.config.get("env") or {}),
         }
         m.log = self.work_dir / f"machine-{m.id}.log"

@@ -11,7 +11,7 @@ import pytest
 from faster_whisper import decode_audio
 
 from app.messages import Chunk, TranscribeOptions
-from workers.batcher import GpuBatcher
+from workers.batcher import Abandoned, Cancellable, CancelToken, GpuBatcher
 from workers.engines.base import FAST
 
 OPTIONS = TranscribeOptions(beam_size=1)
@@ -125,5 +125,108 @@ def test_an_engine_error_reaches_every_job_in_the_batch(engines, jfk):
         # and the batcher goes on working
         segments, _ = batcher.transcribe_batch(audio, chunks, OPTIONS)
         assert segments
+    finally:
+        batcher.close()
+
+
+# -- abandoned work (a timed-out transcribe) leaves the GPU's queue ----------------------------
+
+
+class Calls:
+    """The real engine, with the chunk starts of each call, recorded as the call begins."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.name, self.model_name = engine.name, engine.model_name
+        self.calls: list[list[float]] = []
+
+    def transcribe_batch(self, audio, chunks, options, decoding=FAST):
+        self.calls.append([c.start for c in chunks])
+        return self.engine.transcribe_batch(audio, chunks, options, decoding)
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or predicate}"
+        time.sleep(0.005)
+
+
+def test_an_abandoned_request_leaves_the_queue_and_its_thread_returns(engines, jfk):
+    engine = Calls(engines.get(OPTIONS))
+    batcher = GpuBatcher(engine, batch_size=2, max_wait_ms=0)
+    token = CancelToken()
+    audio, chunks = pieces(jfk, 0.0, 8)  # four model calls' worth
+    ended: dict[str, float] = {}
+
+    def abandoned_job():
+        with pytest.raises(Abandoned):
+            batcher.transcribe_batch(audio, chunks, OPTIONS, cancel=token)
+        ended["at"] = time.monotonic()
+
+    t = threading.Thread(target=abandoned_job)
+    try:
+        t.start()
+        wait_for(lambda: engine.calls)  # its first model call is under way
+        cancelled_at = time.monotonic()
+        token.cancel()
+        t.join(10)
+        assert ended["at"] - cancelled_at < 0.2  # at once, not after the call under way
+        # the next job is served right after the call under way: nothing else of the first is decoded
+        segments, _ = batcher.transcribe_batch(*pieces(jfk, 5000.0, 1), OPTIONS)
+    finally:
+        batcher.close()
+    assert segments and engine.calls == [[0.0, 20.0], [5000.0]]
+    assert batcher.stats.dropped == 6 and batcher.stats.as_dict()["dropped"] == 6
+    # a token cancelled before the call: nothing is queued, nothing decoded
+    gone = Cancellable(GpuBatcher(engine, batch_size=2), token)
+    with pytest.raises(Abandoned):
+        gone.transcribe_batch(audio, chunks, OPTIONS)
+    gone.engine.close()
+    assert len(engine.calls) == 2 and gone.model_name == engine.model_name
+
+
+def test_a_timed_out_transcribe_stops_using_the_model(engines, jfk, tmp_path):
+    """The transcribe stage under its deadline (``arq_runner._within``): when the deadline fires,
+    the stage's chunks still queued in the GPU worker's batcher are dropped and its thread ends,
+    so the retry does not find the model busy with the same chunks."""
+    import anyio
+
+    from app.config import Settings
+    from app.messages import ChunkBatch, TranscribeRequest
+    from app.storage import LocalStorage
+    from workers import stages
+    from workers.arq_runner import _within
+    from workers.gpu_worker import GpuEngines
+
+    settings = Settings.from_env({"VTP_ENGINE": "ctranslate2", "VTP_DEVICE": "cpu", "VTP_DECODE_BATCH": "1"})
+    calls: list[Calls] = []
+
+    def factory(options):
+        calls.append(Calls(engines.get(OPTIONS)))
+        return calls[-1]
+
+    pool = GpuEngines(settings, factory=factory)
+    pool.load_all()
+    storage = LocalStorage(tmp_path)
+    audio, chunks = pieces(jfk, 0.0, 12)
+    data = b"".join((np.clip(a, -1, 1) * 32767).astype("<i2").tobytes()[: 2 * c.samples] for a, c in zip(audio, chunks))
+    batch = ChunkBatch(index=0, chunks=chunks, audio_key="jobs/j/batches/00000.pcm")
+    ctx = stages.StageContext(storage=storage, settings=settings, engines=pool)
+    (engine,) = calls
+    batcher = pool.get(OPTIONS)
+
+    async def run() -> None:
+        await storage.put_bytes(batch.audio_key, data)
+        with pytest.raises(TimeoutError):
+            await _within(0.5, stages.transcribe(ctx, TranscribeRequest(job_id="j", batch=batch, options=OPTIONS)))
+
+    try:
+        anyio.run(run)
+        timed_out = len(engine.calls)
+        wait_for(lambda: batcher.stats.dropped > 0, timeout=5, what="the abandoned chunks to be dropped")
+        time.sleep(1.5)  # what the old code went on decoding meanwhile
+        assert len(engine.calls) <= timed_out + 1, engine.calls  # at most the call under way
+        assert len(engine.calls) < len(chunks)
     finally:
         batcher.close()

@@ -233,6 +233,90 @@ async def test_sweeper_fails_a_job_no_worker_can_move(swept_cluster, data_dir):
     assert record.error.startswith("transcribe made no progress after 3 re-drives"), record.error
 
 
+#: A Standard Webhooks key (whsec_ + base64 of 32 bytes).
+WEBHOOK_SECRET = "whsec_" + "dGhlIHN3ZWVwZXIncyB3ZWJob29rIGtleSwgMzIgYnl0ZQ=="
+
+
+@pytest.mark.slow
+async def test_a_job_the_sweeper_fails_gets_its_webhook(swept_cluster, data_dir):
+    """A job the sweeper fails ("gave up after N tries") gets its job.failed POST, signed, like any other end."""
+    from aiohttp import web
+    from standardwebhooks.webhooks import Webhook
+
+    from dag_cluster import free_port
+    from workers.arq_runner import connect
+
+    c, store = swept_cluster
+    seen: list[tuple[dict, bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        seen.append((dict(request.headers), await request.read()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        job_id = uuid.uuid4().hex
+        source = data_dir / "jfk.flac"
+        await LocalStorage(c.data_dir).put_file(keys.media_key(job_id), source)
+        await store.create(
+            JobRecord(
+                id=job_id, input_name=source.name, basename=source.stem, media_key=keys.media_key(job_id),
+                webhook_url=f"http://127.0.0.1:{port}/hook",
+            )
+        )
+        redis = await connect(Settings.from_env({"REDIS_URL": c.redis_url}))
+        try:  # arq started the extract past max_tries (repeated worker deaths) and drops it unseen
+            req = ExtractRequest(job_id=job_id, media_key=keys.media_key(job_id), source_name=source.name)
+            await redis.enqueue_job(
+                constants.FN_EXTRACT, encode(req), _job_id=constants.arq_job_id(job_id, "extract"),
+                _queue_name=constants.QUEUE_CPU,
+            )
+            await redis.set(RETRY + constants.arq_job_id(job_id, "extract"), 99)
+        finally:
+            await redis.aclose()
+        c.start_worker("cpu", "cpu", VTP_WEBHOOK_SECRET=WEBHOOK_SECRET, VTP_PRIVATE_ALLOWLIST="127.0.0.0/8")
+        c.wait_ready(("cpu", "cpu"))
+        record = await finish(store, job_id, c)
+        assert record.state == "failed" and record.error == "extract gave up after 3 tries (worker lost or timed out)"
+        async def arrived() -> bool:
+            return bool(seen)
+
+        await wait_until(arrived, 30, "the webhook", c)
+        headers, body = seen[0]
+        event = Webhook(WEBHOOK_SECRET).verify(body, {k.lower(): v for k, v in headers.items()})
+        assert event["type"] == "job.failed" and event["data"]["error"] == record.error
+        assert await store.webhooks_due() == []
+    finally:
+        await runner.cleanup()
+
+
+async def test_every_end_of_a_job_with_a_webhook_is_marked_due(redis_url):
+    """Whoever ends a job (a stage, the sweeper, a cancel from the CLI) marks its webhook due in
+    the same transaction; nothing else does (a webhook attempt on an ended job does not)."""
+    from app.messages import WebhookDelivery
+
+    store = JobStore.open(redis_url)
+    try:
+        for job_id in ("failed", "cancelled", "quiet"):
+            url = "" if job_id == "quiet" else "https://example.com/hook"
+            await store.create(JobRecord(id=job_id, media_key=keys.media_key(job_id), webhook_url=url))
+        await store.fail("failed", "transcribe made no progress after 3 re-drives")
+        await store.cancel("cancelled")
+        await store.fail("quiet", "bad media")
+        assert sorted(await store.webhooks_due()) == ["cancelled", "failed"]
+        await store.webhook_queued("failed")
+        await store.set_webhook("failed", WebhookDelivery(id="msg_failed", event="job.failed"))
+        assert await store.fail("failed", "again") is False
+        assert await store.webhooks_due() == ["cancelled"]
+    finally:
+        await store.aclose()
+
+
 async def test_artifacts_of_ended_jobs_expire(redis_url, tmp_path):
     store = JobStore.open(redis_url, result_ttl=60)
     storage = LocalStorage(tmp_path / "data dir")  # a space in the path, on purpose
@@ -303,3 +387,77 @@ async def test_submit_wait_follows_a_slow_stage(redis_server_factory, make_clust
     )
     assert res.returncode == 0, res.stderr + c.logs()
     assert (tmp_path / "jfk.txt").exists()
+
+
+# -- cancel, then delete, while a stage runs ------------------------------------------------
+
+
+async def test_scratch_writes_after_a_delete_bring_nothing_back(redis_url):
+    """A batch in flight when its job is cancelled and deleted writes nothing afterwards; one
+    in flight when its job is only cancelled writes keys that expire with the record."""
+    from app.messages import BatchTranscript
+
+    store = JobStore.open(redis_url, result_ttl=600)
+    try:
+        for job_id in ("deleted", "cancelled"):
+            await store.create(JobRecord(id=job_id, media_key=keys.media_key(job_id)))
+            await store.start_fan_out(job_id, 2)
+            await store.count_run(job_id, "segment")
+        part = BatchTranscript(batch_index=0, segments=[], language="en", audio_seconds=1.0, wall_seconds=0.1)
+
+        record = await store.cancel("deleted")
+        await store.delete(record)
+        assert await store.redis.keys(constants.dag_key("deleted", "*")) == []
+        with pytest.raises(errors.JobNotFound):
+            await store.count_run("deleted", "transcribe")
+        with pytest.raises(errors.JobNotFound):
+            await store.record_batch("deleted", part, 1)
+        with pytest.raises(errors.JobNotFound):
+            await store.put_part("deleted", "transcript", part)
+        with pytest.raises(errors.JobNotFound):
+            await store.start_fan_out("deleted", 2)
+        assert await store.redis.keys(constants.dag_key("deleted", "*")) == []
+
+        await store.cancel("cancelled")
+        await store.count_run("cancelled", "transcribe")
+        fan = await store.record_batch("cancelled", part, 1)
+        await store.put_part("cancelled", "transcript", part)
+        assert fan.batches_left == 1
+        record_ttl = await store.redis.ttl(constants.job_key("cancelled"))
+        written = await store.redis.keys(constants.dag_key("cancelled", "*"))
+        assert len(written) >= 5  # pending, runs, finished, parts, done, transcript
+        for key in written:
+            assert 0 < await store.redis.ttl(key) <= record_ttl, key
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.slow
+async def test_cancel_then_delete_while_a_batch_runs(redis_server_factory, make_cluster, data_dir):
+    """What DELETE /v1/jobs/{id} does twice (cancel, then delete) while the job's batch is on a
+    GPU worker: once the batch has finished, nothing of the job is left in Redis."""
+    server = redis_server_factory()
+    c = make_cluster(server.url, VTP_TEST_STAGE_DELAY="transcribe:3")
+    store = JobStore.open(server.url)
+    try:
+        start_workers(c)
+        (job_id,) = c.submit(data_dir / "jfk.flac")
+        running = constants.ARQ_IN_PROGRESS_PREFIX + f"{job_id}:transcribe:*"
+
+        async def batch_running() -> bool:
+            return bool(await store.redis.keys(running))
+
+        await wait_until(batch_running, 60, "a transcribe in progress", c)
+        record = await store.cancel(job_id)
+        await store.delete(record)
+
+        async def batches_done() -> bool:
+            return not await store.redis.keys(running) and not await store.redis.zcard(constants.QUEUE_GPU)
+
+        await wait_until(batches_done, 60, "the batches to end", c)
+        await anyio.sleep(0.5)
+        left = [k.decode() for k in await store.redis.keys(f"vtp:*{job_id}*")]
+        assert [k for k in left if not k.startswith(constants.BEAT_PREFIX)] == [], (left, c.logs())
+        assert "transcribe" in c.logs()
+    finally:
+        await store.aclose()

@@ -12,6 +12,7 @@ process started with the env the controller gave its machine.
 from __future__ import annotations
 
 import signal
+from datetime import datetime
 import subprocess
 import sys
 import time
@@ -38,7 +39,8 @@ class Fleet:
 
     def __init__(self, redis_url: str, tmp_path, **controller_env: str) -> None:
         self.cluster = Cluster(redis_url, tmp_path / "cluster")
-        self.standin = FlyStandin(work_dir=tmp_path).start()
+        # REDIS_URL is an app secret, as the README's Fly steps set it: every machine has it
+        self.standin = FlyStandin(work_dir=tmp_path, app_secrets={"REDIS_URL": redis_url}).start()
         self.log = tmp_path / "controller.log"
         self.env = {
             **self.cluster.env,
@@ -186,6 +188,46 @@ async def test_worker_killed_mid_batch_is_replaced_and_the_job_finishes(make_fle
         assert boots >= 2, fleet.logs()
         await all_stopped(fleet, timeout=30)
         assert fleet.controller.poll() is None
+    finally:
+        client.close()
+        await store.aclose()
+
+
+async def test_a_busy_worker_that_misses_its_health_reads_keeps_its_machine(make_fleet, redis_url, data_dir):
+    """The worker on the machine stops answering for 8 s in the middle of a batch (SIGSTOP: what
+    a slow poll, a blip or a Redis restart looks like to the controller): its health key expires,
+    the machine has been up for longer than the boot grace, and yet it is not destroyed. Its
+    worker still holds the batch's lease, and a worker once seen alive is lost only after
+    VTP_LOST_GRACE without a sighting. The batch finishes on the same machine."""
+    fleet = make_fleet(
+        VTP_MAX_MACHINES="1", VTP_BOOT_GRACE="12", VTP_LEASE="30",
+        VTP_TEST_STAGE_DELAY="transcribe:25", VTP_TRANSCRIBE_TIMEOUT="60",
+    )
+    fleet.start()
+    (job_id,) = fleet.cluster.submit(data_dir / "jfk.flac")
+    client = redis_sync.Redis.from_url(redis_url)
+    store = JobStore.open(redis_url)
+    try:
+        deadline = time.monotonic() + 90
+        while not client.keys(constants.ARQ_IN_PROGRESS_PREFIX + f"{job_id}:transcribe:*"):
+            assert time.monotonic() < deadline, fleet.logs()
+            await anyio.sleep(0.05)
+        (machine,) = fleet.standin.running()
+        born = datetime.fromisoformat(machine.created_at.replace("Z", "+00:00")).timestamp()
+        await anyio.sleep(max(0.0, born + 13 - time.time()))  # past the boot grace
+        health = constants.health_key("gpu", machine.name)
+        machine.proc.send_signal(signal.SIGSTOP)
+        try:
+            await anyio.sleep(8)  # the health key (TTL 6 s) is gone meanwhile
+            assert not client.exists(health)
+        finally:
+            machine.proc.send_signal(signal.SIGCONT)
+        records = await finish(fleet, store, [job_id], timeout=90)
+        assert records[job_id].state == "done", fleet.logs()
+        destroyed = [r for r in fleet.standin.requests if r[0] == "DELETE"]
+        assert destroyed == [] and machine.state != "destroyed", fleet.logs()
+        assert len(fleet.standin.machines) == 1 and -signal.SIGKILL not in machine.exits, fleet.logs()
+        await all_stopped(fleet, timeout=30)
     finally:
         client.close()
         await store.aclose()

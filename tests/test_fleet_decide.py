@@ -5,7 +5,9 @@ from __future__ import annotations
 from workers.controller.decide import Machine, Policy, QueueView, decide, machines_for
 
 NOW = 1_000_000.0
-POLICY = Policy(max_machines=4, drain_target_s=300, throughput=30, warm_pool=1, stopped_grace_s=600, boot_grace_s=120)
+POLICY = Policy(
+    max_machines=4, drain_target_s=300, throughput=30, warm_pool=1, stopped_grace_s=600, boot_grace_s=120, lost_grace_s=60
+)
 
 
 def m(id: str, state: str = "started", *, alive: bool = True, running: int = 0, age: float = 10.0, restartable: bool = True) -> Machine:
@@ -111,3 +113,56 @@ def test_work_held_by_a_worker_the_backend_does_not_know_is_not_orphaned():
     # e.g. a permanent GPU worker beside the fleet, or --backend keda (no machines listed)
     plan = decide(QueueView(queued=0, in_progress=1, held=1), [], POLICY, NOW)
     assert plan.start == 0
+
+
+def test_a_missed_health_read_does_not_destroy_a_running_machine():
+    """Absence is measured from the last sighting, not from the machine's start: a health key
+    missing for one tick (a blip, a Redis restart, a slow poll) costs nothing."""
+    old = POLICY.boot_grace_s * 10
+    blip = Machine(id="a", state="started", since=NOW - old, alive=False, seen=NOW - 6)
+    assert decide(QueueView(queued=1, queued_audio_s=30), [blip], POLICY, NOW).destroy == ()
+    lost = Machine(id="a", state="started", since=NOW - old, alive=False, seen=NOW - POLICY.lost_grace_s - 1)
+    assert decide(QueueView(), [lost], POLICY, NOW).destroy == ("a",)
+
+
+def test_a_machine_whose_worker_holds_a_lease_is_never_destroyed():
+    long_gone = dict(state="started", since=NOW - 100_000, alive=False, seen=NOW - 50_000)
+    machines = [
+        Machine(id="holding", holding=True, **long_gone),
+        Machine(id="never-seen", state="started", since=NOW - 100_000, alive=False, holding=True),
+        Machine(id="failed", state="failed", since=NOW - 100_000, holding=True),
+        Machine(id="stopped", state="stopped", since=NOW - 100_000, restartable=False, holding=True),
+    ]
+    assert decide(QueueView(in_progress=2), machines, POLICY, NOW).destroy == ()
+    assert all(m.keep for m in machines)
+
+
+def test_a_restarted_machine_gets_its_boot_grace_again():
+    # seen alive in its previous run, started again (warm pool) since: booting, not lost
+    again = Machine(id="a", state="started", since=NOW - 30, alive=False, seen=NOW - 5000)
+    assert decide(QueueView(queued=1, queued_audio_s=30), [again], POLICY, NOW).destroy == ()
+    stuck = Machine(id="a", state="started", since=NOW - POLICY.boot_grace_s - 1, alive=False, seen=NOW - 5000)
+    assert decide(QueueView(), [stuck], POLICY, NOW).destroy == ("a",)
+
+
+def test_the_controllers_memory_of_sightings():
+    from workers.controller.loop import Sightings
+
+    sightings = Sightings()
+    old = NOW - POLICY.boot_grace_s * 10
+    # a fresh controller finds a machine past its boot grace whose health key is missing right
+    # now: counted as seen at this first look, so it gets the lost grace, not destruction
+    (first,) = sightings.observe([Machine(id="a", state="started", since=old)], POLICY, NOW)
+    assert first.seen == NOW and decide(QueueView(), [first], POLICY, NOW).destroy == ()
+    (alive,) = sightings.observe([Machine(id="a", state="started", since=old, alive=True)], POLICY, NOW + 10)
+    assert alive.seen == NOW + 10
+    later = NOW + 10 + POLICY.lost_grace_s
+    (blip,) = sightings.observe([Machine(id="a", state="started", since=old)], POLICY, later)
+    assert blip.seen == NOW + 10 and decide(QueueView(), [blip], POLICY, later).destroy == ()
+    (lost,) = sightings.observe([Machine(id="a", state="started", since=old)], POLICY, later + 1)
+    assert decide(QueueView(), [lost], POLICY, later + 1).destroy == ("a",)
+    # a machine watched while it boots is judged by its boot grace, not given more
+    booting = Machine(id="b", state="started", since=NOW)
+    sightings.observe([booting], POLICY, NOW + 1)
+    (stuck,) = sightings.observe([booting], POLICY, NOW + POLICY.boot_grace_s + 1)
+    assert stuck.seen is None and decide(QueueView(), [stuck], POLICY, NOW + POLICY.boot_grace_s + 1).destroy == ("b",)

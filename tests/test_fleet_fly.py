@@ -6,6 +6,7 @@ tests/test_fleet_cluster.py runs real workers on them.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -139,8 +140,8 @@ def test_guest_and_body():
     c = b["config"]
     assert b["region"] == "ord" and c["image"] == "img" and c["restart"] == {"policy": "no"} and c["auto_destroy"] is False
     assert c["init"]["cmd"] == ["vtp", "worker", "--queue", "gpu", "--idle-exit", "30", "--name", "vtp-gpu-1"]
-    assert c["env"]["REDIS_URL"] == "redis://r:6379/0" and c["env"]["VTP_MACHINE_KIND"] == "l40s"
-    assert c["env"]["VTP_DEVICE"] == "cuda"
+    assert c["env"]["VTP_MACHINE_KIND"] == "l40s" and c["env"]["VTP_DEVICE"] == "cuda"
+    assert "REDIS_URL" not in c["env"]  # an app secret: every machine of the app has it
     assert "secret" not in repr(b)  # the token never travels to a worker
     assert machine_body(s, "performance-8x", "", "w")["config"]["env"]["VTP_COMPUTE_TYPE"] == "int8"
 
@@ -230,3 +231,33 @@ async def test_stopped_machines_of_an_older_release_are_not_restarted(standin):
     finally:
         await old.aclose()
         await new.aclose()
+
+
+#: Every secret a controller may hold, with values that cannot occur by chance.
+SECRETS = {
+    "REDIS_URL": "rediss://default:redis-pw-5f1c9e@redis.example:6379/0",
+    "VTP_API_TOKENS": "api-token-a8d2e4,api-token-b7c1f0",
+    "VTP_WEBHOOK_SECRET": "whsec_" + "d2ViaG9vay1zZWNyZXQtdmFsdWUtMzJieXRlcyEhIQ==",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-9e3b7d",
+}
+
+
+async def test_no_secret_reaches_a_machine_config(standin):
+    """The create request (what the Machines API shows anyone who may read the app) carries the
+    allow-listed settings and no secret: REDIS_URL, the tokens, the webhook key and the Fly token
+    reach the machine only as app secrets, which the stand-in, like Fly, puts into its env."""
+    s = settings_for(standin, **SECRETS, VTP_BATCH_SIZE="4", VTP_MAX_UPLOAD_MB="5", VTP_GPU_JOBS="2")
+    backend = FlyBackend.from_settings(s, pace_s=0.0)
+    try:
+        await backend.apply(Plan(start=1), [])
+    finally:
+        await backend.aclose()
+    (body,) = standin.created_bodies
+    text = json.dumps(body)
+    for value in [*s.secret_values(), SECRETS["AWS_SECRET_ACCESS_KEY"], "redis-pw-5f1c9e", "api-token-a8d2e4"]:
+        assert value not in text, value
+    env = body["config"]["env"]
+    assert env["VTP_BATCH_SIZE"] == "4" and env["VTP_GPU_JOBS"] == "2"
+    # not for workers: the web process's limit, the controller's own settings
+    assert not {"VTP_MAX_UPLOAD_MB", "VTP_MAX_MACHINES", "FLY_API_HOSTNAME", "VTP_WORKER_IMAGE"} & set(env)
+    assert set(env) <= {Settings._ENV[f] for f in Settings._FOR_WORKERS} | {"VTP_MACHINE_KIND", "VTP_MACHINE_PRICE_HOUR"}

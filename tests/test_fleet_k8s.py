@@ -140,6 +140,35 @@ def test_the_controllers_job_spec():
     assert cpu.containers[0].resources is None and cpu.tolerations is None
 
 
+def test_no_secret_in_the_job_body():
+    """The Job (readable by whoever may list Jobs) names the Secret; it never holds a value."""
+    secrets = {
+        "REDIS_URL": "rediss://default:redis-pw-5f1c9e@redis.example:6379/0",
+        "VTP_API_TOKENS": "api-token-a8d2e4",
+        "VTP_WEBHOOK_SECRET": "whsec_d2ViaG9vay1zZWNyZXQtdmFsdWUtMzJieXRlcyEhIQ==",
+        "FLY_API_TOKEN": "fly-token-0c4e2a",
+    }
+    settings = Settings.from_env({"VTP_WORKER_IMAGE": "x", "VTP_BATCH_SIZE": "4", **secrets})
+    text = json.dumps(to_doc(job_manifest(settings, "vtp-gpu-1")))
+    for value in [*settings.secret_values(), "redis-pw-5f1c9e"]:
+        assert value not in text, value
+    (c,) = job_manifest(settings, "vtp-gpu-1").spec.template.spec.containers
+    assert {e.name for e in c.env} <= {Settings._ENV[f] for f in Settings._FOR_WORKERS} | {"VTP_MACHINE_KIND", "VTP_MACHINE_PRICE_HOUR"}
+    assert [s.secret_ref.name for s in c.env_from if s.secret_ref] == ["vtp-secrets"]
+
+
+def test_startup_probe_waits_as_long_as_the_controller():
+    """The kubelet never gives up on a booting worker before the controller would (boot grace)."""
+    for grace in (300, 900, 1200):
+        (c,) = job_manifest(Settings.from_env({"VTP_WORKER_IMAGE": "x", "VTP_BOOT_GRACE": str(grace)}), "w").spec.template.spec.containers
+        probe = c.startup_probe
+        assert probe.period_seconds * probe.failure_threshold >= grace
+    # the hand-run template shows the default
+    template = yaml.safe_load((K8S / "gpu-worker-job.yaml").read_text())
+    probe = template["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= Settings().boot_grace
+
+
 def test_job_states_map_onto_machines():
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     meta = k8s.V1ObjectMeta(name="vtp-gpu-1", creation_timestamp=t0)

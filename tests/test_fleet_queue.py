@@ -15,7 +15,7 @@ from fly_standin import ROOT  # noqa: F401 - puts tests/ helpers in reach
 from conftest import free_port
 from workers.controller.decide import Policy
 from workers.controller.loop import Figures, ReportOnly, serve_figures, tick
-from workers.controller.queue import batch_audio_seconds, live_workers, read_queue
+from workers.controller.queue import batch_audio_seconds, live_workers, read_queue, read_workers
 
 pytestmark = pytest.mark.anyio
 
@@ -56,6 +56,13 @@ async def test_queue_and_workers(redis_url):
         await redis.set(constants.health_key("cpu", "cpu-1"), b"j_ongoing=4")
         workers = await live_workers(redis)
         assert list(workers) == ["vtp-gpu-1"] and workers["vtp-gpu-1"].running == 1
+        # a worker that renews a lease while its health key is missing is known, not alive
+        await redis.set(constants.holds_key("gpu", "vtp-gpu-2"), b"j:transcribe:2", px=5000)
+        await redis.set(constants.holds_key("gpu", "vtp-gpu-1"), b"j:transcribe:0", px=5000)
+        workers = await read_workers(redis)
+        assert workers["vtp-gpu-2"].alive is False and workers["vtp-gpu-2"].holding == 1
+        assert workers["vtp-gpu-1"].alive and (workers["vtp-gpu-1"].running, workers["vtp-gpu-1"].holding) == (1, 1)
+        await redis.delete(constants.holds_key("gpu", "vtp-gpu-2"), constants.holds_key("gpu", "vtp-gpu-1"))
 
         # --backend keda: nothing started, the figure served as JSON
         figures = Figures()

@@ -212,8 +212,13 @@ async def test_fan_in_concurrent_batches_reach_zero_exactly_once(store):
 
 
 async def test_fan_in_without_fan_out_is_an_error(store):
+    await store.create(new_record())
     with pytest.raises(errors.JobError, match="fan-out state is missing"):
+        await store.record_batch("job1", part(0), 1)
+    # a job that does not exist (deleted, expired) gets no scratch state at all
+    with pytest.raises(errors.JobNotFound, match="deleted, or its record has expired"):
         await store.record_batch("ghost", part(0), 1)
+    assert await store.redis.keys(constants.dag_key("ghost", "*")) == []
 
 
 async def test_events_follow_a_running_job(store):

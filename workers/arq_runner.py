@@ -632,7 +632,9 @@ class _Worker(Worker):
     ``VTP_LEASE`` seconds and this worker renews it (``PEXPIRE``, never recreating an expired
     key) every third of that for the jobs it is running, from its polling loop, so a dead worker's
     stage is rerun within a lease while a long, healthy stage keeps its own. The same renewal
-    sets ``vtp:beat:<job id>``: the job is being worked on (``vtp submit --wait`` reads it).
+    sets ``vtp:beat:<job id>``: the job is being worked on (``vtp submit --wait`` reads it), and
+    ``vtp:holds:<queue>:<name>``: what this worker holds (the fleet controller never destroys
+    the machine of a worker that holds a lease, whether or not it saw its health key).
 
     **Outages.** arq's loop raises out of ``main()`` on the first failed Redis call; here a failed
     poll is logged and retried a second later, while the jobs in flight keep running (their own
@@ -660,13 +662,21 @@ class _Worker(Worker):
     async def renew_leases(self) -> None:
         running = {job_id for job_id, task in self.tasks.items() if not task.done()}
         now = time.monotonic()
-        if not running or (now - self._renewed_at < self.lease / 3 and running <= self._renewed):
+        holds = constants.HOLDS_PREFIX + self.health_check_key[len(constants.HEALTH_PREFIX):]
+        if not running:
+            if self._renewed:  # its last stage ended: it holds nothing now
+                await self.pool.delete(holds)
+                self._renewed = set()
+            return
+        if now - self._renewed_at < self.lease / 3 and running <= self._renewed:
             return
         ms = int(self.lease * 1000)
         async with self.pool.pipeline(transaction=False) as pipe:
             for arq_id in running:
                 pipe.pexpire(in_progress_key_prefix + arq_id, ms)
                 pipe.set(constants.beat_key(arq_id.split(":", 1)[0]), f"{time.time():.3f}", px=ms)
+            # what this worker holds, for the fleet controller (never destroys its machine)
+            pipe.set(holds, ",".join(sorted(running)), px=ms)
             await pipe.execute()
         self._renewed_at, self._renewed = now, running
 
@@ -740,6 +750,9 @@ class ArqStages:
 
         await retrying(forget, where=redis_location(self.settings.redis_url))
         await _enqueue(self.redis, self.settings, step.function, *step.args, queue=step.queue, arq_id=step.arq_id)
+
+    async def notify(self, job_id: str) -> None:
+        await enqueue_webhook(self.redis, job_id, settings=self.settings)
 
 
 async def sweep_forever(settings: Settings) -> None:

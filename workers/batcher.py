@@ -17,6 +17,12 @@ those are the job's options the engine reads; everything about the hardware is t
 
 The fan-out unit (``VTP_BATCH_SIZE`` chunks per transcribe job) is separate from the decode
 batch: many small jobs fill one decode batch.
+
+**Abandoned work leaves.** A stage that gives up on its chunks (its deadline passed, or the
+worker stopped at once) cancels its ``CancelToken``: its chunks not yet in a decode batch are
+dropped from the queue, its waiting thread returns at once (``Abandoned``), and nothing of it is
+decoded after the model call already under way. So a timed-out transcribe does not keep the GPU
+busy while its retry submits the same chunks again.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -34,6 +42,66 @@ from app.messages import Chunk, Segment, TranscribeOptions
 from workers.engines.base import FAST, Decoding, Engine
 
 log = logging.getLogger("vtp.batcher")
+
+
+class Abandoned(Exception):
+    """Raised in the thread of a request whose stage gave up on it (``CancelToken.cancel``).
+    Never reaches a job: the stage that would have read the answer has gone already."""
+
+
+class CancelToken:
+    """Set once, from any thread: the work it was handed with is no longer wanted. Callbacks
+    registered with ``on_cancel`` run then (or at once, if it is set already)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self.cancelled:
+                return
+            self.cancelled = True
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_cancel(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run ``callback`` on cancel; returns what unregisters it."""
+        with self._lock:
+            if not self.cancelled:
+                self._callbacks.append(callback)
+                return lambda: self._forget(callback)
+        callback()
+        return lambda: None
+
+    def _forget(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+
+class Cancellable:
+    """An engine bound to one stage's ``CancelToken``: once it is cancelled, no further call
+    starts, and a ``GpuBatcher`` drops the chunks the stage is waiting for (see the module
+    docstring). What ``stages.transcribe`` hands the coverage code."""
+
+    def __init__(self, engine: Any, token: CancelToken) -> None:
+        self.engine = engine
+        self.token = token
+
+    def __getattr__(self, name: str) -> Any:  # name, model_name, ...: the engine's own
+        return getattr(self.engine, name)
+
+    def transcribe_batch(
+        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST
+    ) -> tuple[list[Segment], str]:
+        if self.token.cancelled:
+            raise Abandoned("the stage gave up on this batch")
+        if isinstance(self.engine, GpuBatcher):
+            return self.engine.transcribe_batch(audio, chunks, options, decoding, cancel=self.token)
+        return self.engine.transcribe_batch(audio, chunks, options, decoding)
 
 
 @dataclass
@@ -48,6 +116,8 @@ class BatcherStats:
     shared_batches: int = 0
     last_batch: int = 0
     busy_seconds: float = 0.0
+    #: Chunks dropped before their decode because the stage that sent them gave up on them.
+    dropped: int = 0
 
     @property
     def fill_ratio(self) -> float:
@@ -62,6 +132,7 @@ class BatcherStats:
             "last_batch": self.last_batch,
             "fill_ratio": round(self.fill_ratio, 4),
             "busy_seconds": round(self.busy_seconds, 3),
+            "dropped": self.dropped,
         }
 
 
@@ -103,8 +174,11 @@ class GpuBatcher:
     # -- the Engine interface: called by the stage, in its own thread -----------------------
 
     def transcribe_batch(
-        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST
+        self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST,
+        cancel: CancelToken | None = None,
     ) -> tuple[list[Segment], str]:
+        """Blocks until this request's chunks are decoded; with ``cancel``, returns at once
+        (``Abandoned``) when it is cancelled, its chunks not yet in a batch dropped."""
         if not audio:
             return [], options.language or "en"
         request = _Request(audio, chunks, options, time.monotonic(), deque(range(len(chunks))), decoding=decoding)
@@ -113,10 +187,27 @@ class GpuBatcher:
                 raise RuntimeError("the batcher is closed")
             self._waiting.append(request)
             self._cond.notify_all()
-        request.done.wait()
+        forget = cancel.on_cancel(lambda: self._drop(request)) if cancel is not None else None
+        try:
+            request.done.wait()
+        finally:
+            if forget is not None:
+                forget()
         if request.error is not None:
             raise request.error
         return [seg for i in range(len(chunks)) for seg in request.results.get(i, [])], request.language
+
+    def _drop(self, request: _Request) -> None:
+        """The request's stage gave up: its chunks not yet taken leave the queue, its thread returns."""
+        with self._cond:
+            if request.done.is_set():
+                return
+            if request in self._waiting:
+                self._waiting.remove(request)
+            self.stats.dropped += len(request.todo)
+            request.todo.clear()
+            request.error = Abandoned("the stage gave up on these chunks")
+            request.done.set()
 
     def close(self) -> None:
         with self._cond:

@@ -39,6 +39,7 @@ from app.messages import (
 from app.keys import audio_key, batch_audio_key, job_prefix, media_key, output_key, review_key
 from app.storage import Storage
 from workers import audio, coverage, merge as merging, vad
+from workers.batcher import Cancellable, CancelToken
 from workers.engines.base import EnginePool
 
 #: How a long stage reports how far it got: (seconds of audio done, seconds in all, 0 if unknown).
@@ -130,9 +131,16 @@ async def transcribe(ctx: StageContext, req: TranscribeRequest) -> BatchTranscri
     data = await ctx.storage.get_bytes(req.batch.audio_key)
     pieces = split_batch_audio(data, req.batch)
     engine = await anyio.to_thread.run_sync(ctx.engines.get, req.options)
-    covered = await anyio.to_thread.run_sync(
-        coverage.transcribe_covered, engine, pieces, req.batch.chunks, req.options, ctx.coverage
-    )
+    # Cancelled (its deadline passed, the worker stops at once): the thread is abandoned, and the
+    # token makes it return soon, its chunks not yet decoded dropped from the GPU's queue.
+    token = CancelToken()
+    try:
+        covered = await anyio.to_thread.run_sync(
+            coverage.transcribe_covered, Cancellable(engine, token), pieces, req.batch.chunks, req.options, ctx.coverage,
+            abandon_on_cancel=True,
+        )
+    finally:
+        token.cancel()  # a no-op for work that is done
     return BatchTranscript(
         batch_index=req.batch.index,
         segments=covered.segments,

@@ -20,6 +20,13 @@ are idempotent (state checks, exactly-once fan-in), so a re-drive that races a l
 costs a duplicate computation, never a duplicate chunk. A job re-driven ``VTP_JOB_TRIES`` times
 in one state, or whose stage arq gave up on after its last try, is failed with a one-line reason.
 
+**Every end notifies.** A job that ends with a ``webhook_url`` is marked in
+``vtp:webhooks:due`` in the very transaction that ends it, whoever ends it; each pass queues the
+webhook of every marked job (``queue_webhooks``), so a job this sweeper fails ("gave up after N
+tries", "made no progress") gets its ``job.failed`` POST like any other. (Stages and the web
+process queue the webhooks of the ends they see at once; the deterministic arq id makes the
+second enqueue a no-op, and delivery skips a webhook already delivered or given up.)
+
 The same pass deletes the storage artifacts (``jobs/<id>/``) of jobs that ended more than
 ``VTP_RESULT_TTL`` ago (``vtp:ended``), when their Redis keys expire too. (On S3 an object
 lifecycle rule on the ``jobs/`` prefix does the same job without the sweeper: see
@@ -84,12 +91,17 @@ class StageQueue(Protocol):
         """Forget arq's result and try count for ``step.arq_id`` (and ``step.clear``), enqueue it."""
         ...
 
+    async def notify(self, job_id: str) -> None:
+        """Queue the webhook of an ended job (a no-op while it is queued or running)."""
+        ...
+
 
 @dataclass
 class SweepReport:
     redriven: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     expired: list[str] = field(default_factory=list)
+    notified: list[str] = field(default_factory=list)
 
 
 #: arq's words when it drops a job it started too often (arq.worker: "max {n} retries exceeded").
@@ -116,8 +128,8 @@ class Sweeper:
                     report = await self.sweep()
                     if report.redriven or report.failed or report.expired:
                         log.warning(
-                            "sweep: re-drove %s, failed %s, expired artifacts of %d jobs",
-                            report.redriven, report.failed, len(report.expired),
+                            "sweep: re-drove %s, failed %s, expired artifacts of %d jobs, queued webhooks of %s",
+                            report.redriven, report.failed, len(report.expired), report.notified,
                         )
             except errors.VtpError as exc:  # Redis or storage away: the next pass tries again
                 log.warning("sweep skipped: %s", exc)
@@ -151,8 +163,23 @@ class Sweeper:
                 report.redriven.append(job_id)
             elif outcome.startswith("failed"):
                 report.failed.append(job_id)
+        report.notified = await self.queue_webhooks()
         report.expired = await self.expire_artifacts(now)
         return report
+
+    async def queue_webhooks(self) -> list[str]:
+        """Queue the webhook of every ended job that still needs one: the jobs this pass failed
+        ("gave up after N tries", "made no progress"), and any other end no stage saw (a job
+        cancelled from the CLI while nothing of it was queued). The job store marks each in the
+        same transaction that ends the job (``constants.WEBHOOKS_DUE``), so none is missed."""
+        queued = []
+        for job_id in await self.store.webhooks_due():
+            record = await self.store.find(job_id)
+            if record is not None and record.webhook_url and record.webhook is None:
+                await self.queue.notify(job_id)  # a no-op if a stage or the web process queued it
+                queued.append(job_id)
+            await self.store.webhook_queued(job_id)
+        return queued
 
     async def check(self, record: JobRecord) -> str:
         """Re-drive or fail one job that has not changed for a while, unless a stage of it is

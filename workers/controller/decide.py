@@ -12,12 +12,16 @@ The rule, in order:
   one when anything is waiting, never more than there are batches (a batch runs on one
   machine), and never more than ``max_machines`` in all. Every machine that is up counts,
   busy ones included: a busy worker is one batch away from taking the next.
-* **Busy machines are kept**: a machine whose worker runs a job is never stopped or destroyed.
-  Idle started machines are left alone too: the worker exits by itself after its idle time
-  (``--idle-exit``), which is what stops the machine, so the controller never races a worker
-  that is just taking a job.
-* **Broken machines go**: started for longer than ``boot_grace_s`` without a live worker, or
-  ``failed``: destroyed (they hold no job: no live worker).
+* **Busy machines are kept**: a machine whose worker runs a job is never stopped or destroyed,
+  nor one whose worker still holds a stage's lease (``Machine.holding``: the worker renews it
+  while it lives, whether or not its health key was seen this tick). Idle started machines are
+  left alone too: the worker exits by itself after its idle time (``--idle-exit``), which is
+  what stops the machine, so the controller never races a worker that is just taking a job.
+* **Broken machines go** (destroyed; they hold no lease, so no job is cut short): ``failed``;
+  up for longer than ``boot_grace_s`` without its worker ever seen alive (a boot that never
+  finished); or, once its worker *was* seen alive, without a live health key for longer than
+  ``lost_grace_s`` (``Machine.seen``: measured from the last sighting, never from the start,
+  so a missed health read, a Redis restart or a slow poll costs nothing).
 * **The warm pool**: stopped machines are started before new ones are created (a start is
   seconds, a create pulls the image); stopped machines beyond ``warm_pool`` that have been
   stopped longer than ``stopped_grace_s`` are destroyed.
@@ -49,10 +53,21 @@ class Machine:
     running: int = 0
     #: Whether the backend can start it again (a stopped Fly machine; never a finished Job).
     restartable: bool = True
+    #: Unix time its worker was last seen alive (health key present) by the controller; None:
+    #: never (the controller's memory, ``loop.Sightings``). Older than ``since``: a previous run.
+    seen: float | None = None
+    #: Its worker holds a lease on a stage job (``vtp:holds:<queue>:<name>``, renewed with the
+    #: lease): it is working, whatever its health key says. Never destroyed while so.
+    holding: bool = False
 
     @property
     def busy(self) -> bool:
         return self.alive and self.running > 0
+
+    @property
+    def keep(self) -> bool:
+        """Never destroyed: its worker runs a job, or holds a stage's lease."""
+        return self.busy or self.holding
 
 
 @dataclass(frozen=True)
@@ -83,8 +98,11 @@ class Policy:
     #: Stopped machines kept for fast starts; more are destroyed after ``stopped_grace_s``.
     warm_pool: int = 2
     stopped_grace_s: float = 600.0
-    #: A machine up this long without a live worker is broken (image pull and model load included).
-    boot_grace_s: float = 300.0
+    #: A machine up this long without its worker ever seen alive is broken (scheduling, a node
+    #: scale-up, the image pull and the model load included).
+    boot_grace_s: float = 900.0
+    #: A machine whose worker was seen alive is broken after this long without a live health key.
+    lost_grace_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +126,19 @@ def machines_for(queued: int, queued_audio_s: float, policy: Policy) -> int:
     return min(wanted, math.ceil(queued / max(policy.slots, 1)))
 
 
+def broken(m: Machine, policy: Policy, now: float) -> bool:
+    """Destroy it as broken? Never while its worker is alive or holds a lease."""
+    if m.alive or m.holding:
+        return False
+    if m.state == "failed":
+        return True
+    if m.state not in UP:
+        return False
+    if m.seen is None or m.seen < m.since:  # not seen alive in this run: still booting?
+        return now - m.since > policy.boot_grace_s
+    return now - m.seen > policy.lost_grace_s
+
+
 def decide(queue: QueueView, machines: list[Machine], policy: Policy, now: float) -> Plan:
     up = [m for m in machines if m.state in UP]
     # Held by a live worker: per the health keys (workers the backend does not know included),
@@ -121,12 +152,9 @@ def decide(queue: QueueView, machines: list[Machine], policy: Policy, now: float
     waiting_audio = queue.queued_audio_s + orphaned * mean
 
     destroy: list[str] = []
-    broken = [
-        m for m in machines
-        if not m.alive and (m.state == "failed" or (m.state in UP and now - m.since > policy.boot_grace_s))
-    ]
-    destroy += [m.id for m in broken]
-    healthy_up = [m for m in up if m not in broken]
+    gone = [m for m in machines if broken(m, policy, now)]
+    destroy += [m.id for m in gone]
+    healthy_up = [m for m in up if m not in gone]
 
     busy = [m for m in healthy_up if m.busy]
     # Busy machines count as capacity for the queue too: each is one batch (seconds, at most
@@ -141,7 +169,7 @@ def decide(queue: QueueView, machines: list[Machine], policy: Policy, now: float
     restartable = [m for m in stopped if m.restartable]
     keep = policy.warm_pool + min(start, len(restartable))  # those about to be started stay
     for m in restartable[keep:] + [m for m in stopped if not m.restartable]:
-        if now - m.since > policy.stopped_grace_s:
+        if now - m.since > policy.stopped_grace_s and not m.holding:
             destroy.append(m.id)
 
     reason = (

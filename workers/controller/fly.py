@@ -332,14 +332,16 @@ class FlyBackend:
             # keyed like candidates(): by region only when regions are configured
             self._kinds[m["id"]] = (kind, m.get("region", "") if self.settings.fly_regions.strip() else "")
             h = health.get(name)
+            alive = h is not None and h.alive and state in ("started", "starting")
             out.append(
                 Machine(
                     id=m["id"],
                     state=state if state in _STATES else "starting",
                     since=_since(m),
-                    alive=h is not None and state in ("started", "starting"),
-                    running=h.running if h else 0,
+                    alive=alive,
+                    running=h.running if alive else 0,
                     restartable=state == "stopped" and self._current(m),
+                    holding=h is not None and h.holding > 0,
                 )
             )
         return out
@@ -358,7 +360,7 @@ class FlyBackend:
         by_id = {m.id: m for m in machines}
         for machine_id in plan.destroy:
             m = by_id.get(machine_id)
-            if m is not None and m.busy:  # decide() never asks this; the backend refuses anyway
+            if m is not None and m.keep:  # decide() never asks this; the backend refuses anyway
                 continue
             if m is not None and m.state == "failed":
                 self._set_aside(*self._kinds.get(machine_id, ("", "")))

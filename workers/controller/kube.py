@@ -11,14 +11,21 @@ Jobs map onto the controller's machine states: no active pod yet ``starting``, a
 holds no job; arq reruns what its worker had once the lease expires).
 
 The official ``kubernetes`` client is synchronous; its calls run in a thread. Its pods get
-their secrets (``REDIS_URL``, S3 credentials) from the Secret ``vtp-secrets`` and settings from
-the ConfigMap ``vtp-config`` (deploy/k8s/); the pipeline settings the controller itself runs
-with are set on top, as on Fly.
+their secrets (``REDIS_URL``, S3 credentials) from the Secret ``vtp-secrets`` *by reference*
+(``envFrom.secretRef``: the Job body holds its name, never a value) and settings from the
+ConfigMap ``vtp-config`` (deploy/k8s/); the allow-listed pipeline settings the controller itself
+runs with (``Settings.worker_env``) are set on top, as on Fly.
+
+The startup probe (``vtp worker --check``) allows ``VTP_BOOT_GRACE``: the kubelet never gives
+up on a booting worker before the controller would (the controller counts from the Job's
+start, which is earlier than the container's: scheduling, a GPU node scale-up and the image
+pull come first).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Mapping
@@ -47,6 +54,13 @@ SELECTOR = ",".join(f"{k}={v}" for k, v in LABELS.items())
 SECRET = "vtp-secrets"
 CONFIG_MAP = "vtp-config"
 _NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+#: Seconds between two startup probes of a worker pod.
+PROBE_PERIOD_S = 10
+
+
+def startup_failures(boot_grace: float) -> int:
+    """The startup probe's ``failureThreshold``: its window is ``VTP_BOOT_GRACE``, no shorter."""
+    return max(1, math.ceil(boot_grace / PROBE_PERIOD_S))
 
 
 def job_manifest(settings: Settings, name: str) -> k8s.V1Job:
@@ -54,7 +68,7 @@ def job_manifest(settings: Settings, name: str) -> k8s.V1Job:
     if not settings.image:
         raise errors.OptionsError("no worker image: set VTP_WORKER_IMAGE")
     gpus = settings.k8s_gpus
-    env = {k: v for k, v in settings.worker_env().items() if k != "REDIS_URL"}  # from the Secret
+    env = settings.worker_env()  # no secret: REDIS_URL and the credentials come from the Secret, by reference
     env["VTP_MACHINE_KIND"] = settings.machine_kind or ("gpu" if gpus else "cpu")
     if settings.machine_price_hour > 0:
         env["VTP_MACHINE_PRICE_HOUR"] = f"{settings.machine_price_hour:g}"
@@ -73,7 +87,10 @@ def job_manifest(settings: Settings, name: str) -> k8s.V1Job:
         ],
         resources=resources,
         # The model loads before the worker polls (and writes its health key): give it time.
-        startup_probe=k8s.V1Probe(_exec=k8s.V1ExecAction(command=check), period_seconds=10, failure_threshold=60),
+        startup_probe=k8s.V1Probe(
+            _exec=k8s.V1ExecAction(command=check), period_seconds=PROBE_PERIOD_S,
+            failure_threshold=startup_failures(settings.boot_grace),
+        ),
         liveness_probe=k8s.V1Probe(_exec=k8s.V1ExecAction(command=check), period_seconds=30, failure_threshold=3),
     )
     tolerations = [k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")] if gpus else None
@@ -114,12 +131,14 @@ def job_machine(job: k8s.V1Job, health: Mapping[str, Health]) -> Machine:
             if c.type in ("Complete", "Failed") and c.status == "True":
                 ended = ended or c.last_transition_time
         return Machine(id=name, state="stopped", since=_stamp(ended), restartable=False)
+    holding = h is not None and h.holding > 0
     if status.active:
+        alive = h is not None and h.alive
         return Machine(
             id=name, state="started", since=_stamp(status.start_time or job.metadata.creation_timestamp),
-            alive=h is not None, running=h.running if h else 0, restartable=False,
+            alive=alive, running=h.running if alive else 0, restartable=False, holding=holding,
         )
-    return Machine(id=name, state="starting", since=_stamp(job.metadata.creation_timestamp), restartable=False)
+    return Machine(id=name, state="starting", since=_stamp(job.metadata.creation_timestamp), restartable=False, holding=holding)
 
 
 def _namespace(settings: Settings) -> str:
@@ -174,7 +193,7 @@ class KubernetesBackend:
         by_id = {m.id: m for m in machines}
         for name in plan.destroy:
             m = by_id.get(name)
-            if m is not None and m.busy:
+            if m is not None and m.keep:  # decide() never asks this; the backend refuses anyway
                 continue
             try:
                 await self._call(self.api.delete_namespaced_job, name, self.namespace, propagation_policy="Background")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 import anyio
@@ -18,8 +18,8 @@ from redis import exceptions as redis_errors
 from app import errors
 from app.config import Settings
 from app.jobs import connect
-from workers.controller.decide import Machine, Plan, Policy, decide
-from workers.controller.queue import Health, live_workers, read_queue
+from workers.controller.decide import UP, Machine, Plan, Policy, decide
+from workers.controller.queue import Health, read_queue, read_workers
 
 log = logging.getLogger("vtp.controller")
 
@@ -67,6 +67,35 @@ class Figures:
         return asdict(self)
 
 
+@dataclass
+class Sightings:
+    """When each machine's worker was last seen alive: the controller's memory between ticks.
+
+    ``decide`` measures a lost worker from its last sighting, not from the machine's start. A
+    machine this controller has never seen alive but finds past its boot grace (the controller
+    restarted) counts as seen at the first look: it gets ``VTP_LOST_GRACE`` from then, not
+    destruction on one missed health read.
+    """
+
+    last: dict[str, float] = field(default_factory=dict)
+    #: Machines listed before (the first look at a machine is the only one that may seed ``last``).
+    known: set[str] = field(default_factory=set)
+
+    def observe(self, machines: list[Machine], policy: Policy, now: float) -> list[Machine]:
+        out = []
+        for m in machines:
+            first = m.id not in self.known
+            self.known.add(m.id)
+            if m.alive or (first and m.state in UP and now - m.since > policy.boot_grace_s):
+                self.last[m.id] = now
+            out.append(replace(m, seen=self.last.get(m.id)))
+        listed = {m.id for m in machines}
+        self.known &= listed
+        for gone in [i for i in self.last if i not in listed]:
+            del self.last[gone]
+        return out
+
+
 def policy_from(settings: Settings, *, slots: int = 1) -> Policy:
     return Policy(
         max_machines=settings.max_machines,
@@ -76,6 +105,7 @@ def policy_from(settings: Settings, *, slots: int = 1) -> Policy:
         warm_pool=settings.warm_pool,
         stopped_grace_s=settings.stopped_grace,
         boot_grace_s=settings.boot_grace,
+        lost_grace_s=settings.lost_grace,
     )
 
 
@@ -93,12 +123,16 @@ def open_backend(name: str, settings: Settings) -> Backend:
     raise errors.OptionsError(f"unknown backend {name!r}: use fly or kubernetes")
 
 
-async def tick(backend: Backend, redis, policy: Policy, figures: Figures | None = None) -> Plan:
+async def tick(
+    backend: Backend, redis, policy: Policy, figures: Figures | None = None, sightings: Sightings | None = None
+) -> Plan:
     queue = await read_queue(redis)
-    health = await live_workers(redis)
-    queue = replace(queue, held=sum(h.running for h in health.values()))
-    machines = await backend.machines(health)
-    plan = decide(queue, machines, policy, time.time())
+    health = await read_workers(redis)
+    # held by live workers, and by workers whose health key is missing but which renew a lease
+    queue = replace(queue, held=sum(h.running if h.alive else h.holding for h in health.values()))
+    now = time.time()
+    machines = (sightings or Sightings()).observe(await backend.machines(health), policy, now)
+    plan = decide(queue, machines, policy, now)
     if figures is not None:
         figures.__dict__.update(
             queued=queue.queued, queued_audio_s=queue.queued_audio_s, in_progress=queue.in_progress,
@@ -122,11 +156,12 @@ async def run_controller(
     )
     last = ""
     n = 0
+    sightings = Sightings()
     try:
         while ticks is None or n < ticks:
             n += 1
             try:
-                plan = await tick(backend, redis, policy, figures)
+                plan = await tick(backend, redis, policy, figures, sightings)
                 if plan.reason != last and not (plan.start or plan.destroy):  # tick() logged those
                     log.info("%s", plan.reason)
                 last = plan.reason

@@ -4,7 +4,8 @@ arq's queue is a sorted set of job ids (``vtp:gpu``); each id's payload is ``arq
 pickled dict ``{'f': function, 'a': args, ...}`` whose first argument is vtp's msgpack
 ``TranscribeRequest``; a started job also has ``arq:in-progress:<id>`` until it ends. A live
 worker refreshes ``vtp:health:gpu:<name>`` every few seconds with arq's line
-``... j_ongoing=N queued=M``.
+``... j_ongoing=N queued=M`` (TTL 6 s), and, while it runs stages, ``vtp:holds:gpu:<name>``
+with their ids (TTL ``VTP_LEASE``, renewed with the leases).
 
 The payload is unpickled with a loader that refuses every class (arq's payload is plain dicts,
 tuples and bytes), so a key someone else wrote cannot run code in the controller.
@@ -45,10 +46,13 @@ def batch_audio_seconds(payload: bytes) -> float:
 
 @dataclass(frozen=True)
 class Health:
-    """One live worker: its name (the machine's) and how many jobs it runs."""
+    """One worker: its name (the machine's), how many jobs it runs, whether its health key is
+    there now, and how many stage jobs it holds a lease on (``vtp:holds:<queue>:<name>``)."""
 
     name: str
     running: int
+    alive: bool = True
+    holding: int = 0
 
 
 async def read_queue(redis: aioredis.Redis, queue: str = constants.QUEUE_GPU) -> QueueView:
@@ -67,6 +71,23 @@ async def read_queue(redis: aioredis.Redis, queue: str = constants.QUEUE_GPU) ->
         audio = sum(batch_audio_seconds(p) for p in payloads if p is not None)
         audio *= len(waiting) / len(sample)
     return QueueView(queued=len(waiting), queued_audio_s=round(audio, 3), in_progress=len(ids) - len(waiting))
+
+
+async def read_workers(redis: aioredis.Redis, queue: str = "gpu") -> dict[str, Health]:
+    """Every worker that has a health key now (``alive``) or holds a lease without one (its
+    health key missed: a blip, a slow poll, a Redis restart), by name."""
+    out = await live_workers(redis, queue)
+    prefix = constants.holds_key(queue, "")
+    keys = [k async for k in redis.scan_iter(match=prefix + "*", count=500)]
+    values = await redis.mget(keys) if keys else []
+    for key, value in zip(keys, values):
+        if not value:  # expired between SCAN and MGET
+            continue
+        name = key.decode()[len(prefix):]
+        held = len(value.split(b","))
+        h = out.get(name)
+        out[name] = Health(name, h.running, True, held) if h else Health(name, 0, alive=False, holding=held)
+    return out
 
 
 async def live_workers(redis: aioredis.Redis, queue: str = "gpu") -> dict[str, Health]:
