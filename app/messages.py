@@ -38,7 +38,14 @@ class TranscribeOptions(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     compute_type: str = "int8"
     batch_size: Annotated[int, Meta(ge=1, le=256)] = 8
     beam_size: Annotated[int, Meta(ge=1, le=16)] = 5
+    #: The spoken language (a code of ``app.languages.LANGUAGES``); None: detected once per job,
+    #: from its first speech, before any of its chunks is decoded (``workers.languages``).
     language: Annotated[str, Meta(min_length=2, max_length=8, pattern=r"^[a-z]{2,3}(-[A-Za-z]+)?$")] | None = None
+    #: ``translate``: English text whatever the language spoken (multilingual models only).
+    task: Literal["transcribe", "translate"] = "transcribe"
+    #: With no ``language``: detect it for every chunk on its own (mixed-language media) instead
+    #: of once per job; each chunk is still decoded in one concrete language.
+    language_per_chunk: bool = False
     word_timestamps: bool = False
     formats: tuple[Format, ...] = ALL_FORMATS
 
@@ -235,6 +242,7 @@ class TranscriptStats(Struct, frozen=True, kw_only=True):
 
 
 class Transcript(Struct, frozen=True, kw_only=True):
+    #: The language spoken (the source language, also when ``task`` is ``translate``).
     language: str
     duration: float
     segments: list[Segment]
@@ -243,6 +251,8 @@ class Transcript(Struct, frozen=True, kw_only=True):
     #: sorted, disjoint): ``stats.coverage.unheard_seconds`` is the length of ``unheard``.
     speech: list[tuple[float, float]] = []
     unheard: list[tuple[float, float]] = []
+    #: ``transcribe``, or ``translate`` (the text is English).
+    task: str = "transcribe"
 
     @property
     def text(self) -> str:
@@ -308,11 +318,34 @@ def decode(data: bytes, type_: type[T]) -> T:
 
 
 def options_from(values: dict) -> TranscribeOptions:
-    """Build options from loosely typed input (CLI, HTTP form), validating every field."""
+    """Build options from loosely typed input (CLI, HTTP form), validating every field: a
+    language must be one of Whisper's (``app.languages``), and translation needs a multilingual
+    model (not an English-only ``.en`` one)."""
+    from app.languages import LANGUAGES
+
     try:
-        return msgspec.convert({k: v for k, v in values.items() if v is not None}, TranscribeOptions)
+        options = msgspec.convert({k: v for k, v in values.items() if v is not None}, TranscribeOptions)
     except msgspec.ValidationError as exc:
         raise errors.OptionsError(f"invalid option: {exc}") from exc
+    if options.language is not None and options.language not in LANGUAGES:
+        raise errors.OptionsError(f"unknown language {options.language!r}: use a Whisper language code such as en, es, fr, de")
+    check_task(options)
+    return options
+
+
+def english_only_model(name: str) -> bool:
+    """Whether a model name says English-only (``tiny.en``, ``/models/whisper-small.en``), without
+    loading it: what the web process and the CLI check before a translate request."""
+    return name.rstrip("/").rsplit("/", 1)[-1].lower().endswith(".en")
+
+
+def check_task(options: TranscribeOptions) -> None:
+    """Translation needs a multilingual model: refuse it for an English-only one, clearly."""
+    if options.task == "translate" and english_only_model(options.model):
+        raise errors.OptionsError(
+            f"model {options.model!r} is English-only and cannot translate: use a multilingual model "
+            "such as base (pip install 'vtp[multilingual]')"
+        )
 
 
 class JobCost(Struct, frozen=True, kw_only=True):
@@ -399,6 +432,9 @@ class JobRecord(Struct, kw_only=True):
     machine_seconds: dict[str, float] = {}
     #: What those seconds cost at the machines' $/hour (``VTP_MACHINE_PRICE_HOUR``).
     cost_usd: float = 0.0
+    #: The language detected for the job (options named none): set once, by the first transcribe
+    #: stage to detect it, and then used by every batch of the job (``JobStore.settle_language``).
+    language: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -437,7 +473,10 @@ class JobView(Struct, frozen=True, kw_only=True):
     realtime_factor: float | None
     error: str | None
     model: str
+    #: The language asked for, else the one detected for the job (None until detected).
     language: str | None
+    #: ``transcribe`` or ``translate``.
+    task: str
     #: Formats ready to download (``GET /v1/jobs/{id}/transcript.{fmt}``).
     formats: list[str]
     webhook: WebhookDelivery | None = None
@@ -470,7 +509,8 @@ class JobView(Struct, frozen=True, kw_only=True):
             realtime_factor=round(r.duration / wall, 2) if r.state == "done" and wall > 0 else None,
             error=r.error or None,
             model=r.options.model,
-            language=r.options.language,
+            language=r.options.language or r.language or None,
+            task=r.options.task,
             formats=sorted(r.outputs),
             webhook=r.webhook,
             cost=costs.cost_of(r),

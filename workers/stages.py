@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import msgspec
 import numpy as np
 
 from app import errors, formats
@@ -38,7 +39,7 @@ from app.messages import (
 )
 from app.keys import audio_key, batch_audio_key, job_prefix, media_key, output_key
 from app.storage import Storage
-from workers import audio, coverage, merge as merging, vad
+from workers import audio, coverage, languages, merge as merging, vad
 from workers.engines.base import EnginePool
 
 #: How a long stage reports how far it got: (seconds of audio done, seconds in all, 0 if unknown).
@@ -129,7 +130,7 @@ async def transcribe(ctx: StageContext, req: TranscribeRequest) -> BatchTranscri
     started = time.perf_counter()
     data = await ctx.storage.get_bytes(req.batch.audio_key)
     pieces = split_batch_audio(data, req.batch)
-    engine = await anyio.to_thread.run_sync(ctx.engines.get, req.options)
+    engine = languages.ByLanguage(await anyio.to_thread.run_sync(ctx.engines.get, req.options))
     segments, language, covered = await anyio.to_thread.run_sync(
         coverage.transcribe_covered, engine, pieces, req.batch.chunks, req.options, ctx.coverage
     )
@@ -143,6 +144,19 @@ async def transcribe(ctx: StageContext, req: TranscribeRequest) -> BatchTranscri
     )
 
 
+async def detect_language(ctx: StageContext, req: TranscribeRequest) -> str:
+    """The job's language, voted on by the first chunks of ``req.batch`` (call it with the
+    job's first batch: its first speech). ``en`` on an English-only model, without reading the
+    audio. The runners call it once per job, before any of the job's chunks is decoded."""
+    engine = await anyio.to_thread.run_sync(ctx.engines.get, req.options)
+    if not languages.multilingual(engine):
+        return "en"
+    first = msgspec.structs.replace(req.batch, chunks=req.batch.chunks[: languages.DETECT_CHUNKS])
+    data = await ctx.storage.get_bytes(req.batch.audio_key)
+    pieces = split_batch_audio(data, req.batch)[: len(first.chunks)]
+    return await anyio.to_thread.run_sync(languages.job_language, engine, pieces)
+
+
 async def merge(ctx: StageContext, req: MergeRequest) -> Transcript:
     """Fan-in: every batch's segments, in order, once each."""
     expected = {b.index for b in req.segmentation.batches}
@@ -150,7 +164,8 @@ async def merge(ctx: StageContext, req: MergeRequest) -> Transcript:
     if missing:
         raise errors.JobError(f"merge is missing the results of batches {sorted(missing)}")
     return merging.merge_parts(
-        req.parts, req.segmentation, req.audio.duration, engine=req.options.engine, model=req.options.model
+        req.parts, req.segmentation, req.audio.duration, engine=req.options.engine, model=req.options.model,
+        task=req.options.task,
     )
 
 
