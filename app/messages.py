@@ -177,6 +177,15 @@ class TranscribeRequest(Struct, frozen=True, kw_only=True):
     options: TranscribeOptions
 
 
+class LanguageRequest(Struct, frozen=True, kw_only=True):
+    """A job's batches, in order: the first chunks among them (its first speech) vote on its
+    language (``workers.stages.detect_language``)."""
+
+    job_id: str
+    batches: list[ChunkBatch]
+    options: TranscribeOptions
+
+
 class CoverageStats(Struct, frozen=True, kw_only=True):
     """What the transcribe stage did so that no speech is lost (``workers.coverage``)."""
 

@@ -86,6 +86,7 @@ from app.messages import (
     ExtractedAudio,
     ExtractRequest,
     JobRecord,
+    LanguageRequest,
     MergeRequest,
     Rendered,
     RenderRequest,
@@ -461,7 +462,7 @@ async def transcribe_task(ctx: dict, data: bytes) -> str:
 
 async def _in_job_language(ctx: dict, req: TranscribeRequest, record: JobRecord) -> TranscribeRequest:
     """``req`` with the job's language when it names none: the one recorded on the job, else
-    detected from the job's first batch (its first speech) and recorded, first detection wins
+    detected from the job's first chunks (its first speech) and recorded, first detection wins
     (``JobStore.settle_language``): every batch of the job decodes in one language, before any
     of its chunks meets another job's in a shared model call."""
     from workers import languages
@@ -472,7 +473,7 @@ async def _in_job_language(ctx: dict, req: TranscribeRequest, record: JobRecord)
     if not language:
         store: JobStore = ctx["store"]
         seg = await store.get_part(req.job_id, "segmentation", Segmentation)
-        first = TranscribeRequest(job_id=req.job_id, batch=seg.batches[0], options=req.options)
+        first = LanguageRequest(job_id=req.job_id, batches=seg.batches, options=req.options)
         language = await store.settle_language(req.job_id, await _speech().detect_language(_stage_ctx(ctx), first))
     return msgspec.structs.replace(req, options=msgspec.structs.replace(req.options, language=language))
 

@@ -19,6 +19,7 @@ import msgspec
 from app.config import Settings
 from app.messages import (
     ExtractRequest,
+    LanguageRequest,
     MergeRequest,
     ProgressEvent,
     RenderRequest,
@@ -104,7 +105,7 @@ class LocalRunner:
 
             if languages.needs_job_language(options) and seg.batches:
                 # once per job, from its first speech, before any chunk is decoded
-                first = TranscribeRequest(job_id=job_id, batch=seg.batches[0], options=options)
+                first = LanguageRequest(job_id=job_id, batches=seg.batches, options=options)
                 options = msgspec.structs.replace(options, language=await stages.detect_language(ctx, first))
             total, done_chunks, done_audio = len(seg.chunks), 0, 0.0
             report(ProgressEvent(job_id=job_id, state="transcribing", chunks_total=total, audio_total=seg.speech_seconds))

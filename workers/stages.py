@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-import msgspec
 import numpy as np
 
 from app import errors, formats
@@ -29,6 +28,7 @@ from app.messages import (
     ChunkBatch,
     ExtractedAudio,
     ExtractRequest,
+    LanguageRequest,
     MergeRequest,
     Rendered,
     RenderRequest,
@@ -144,17 +144,19 @@ async def transcribe(ctx: StageContext, req: TranscribeRequest) -> BatchTranscri
     )
 
 
-async def detect_language(ctx: StageContext, req: TranscribeRequest) -> str:
-    """The job's language, voted on by the first chunks of ``req.batch`` (call it with the
-    job's first batch: its first speech). ``en`` on an English-only model, without reading the
-    audio. The runners call it once per job, before any of the job's chunks is decoded."""
+async def detect_language(ctx: StageContext, req: LanguageRequest) -> str:
+    """The job's language, voted on by its first ``languages.DETECT_CHUNKS`` chunks (read from
+    the first batches only). ``en`` on an English-only model, without reading any audio. The
+    runners call it once per job, before any of the job's chunks is decoded."""
     engine = await anyio.to_thread.run_sync(ctx.engines.get, req.options)
     if not languages.multilingual(engine):
         return "en"
-    first = msgspec.structs.replace(req.batch, chunks=req.batch.chunks[: languages.DETECT_CHUNKS])
-    data = await ctx.storage.get_bytes(req.batch.audio_key)
-    pieces = split_batch_audio(data, req.batch)[: len(first.chunks)]
-    return await anyio.to_thread.run_sync(languages.job_language, engine, pieces)
+    pieces: list[np.ndarray] = []
+    for batch in req.batches:
+        if len(pieces) >= languages.DETECT_CHUNKS:
+            break
+        pieces += split_batch_audio(await ctx.storage.get_bytes(batch.audio_key), batch)
+    return await anyio.to_thread.run_sync(languages.job_language, engine, pieces[: languages.DETECT_CHUNKS])
 
 
 async def merge(ctx: StageContext, req: MergeRequest) -> Transcript:
