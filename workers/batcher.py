@@ -52,6 +52,9 @@ class BatcherStats:
     slots: int = 0
     #: Model calls that mixed chunks of several requests.
     shared_batches: int = 0
+    #: Model calls made while a request to be decoded another way (another language or task)
+    #: waited beside them: requests that would have shared the call had keys not kept them apart.
+    kept_apart: int = 0
     last_batch: int = 0
     busy_seconds: float = 0.0
 
@@ -65,6 +68,7 @@ class BatcherStats:
             "chunks": self.chunks,
             "slots": self.slots,
             "shared_batches": self.shared_batches,
+            "kept_apart": self.kept_apart,
             "last_batch": self.last_batch,
             "fill_ratio": round(self.fill_ratio, 4),
             "busy_seconds": round(self.busy_seconds, 3),
@@ -168,6 +172,7 @@ class GpuBatcher:
                     self._cond.wait()
 
     def _take(self, group: list[_Request]) -> list[tuple[_Request, int]]:
+        self.stats.kept_apart += any(r.key != group[0].key for r in self._waiting)
         picked: list[tuple[_Request, int]] = []
         while len(picked) < self.batch_size and any(r.todo for r in group):
             for r in group:  # round-robin: one chunk from each request in turn
