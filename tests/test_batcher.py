@@ -12,6 +12,7 @@ from faster_whisper import decode_audio
 
 from app.messages import Chunk, TranscribeOptions
 from workers.batcher import GpuBatcher
+from workers.engines.base import FAST
 
 OPTIONS = TranscribeOptions(beam_size=1)
 
@@ -24,9 +25,9 @@ class Recording:
         self.name, self.model_name = engine.name, engine.model_name
         self.calls: list[list[float]] = []
 
-    def transcribe_batch(self, audio, chunks, options):
+    def transcribe_batch(self, audio, chunks, options, decoding=FAST):
         self.calls.append([c.start for c in chunks])
-        return self.engine.transcribe_batch(audio, chunks, options)
+        return self.engine.transcribe_batch(audio, chunks, options, decoding)
 
 
 @pytest.fixture(scope="module")
