@@ -248,3 +248,19 @@ def test_the_multilingual_model_is_assembled_from_its_wheels_and_checked(tmp_pat
     with pytest.raises(errors.ModelNotFound, match="is not the pinned"):
         models.split_model_path(bad, tmp_path)
     assert not (tmp_path / "models").exists()
+
+
+def test_the_transformers_engine_detects_and_translates_with_base(data_dir, tmp_path):
+    """The transformers engine converts base like tiny.en and honours language and task."""
+    from workers.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine.load(TranscribeOptions(engine="transformers", model="base"), cache_dir=tmp_path)
+    assert engine.multilingual
+    es, en = decode_audio(str(data_dir / SPANISH)), decode_audio(str(data_dir / "jfk.flac"))
+    assert [lang for lang, _p in engine.detect_languages([es, en])] == ["es", "en"]
+    chunk = Chunk(index=0, start=0.0, end=es.size / 16000)
+    options = TranscribeOptions(engine="transformers", model="base", language="es", task="translate", beam_size=1)
+    segments, language = engine.transcribe_batch([es], [chunk], options)
+    assert language == "es"
+    text = flat(" ".join(s.text for s in segments))
+    assert "conservation of energy" in text and "transformed" in text, text
