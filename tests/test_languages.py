@@ -3,8 +3,8 @@ decoded in its own language whatever shares the GPU worker's model calls, and tr
 English through the CLI, the jobs API and the ``openai`` client.
 
 Spanish speech is ``tests/data/es_lecture.opus`` (espeak-ng); English is ``jfk.flac``. One
-cluster (CPU worker, GPU worker serving base and tiny.en, two jobs at once, decode batches of
-two) and one web process serve the module.
+cluster (CPU worker, GPU worker serving base and tiny.en) and one web process serve the API
+tests; the shared-worker test starts its own.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import redis as redis_sync
 from faster_whisper import decode_audio
 
 from app import constants
+from app.jobs import JobStore
 from app.messages import Chunk, TranscribeOptions
+from app.storage import LocalStorage
 from conftest import RedisServer, free_port
 from dag_cluster import ROOT, Cluster
 from test_web import WebProcess, auth, flat, form, wait_done
@@ -51,12 +53,6 @@ def cluster(tmp_path_factory):
     env = {
         "VTP_API_TOKENS": TOKEN,
         "VTP_MODELS": "base,tiny.en",
-        # two jobs at once, two chunks a model call, and a long wait: a Spanish and an English
-        # job submitted together are in the batcher together (on main they shared one call)
-        "VTP_GPU_JOBS": "2",
-        "VTP_DECODE_BATCH": "2",
-        "VTP_BATCH_WAIT_MS": "3000",
-        "VTP_BATCH_SIZE": "8",
     }
     c = Cluster(server.url, tmp_path_factory.mktemp("lang"), env=env)
     try:
@@ -90,35 +86,35 @@ def gpu_stats(redis_url: str) -> dict[str, str]:
         probe.close()
 
 
-async def test_spanish_and_english_jobs_sharing_a_gpu_worker_each_keep_their_own_language(web_server, cluster, data_dir):
-    async with aiohttp.ClientSession() as s:
-
-        async def submit(name: str) -> str:
-            async with s.post(f"{web_server.url}/v1/jobs", data=form(data_dir / name), headers=auth(TOKEN)) as r:
-                assert r.status == 202, await r.text()
-                return (await r.json())["id"]
-
-        ids = {}
-
-        async def one(name: str) -> None:
-            ids[name] = await submit(name)
-
-        async with anyio.create_task_group() as tg:  # submitted together
-            tg.start_soon(one, SPANISH)
-            tg.start_soon(one, "jfk.flac")
-        jobs = {name: await wait_done(s, web_server.url, job_id, TOKEN, timeout=150) for name, job_id in ids.items()}
-        docs = {}
-        for name, job_id in ids.items():
-            async with s.get(f"{web_server.url}/v1/jobs/{job_id}/transcript.json", headers=auth(TOKEN)) as r:
-                docs[name] = json.loads(await r.read())
-    assert [j["status"] for j in jobs.values()] == ["done", "done"], [j["error"] for j in jobs.values()]
-    assert jobs[SPANISH]["language"] == docs[SPANISH]["language"] == "es"
-    assert jobs["jfk.flac"]["language"] == docs["jfk.flac"]["language"] == "en"
+async def test_spanish_and_english_jobs_sharing_a_gpu_worker_each_keep_their_own_language(make_cluster, redis_url, data_dir):
+    """Both jobs' transcribe stages wait in the GPU queue before the worker starts, so it takes
+    them together (VTP_GPU_JOBS=2) and their chunks meet in its batcher (decode batches of two):
+    on main they shared one model call, decoded in one language."""
+    c = make_cluster(redis_url, VTP_MODELS="base", VTP_GPU_JOBS="2", VTP_DECODE_BATCH="2", VTP_BATCH_WAIT_MS="3000",
+                     VTP_BATCH_SIZE="8")
+    c.start_worker("cpu", "cpu-1", concurrency=4)
+    c.wait_ready(("cpu-1", "cpu"))
+    ids = dict(zip((SPANISH, "jfk.flac"), c.submit(data_dir / SPANISH, data_dir / "jfk.flac", extra=("--no-reuse",))))
+    store = JobStore.open(redis_url)
+    try:
+        with anyio.fail_after(60):
+            while await store.redis.zcard(constants.QUEUE_GPU) < 2:
+                await anyio.sleep(0.05)
+        c.start_worker("gpu", "gpu-1")
+        with anyio.fail_after(150):
+            records = {name: await store.wait(job_id) for name, job_id in ids.items()}
+    finally:
+        await store.aclose()
+    assert [r.state for r in records.values()] == ["done", "done"], [r.error for r in records.values()] + [c.logs()]
+    storage = LocalStorage(c.data_dir)
+    docs = {name: json.loads(await storage.get_bytes(r.outputs["json"])) for name, r in records.items()}
+    assert records[SPANISH].language == docs[SPANISH]["language"] == "es"
+    assert records["jfk.flac"].language == docs["jfk.flac"]["language"] == "en"
     assert docs[SPANISH]["task"] == "transcribe"
     assert wer_any(reference(data_dir, "es_lecture.ref.txt"), docs[SPANISH]["text"]) < 0.2, docs[SPANISH]["text"]
     assert wer(reference(data_dir, "jfk.ref.txt"), docs["jfk.flac"]["text"]) < 0.2, docs["jfk.flac"]["text"]
     await anyio.sleep(5.5)  # the next health refresh publishes the batcher's counters
-    stats = gpu_stats(cluster.redis_url)
+    stats = gpu_stats(redis_url)
     # both jobs waited in the batcher together, and the model calls kept them apart
     assert int(stats["kept_apart"]) >= 1, stats
     assert int(stats["shared_batches"]) == 0, stats
@@ -264,3 +260,16 @@ def test_the_transformers_engine_detects_and_translates_with_base(data_dir, tmp_
     assert language == "es"
     text = flat(" ".join(s.text for s in segments))
     assert "conservation of energy" in text and "transformed" in text, text
+
+
+def test_the_form_offers_detect_and_every_language_by_name_and_both_tasks():
+    import re
+
+    from app.languages import LANGUAGES
+
+    html = (ROOT / "app" / "web" / "static" / "index.html").read_text()
+    select = html.split('<select id="language"', 1)[1].split("</select>", 1)[0]
+    options = dict(re.findall(r'<option value="([^"]*)"[^>]*>([^<]*)</option>', select))
+    assert options == {"": "Detect", **LANGUAGES}
+    task = html.split('<select id="task"', 1)[1].split("</select>", 1)[0]
+    assert re.findall(r'<option value="([^"]*)"', task) == ["transcribe", "translate"]

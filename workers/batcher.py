@@ -52,8 +52,8 @@ class BatcherStats:
     slots: int = 0
     #: Model calls that mixed chunks of several requests.
     shared_batches: int = 0
-    #: Model calls made while a request to be decoded another way (another language or task)
-    #: waited beside them: requests that would have shared the call had keys not kept them apart.
+    #: Model calls made while a request to be decoded another way (another language, task, beam
+    #: size or ladder rung) waited beside them: requests the group keys kept out of the call.
     kept_apart: int = 0
     last_batch: int = 0
     busy_seconds: float = 0.0
