@@ -46,7 +46,13 @@ def add_transcribe_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compute-type", default=d.compute_type, help="CTranslate2 compute type (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="chunks decoded together (default: %(default)s)")
     g.add_argument("--beam-size", type=int, default=d.beam_size, help="beam search width (default: %(default)s)")
-    g.add_argument("--language", default=None, help="language code; default: detect (English for .en models)")
+    g.add_argument("--language", default=None,
+                   help="language code (en, es, fr, ...); default: detected once per file from its first speech "
+                   "(English for .en models)")
+    g.add_argument("--language-per-chunk", action="store_true",
+                   help="with no --language: detect the language of every chunk (media that switches language)")
+    g.add_argument("--task", default=d.task, choices=["transcribe", "translate"],
+                   help="translate: English text from speech in any language (a multilingual model, e.g. --model base)")
     g.add_argument("--word-timestamps", action="store_true", help="add per-word timings to the JSON output")
 
 
@@ -60,6 +66,8 @@ def options_from_args(args: argparse.Namespace) -> TranscribeOptions:
             "batch_size": args.batch_size,
             "beam_size": args.beam_size,
             "language": args.language,
+            "language_per_chunk": args.language_per_chunk,
+            "task": args.task,
             "word_timestamps": args.word_timestamps,
             "formats": list(args.formats),
         }

@@ -35,7 +35,7 @@ DAG_PREFIX = "vtp:dag:"
 #: ``vtp:health:<queue>:<worker name>``: set by a live worker every few seconds (``vtp worker --check``).
 HEALTH_PREFIX = "vtp:health:"
 #: ``vtp:gpustats:<worker name>``: hash of a GPU worker's batching counters since it started
-#: (batches, chunks, slots, fill_ratio = chunks / slots, last_batch, shared_batches,
+#: (batches, chunks, slots, fill_ratio = chunks / slots, last_batch, shared_batches, kept_apart,
 #: busy_seconds, decode_batch, models, engine, device); refreshed with its health key, expires
 #: half a minute after the worker is gone. Read by ``/metrics``.
 GPU_STATS_PREFIX = "vtp:gpustats:"

@@ -68,7 +68,10 @@ class _JsonSegment(msgspec.Struct, omit_defaults=True):
 
 class _JsonTranscript(msgspec.Struct):
     text: str
+    #: The language spoken (the source language when translating).
     language: str
+    #: ``transcribe``, or ``translate``: ``text`` is English.
+    task: str
     duration: float
     segments: list[_JsonSegment]
     stats: object
@@ -81,6 +84,7 @@ def to_json(transcript: Transcript) -> bytes:
     doc = _JsonTranscript(
         text=transcript.text,
         language=transcript.language,
+        task=transcript.task,
         duration=round(transcript.duration, 3),
         segments=[
             _JsonSegment(id=i, start=s.start, end=s.end, text=s.text.strip(), words=s.words)

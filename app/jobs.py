@@ -518,6 +518,18 @@ class JobStore:
         return await self._update(job_id, change)
 
     @_mapped
+    async def settle_language(self, job_id: str, language: str) -> str:
+        """The job's language: ``language`` if none was recorded yet, else the one recorded
+        (first writer wins), so every batch of a job decodes in one language however many GPU
+        workers detected it at once."""
+
+        def change(rec: JobRecord) -> JobRecord | None:
+            return rec if rec.language or rec.terminal else msgspec.structs.replace(rec, language=language)
+
+        record = await self._update(job_id, change, publish=False)
+        return (record.language if record is not None else "") or language
+
+    @_mapped
     async def note_wait(self, job_id: str, stage: str, seconds: float) -> None:
         """Remember how long a stage's job waited in its queue (the longest, for the fan-out)."""
 

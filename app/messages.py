@@ -38,7 +38,14 @@ class TranscribeOptions(Struct, frozen=True, kw_only=True, forbid_unknown_fields
     compute_type: str = "int8"
     batch_size: Annotated[int, Meta(ge=1, le=256)] = 8
     beam_size: Annotated[int, Meta(ge=1, le=16)] = 5
+    #: The spoken language (a code of ``app.languages.LANGUAGES``); None: detected once per job,
+    #: from its first speech, before any of its chunks is decoded (``workers.languages``).
     language: Annotated[str, Meta(min_length=2, max_length=8, pattern=r"^[a-z]{2,3}(-[A-Za-z]+)?$")] | None = None
+    #: ``translate``: English text whatever the language spoken (multilingual models only).
+    task: Literal["transcribe", "translate"] = "transcribe"
+    #: With no ``language``: detect it for every chunk on its own (mixed-language media) instead
+    #: of once per job; each chunk is still decoded in one concrete language.
+    language_per_chunk: bool = False
     word_timestamps: bool = False
     formats: tuple[Format, ...] = ALL_FORMATS
 
@@ -170,6 +177,15 @@ class TranscribeRequest(Struct, frozen=True, kw_only=True):
     options: TranscribeOptions
 
 
+class LanguageRequest(Struct, frozen=True, kw_only=True):
+    """A job's batches, in order: the first chunks among them (its first speech) vote on its
+    language (``workers.stages.detect_language``)."""
+
+    job_id: str
+    batches: list[ChunkBatch]
+    options: TranscribeOptions
+
+
 class CoverageStats(Struct, frozen=True, kw_only=True):
     """What the transcribe stage did so that no speech is lost (``workers.coverage``)."""
 
@@ -235,6 +251,7 @@ class TranscriptStats(Struct, frozen=True, kw_only=True):
 
 
 class Transcript(Struct, frozen=True, kw_only=True):
+    #: The language spoken (the source language, also when ``task`` is ``translate``).
     language: str
     duration: float
     segments: list[Segment]
@@ -243,6 +260,8 @@ class Transcript(Struct, frozen=True, kw_only=True):
     #: sorted, disjoint): ``stats.coverage.unheard_seconds`` is the length of ``unheard``.
     speech: list[tuple[float, float]] = []
     unheard: list[tuple[float, float]] = []
+    #: ``transcribe``, or ``translate`` (the text is English).
+    task: str = "transcribe"
 
     @property
     def text(self) -> str:
@@ -312,13 +331,15 @@ def options_from(values: dict) -> TranscribeOptions:
 
     Every entry point (``vtp transcribe``/``submit``, the jobs API, the OpenAI endpoint) goes
     through here, so a language Whisper does not know (``en-US``, ``xx``) is refused at once
-    with ``OptionsError`` (a 400, a usage error), not after a job's tries on a GPU worker.
+    with ``OptionsError`` (a 400, a usage error), not after a job's tries on a GPU worker; and
+    translation needs a multilingual model (not an English-only ``.en`` one).
     """
     try:
         options = msgspec.convert({k: v for k, v in values.items() if v is not None}, TranscribeOptions)
     except msgspec.ValidationError as exc:
         raise errors.OptionsError(f"invalid option: {exc}") from exc
     check_language(options.language)
+    check_task(options)
     return options
 
 
@@ -334,6 +355,21 @@ def check_language(code: str | None) -> None:
         f"language {code!r} is not one Whisper knows{hint}: give a code such as en, de, fr, es, zh or yue"
         " (app/languages.py lists all of them)"
     )
+
+
+def english_only_model(name: str) -> bool:
+    """Whether a model name says English-only (``tiny.en``, ``/models/whisper-small.en``), without
+    loading it: what the web process and the CLI check before a translate request."""
+    return name.rstrip("/").rsplit("/", 1)[-1].lower().endswith(".en")
+
+
+def check_task(options: TranscribeOptions) -> None:
+    """Translation needs a multilingual model: refuse it for an English-only one, clearly."""
+    if options.task == "translate" and english_only_model(options.model):
+        raise errors.OptionsError(
+            f"model {options.model!r} is English-only and cannot translate: use a multilingual model "
+            "such as base (pip install 'vtp[multilingual]')"
+        )
 
 
 class JobCost(Struct, frozen=True, kw_only=True):
@@ -423,6 +459,9 @@ class JobRecord(Struct, kw_only=True):
     machine_seconds: dict[str, float] = {}
     #: What those seconds cost at the machines' $/hour (``VTP_MACHINE_PRICE_HOUR``).
     cost_usd: float = 0.0
+    #: The language detected for the job (options named none): set once, by the first transcribe
+    #: stage to detect it, and then used by every batch of the job (``JobStore.settle_language``).
+    language: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -461,7 +500,10 @@ class JobView(Struct, frozen=True, kw_only=True):
     realtime_factor: float | None
     error: str | None
     model: str
+    #: The language asked for, else the one detected for the job (None until detected).
     language: str | None
+    #: ``transcribe`` or ``translate``.
+    task: str
     #: Formats ready to download (``GET /v1/jobs/{id}/transcript.{fmt}``).
     formats: list[str]
     webhook: WebhookDelivery | None = None
@@ -496,7 +538,8 @@ class JobView(Struct, frozen=True, kw_only=True):
             realtime_factor=round(r.duration / wall, 2) if r.state == "done" and wall > 0 else None,
             error=r.error or None,
             model=r.options.model,
-            language=r.options.language,
+            language=r.options.language or r.language or None,
+            task=r.options.task,
             formats=sorted(r.outputs),
             webhook=r.webhook,
             cost=costs.cost_of(r),

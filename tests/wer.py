@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import jiwer
+from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
 _normalize = EnglishTextNormalizer()
+_basic = BasicTextNormalizer()
 
 
 def normalize(text: str) -> str:
@@ -18,6 +20,11 @@ def word_errors(reference: str, hypothesis: str) -> jiwer.WordOutput:
 
 def wer(reference: str, hypothesis: str) -> float:
     return word_errors(reference, hypothesis).wer
+
+
+def wer_any(reference: str, hypothesis: str) -> float:
+    """WER for any language: Whisper's basic normalizer (case, punctuation; accents kept)."""
+    return jiwer.wer(_basic(reference), _basic(hypothesis))
 
 
 def deletion_runs(reference: str, hypothesis: str, min_words: int = 5) -> list[str]:

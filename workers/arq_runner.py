@@ -60,6 +60,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+import msgspec
 from arq import Retry
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix, retry_key_prefix
@@ -86,6 +87,7 @@ from app.messages import (
     ExtractedAudio,
     ExtractRequest,
     JobRecord,
+    LanguageRequest,
     MergeRequest,
     Rendered,
     RenderRequest,
@@ -457,7 +459,7 @@ async def transcribe_task(ctx: dict, data: bytes) -> str:
     job_id = req.job_id
 
     async def body(record: JobRecord) -> str:
-        part = await _speech().transcribe(_stage_ctx(ctx), req)
+        part = await _speech().transcribe(_stage_ctx(ctx), await _in_job_language(ctx, req, record))
         await store.count_run(job_id, "transcribe")
         fan = await store.record_batch(job_id, part, len(req.batch.chunks))
         await store.progress(job_id, chunks_done=fan.chunks_done, audio_done=fan.audio_done)
@@ -467,6 +469,24 @@ async def transcribe_task(ctx: dict, data: bytes) -> str:
 
     # No state change here: segment moves the job to "transcribing" once every batch is queued.
     return await _run_stage(ctx, job_id, "transcribe", "transcribing", body, enter=False)
+
+
+async def _in_job_language(ctx: dict, req: TranscribeRequest, record: JobRecord) -> TranscribeRequest:
+    """``req`` with the job's language when it names none: the one recorded on the job, else
+    detected from the job's first chunks (its first speech) and recorded, first detection wins
+    (``JobStore.settle_language``): every batch of the job decodes in one language, before any
+    of its chunks meets another job's in a shared model call."""
+    from workers import languages
+
+    if not languages.needs_job_language(req.options):
+        return req
+    language = record.language
+    if not language:
+        store: JobStore = ctx["store"]
+        seg = await store.get_part(req.job_id, "segmentation", Segmentation)
+        first = LanguageRequest(job_id=req.job_id, batches=seg.batches, options=req.options)
+        language = await store.settle_language(req.job_id, await _speech().detect_language(_stage_ctx(ctx), first))
+    return msgspec.structs.replace(req, options=msgspec.structs.replace(req.options, language=language))
 
 
 async def _enqueue_merge(ctx: dict, job_id: str) -> None:

@@ -12,8 +12,13 @@ the GPU is never idle while work waits.
 request first), so a request with many chunks (a long video, or a coverage repair re-decoding
 many gaps) cannot hold back one that arrived behind it by more than one chunk per batch.
 
-Chunks are batched only with chunks decoded the same way (beam size, language, word timings):
-those are the job's options the engine reads; everything about the hardware is the worker's.
+Chunks are batched only with chunks decoded the same way (beam size, language, task, word
+timings): those are the job's options the engine reads; everything about the hardware is the
+worker's. **Every chunk in its own job's language:** on a multilingual model a request always
+carries a concrete language before it is queued (the runners detect a job's language from its
+first speech; a request that still names none is split by each chunk's detected language,
+``workers.languages``), and the language is part of the group key, so one model call never
+decodes a Spanish job's chunks in the English of its neighbours.
 
 The fan-out unit (``VTP_BATCH_SIZE`` chunks per transcribe job) is separate from the decode
 batch: many small jobs fill one decode batch.
@@ -39,6 +44,7 @@ import msgspec
 import numpy as np
 
 from app.messages import Chunk, Segment, TranscribeOptions
+from workers import languages
 from workers.engines.base import FAST, Decoding, Engine
 
 log = logging.getLogger("vtp.batcher")
@@ -114,6 +120,9 @@ class BatcherStats:
     slots: int = 0
     #: Model calls that mixed chunks of several requests.
     shared_batches: int = 0
+    #: Model calls made while a request to be decoded another way (another language, task, beam
+    #: size or ladder rung) waited beside them: requests the group keys kept out of the call.
+    kept_apart: int = 0
     last_batch: int = 0
     busy_seconds: float = 0.0
     #: Chunks dropped before their decode because the stage that sent them gave up on them.
@@ -129,6 +138,7 @@ class BatcherStats:
             "chunks": self.chunks,
             "slots": self.slots,
             "shared_batches": self.shared_batches,
+            "kept_apart": self.kept_apart,
             "last_batch": self.last_batch,
             "fill_ratio": round(self.fill_ratio, 4),
             "busy_seconds": round(self.busy_seconds, 3),
@@ -152,7 +162,7 @@ class _Request:
     @property
     def key(self) -> tuple:
         o = self.options
-        return (o.beam_size, o.language, o.word_timestamps, self.decoding)
+        return (o.beam_size, o.language, o.task, o.word_timestamps, self.decoding)
 
 
 class GpuBatcher:
@@ -162,6 +172,7 @@ class GpuBatcher:
         self.engine = engine
         self.name = engine.name
         self.model_name = engine.model_name
+        self.multilingual = languages.multilingual(engine)
         self.batch_size = max(1, batch_size)
         self.max_wait = max(0.0, max_wait_ms) / 1000
         self.stats = BatcherStats()
@@ -181,6 +192,8 @@ class GpuBatcher:
         (``Abandoned``) when it is cancelled, its chunks not yet in a batch dropped."""
         if not audio:
             return [], options.language or "en"
+        if options.language is None and self.multilingual:  # never queued without a language
+            return languages.transcribe_by_language(self, audio, chunks, options, decoding)
         request = _Request(audio, chunks, options, time.monotonic(), deque(range(len(chunks))), decoding=decoding)
         with self._cond:
             if self._closed:
@@ -208,6 +221,11 @@ class GpuBatcher:
             request.todo.clear()
             request.error = Abandoned("the stage gave up on these chunks")
             request.done.set()
+
+    def detect_languages(self, audio: list[np.ndarray]) -> list[tuple[str, float]]:
+        """Straight to the engine, from the caller's thread (engines are thread-safe): detection
+        is per request and never shares a call."""
+        return self.engine.detect_languages(audio)
 
     def close(self) -> None:
         with self._cond:
@@ -245,6 +263,7 @@ class GpuBatcher:
                     self._cond.wait()
 
     def _take(self, group: list[_Request]) -> list[tuple[_Request, int]]:
+        self.stats.kept_apart += any(r.key != group[0].key for r in self._waiting)
         picked: list[tuple[_Request, int]] = []
         while len(picked) < self.batch_size and any(r.todo for r in group):
             for r in group:  # round-robin: one chunk from each request in turn

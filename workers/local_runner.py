@@ -19,6 +19,7 @@ import msgspec
 from app.config import Settings
 from app.messages import (
     ExtractRequest,
+    LanguageRequest,
     MergeRequest,
     ProgressEvent,
     RenderRequest,
@@ -30,7 +31,7 @@ from app.messages import (
 from app import keys
 from app.media import safe_basename  # noqa: F401 - used here and by app.cli
 from app.storage import LocalStorage, download_outputs
-from workers import audio, stages, vad
+from workers import audio, languages, stages, vad
 from workers.coverage import CoverageOptions
 from workers.engines.base import EnginePool
 
@@ -102,6 +103,10 @@ class LocalRunner:
             )
             clock("segment", t0)
 
+            if languages.needs_job_language(options) and seg.batches:
+                # once per job, from its first speech, before any chunk is decoded
+                first = LanguageRequest(job_id=job_id, batches=seg.batches, options=options)
+                options = msgspec.structs.replace(options, language=await stages.detect_language(ctx, first))
             total, done_chunks, done_audio = len(seg.chunks), 0, 0.0
             report(ProgressEvent(job_id=job_id, state="transcribing", chunks_total=total, audio_total=seg.speech_seconds))
             t0 = time.perf_counter()

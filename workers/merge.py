@@ -16,7 +16,8 @@ from workers.spans import merge as merge_spans
 
 
 def merge_parts(
-    parts: list[BatchTranscript], segmentation: Segmentation, duration: float, *, engine: str, model: str
+    parts: list[BatchTranscript], segmentation: Segmentation, duration: float, *, engine: str, model: str,
+    task: str = "transcribe",
 ) -> Transcript:
     by_batch = {p.batch_index: p for p in parts}  # a retried batch counts once
     ordered = sorted(
@@ -42,7 +43,8 @@ def merge_parts(
     speech = merge_spans([span for p in by_batch.values() for span in p.speech])
     unheard = merge_spans([span for p in by_batch.values() for span in p.unheard])
     return Transcript(
-        language=language, duration=round(duration, 3), segments=segments, stats=stats, speech=speech, unheard=unheard
+        language=language, duration=round(duration, 3), segments=segments, stats=stats, speech=speech, unheard=unheard,
+        task=task,
     )
 
 

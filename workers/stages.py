@@ -28,6 +28,7 @@ from app.messages import (
     ChunkBatch,
     ExtractedAudio,
     ExtractRequest,
+    LanguageRequest,
     MergeRequest,
     Rendered,
     RenderRequest,
@@ -38,7 +39,7 @@ from app.messages import (
 )
 from app.keys import audio_key, batch_audio_key, job_prefix, media_key, output_key, review_key
 from app.storage import Storage
-from workers import audio, coverage, merge as merging, vad
+from workers import audio, coverage, languages, merge as merging, vad
 from workers.batcher import Cancellable, CancelToken
 from workers.engines.base import EnginePool
 
@@ -132,12 +133,13 @@ async def transcribe(ctx: StageContext, req: TranscribeRequest) -> BatchTranscri
     pieces = split_batch_audio(data, req.batch)
     engine = await anyio.to_thread.run_sync(ctx.engines.get, req.options)
     # Cancelled (its deadline passed, the worker stops at once): the thread is abandoned, and the
-    # token makes it return soon, its chunks not yet decoded dropped from the GPU's queue.
+    # token makes it return soon, its chunks not yet decoded dropped from the GPU's queue. Every
+    # call reaches the engine in a concrete language (``languages.ByLanguage``).
     token = CancelToken()
     try:
         covered = await anyio.to_thread.run_sync(
-            coverage.transcribe_covered, Cancellable(engine, token), pieces, req.batch.chunks, req.options, ctx.coverage,
-            abandon_on_cancel=True,
+            coverage.transcribe_covered, languages.ByLanguage(Cancellable(engine, token)), pieces, req.batch.chunks,
+            req.options, ctx.coverage, abandon_on_cancel=True,
         )
     finally:
         token.cancel()  # a no-op for work that is done
@@ -153,6 +155,21 @@ async def transcribe(ctx: StageContext, req: TranscribeRequest) -> BatchTranscri
     )
 
 
+async def detect_language(ctx: StageContext, req: LanguageRequest) -> str:
+    """The job's language, voted on by its first ``languages.DETECT_CHUNKS`` chunks (read from
+    the first batches only). ``en`` on an English-only model, without reading any audio. The
+    runners call it once per job, before any of the job's chunks is decoded."""
+    engine = await anyio.to_thread.run_sync(ctx.engines.get, req.options)
+    if not languages.multilingual(engine):
+        return "en"
+    pieces: list[np.ndarray] = []
+    for batch in req.batches:
+        if len(pieces) >= languages.DETECT_CHUNKS:
+            break
+        pieces += split_batch_audio(await ctx.storage.get_bytes(batch.audio_key), batch)
+    return await anyio.to_thread.run_sync(languages.job_language, engine, pieces[: languages.DETECT_CHUNKS])
+
+
 async def merge(ctx: StageContext, req: MergeRequest) -> Transcript:
     """Fan-in: every batch's segments, in order, once each."""
     expected = {b.index for b in req.segmentation.batches}
@@ -160,7 +177,8 @@ async def merge(ctx: StageContext, req: MergeRequest) -> Transcript:
     if missing:
         raise errors.JobError(f"merge is missing the results of batches {sorted(missing)}")
     return merging.merge_parts(
-        req.parts, req.segmentation, req.audio.duration, engine=req.options.engine, model=req.options.model
+        req.parts, req.segmentation, req.audio.duration, engine=req.options.engine, model=req.options.model,
+        task=req.options.task,
     )
 
 

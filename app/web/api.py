@@ -7,8 +7,10 @@
     GET    /v1/jobs/{id}/transcript.{fmt}    txt, srt, vtt or json, once done
     GET    /v1/jobs/{id}/events              progress as Server-Sent Events, ending with the final state
 
-What a client may choose: ``language``, ``formats``, ``word_timestamps``, ``model`` (one of
-``VTP_MODELS``), ``webhook_url``, ``idempotency_key`` (or the ``Idempotency-Key`` header).
+What a client may choose: ``language`` (a code of ``app.languages``; unknown: 400), ``task``
+(``transcribe`` or ``translate``: English text; 400 on an English-only model),
+``language_per_chunk``, ``formats``, ``word_timestamps``, ``model`` (one of ``VTP_MODELS``),
+``webhook_url``, ``idempotency_key`` (or the ``Idempotency-Key`` header).
 Never a model path, a device or a compute type: those belong to the workers' settings.
 """
 
@@ -30,7 +32,9 @@ from app.web.uploads import Upload, check_media, read_body, receive_multipart, r
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 #: What a client may set; anything else (device, compute_type, a path...) is refused with 400.
-CLIENT_FIELDS = frozenset({"language", "formats", "word_timestamps", "model", "webhook_url", "idempotency_key"})
+CLIENT_FIELDS = frozenset(
+    {"language", "task", "language_per_chunk", "formats", "word_timestamps", "model", "webhook_url", "idempotency_key"}
+)
 MAX_PAGE = 100
 
 
@@ -39,6 +43,8 @@ class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     url: str
     language: str | None = None
+    task: str | None = None
+    language_per_chunk: bool = False
     formats: list[str] | str | None = None
     word_timestamps: bool = False
     model: str | None = None
@@ -50,7 +56,10 @@ def encode_json(value: Any, status: int = 200, headers: dict[str, str] | None = 
     return web.Response(body=msgspec.json.encode(value), status=status, content_type="application/json", headers=headers)
 
 
-def client_options(st: WebState, *, model: str | None, language: str | None, formats, word_timestamps: bool) -> TranscribeOptions:
+def client_options(
+    st: WebState, *, model: str | None, language: str | None, formats, word_timestamps: bool,
+    task: str | None = None, language_per_chunk: bool = False,
+) -> TranscribeOptions:
     """Options from what a client sent, within what the server allows."""
     allowed = st.settings.model_list
     if model in (None, "", "whisper-1", "default"):  # whisper-1: what OpenAI clients send by default
@@ -68,6 +77,8 @@ def client_options(st: WebState, *, model: str | None, language: str | None, for
         {
             "model": model,
             "language": (language or "").strip().lower() or None,
+            "task": (task or "").strip().lower() or None,
+            "language_per_chunk": language_per_chunk,
             "formats": formats or None,
             "word_timestamps": word_timestamps,
             "batch_size": st.settings.batch_size,  # the fan-out unit: the server's, not the client's
@@ -124,7 +135,8 @@ async def create_job(request: web.Request) -> web.Response:
             except msgspec.DecodeError as exc:
                 raise errors.OptionsError(f"invalid JSON: {exc}") from None
             options = client_options(
-                st, model=body.model, language=body.language, formats=body.formats, word_timestamps=body.word_timestamps
+                st, model=body.model, language=body.language, formats=body.formats, word_timestamps=body.word_timestamps,
+                task=body.task, language_per_chunk=body.language_per_chunk,
             )
             webhook_url = await check_webhook_url(st, body.webhook_url)
             upload = await receive_url(st.guard, body.url, path, max_bytes=st.settings.max_upload_bytes)
@@ -139,6 +151,7 @@ async def create_job(request: web.Request) -> web.Response:
             options = client_options(
                 st, model=upload.field("model"), language=upload.field("language"),
                 formats=upload.field("formats"), word_timestamps=_flag(upload.field("word_timestamps")),
+                task=upload.field("task"), language_per_chunk=_flag(upload.field("language_per_chunk")),
             )
             webhook_url = await check_webhook_url(st, upload.field("webhook_url"))
             key = upload.field("idempotency_key") or header_key

@@ -47,6 +47,7 @@ _GPU_METRICS = (
     ("vtp_gpu_decode_chunks_total", "chunks", "counter", "chunks decoded by each GPU worker"),
     ("vtp_gpu_decode_slots_total", "slots", "counter", "chunks full batches would have held (fill = chunks / slots)"),
     ("vtp_gpu_shared_batches_total", "shared_batches", "counter", "decode batches that held chunks of several jobs"),
+    ("vtp_gpu_kept_apart_total", "kept_apart", "counter", "decode batches made while chunks to decode another way (language, task, beam) waited"),
     ("vtp_gpu_batch_fill_ratio", "fill_ratio", "gauge", "chunks per decode batch / decode batch size, since start"),
     ("vtp_gpu_decode_batch_size", "decode_batch", "gauge", "the GPU worker's decode batch size (VTP_DECODE_BATCH)"),
     ("vtp_gpu_last_batch", "last_batch", "gauge", "chunks in the GPU worker's latest decode batch"),

@@ -1,5 +1,7 @@
-"""``POST /v1/audio/transcriptions``, the OpenAI-compatible endpoint: what the ``openai``
-clients (and everything built on them) send, answered once the job is done.
+"""``POST /v1/audio/transcriptions`` and ``/v1/audio/translations``, the OpenAI-compatible
+endpoints: what the ``openai`` clients (and everything built on them) send, answered once the
+job is done. A translation is a job with ``task=translate``: English text, whatever the language
+spoken (no ``language`` field, as OpenAI's; an English-only model answers 400).
 
 Form fields: ``file``; ``model`` (``whisper-1``, what the clients send by default, means the
 server's default model; otherwise one of ``VTP_MODELS``); ``language``; ``response_format``
@@ -83,6 +85,14 @@ def _segments(doc: dict) -> list[dict]:
 
 
 async def transcriptions(request: web.Request) -> web.Response:
+    return await _answer(request, "transcribe")
+
+
+async def translations(request: web.Request) -> web.Response:
+    return await _answer(request, "translate")
+
+
+async def _answer(request: web.Request, task: str) -> web.Response:
     st = state(request)
     owner = request[OWNER]
     await st.store.ping()
@@ -96,12 +106,15 @@ async def transcriptions(request: web.Request) -> web.Response:
         granularities = set(upload.fields.get("timestamp_granularities[]", []) + upload.fields.get("timestamp_granularities", []))
         if granularities - {"segment", "word"}:
             raise errors.OptionsError("timestamp_granularities may be segment and/or word")
-        unknown = sorted(set(upload.fields) - IGNORED - {"model", "language", "response_format", "timestamp_granularities[]", "timestamp_granularities"})
+        known = {"model", "response_format", "timestamp_granularities[]", "timestamp_granularities"}
+        if task == "transcribe":
+            known.add("language")
+        unknown = sorted(set(upload.fields) - IGNORED - known)
         if unknown:
             raise errors.OptionsError(f"unknown field(s) {', '.join(unknown)}")
         options = api.client_options(
             st, model=upload.field("model"), language=upload.field("language"),
-            formats=None, word_timestamps="word" in granularities,
+            formats=None, word_timestamps="word" in granularities, task=task,
         )
         sub = await api.accept(st, owner, upload, options)
     try:
@@ -124,7 +137,7 @@ async def transcriptions(request: web.Request) -> web.Response:
     if fmt == "json":
         return api.encode_json({"text": text, "usage": {"type": "duration", "seconds": round(doc.get("duration", 0.0))}})
     body = {
-        "task": "transcribe",
+        "task": doc.get("task", task),
         "language": doc.get("language", ""),
         "duration": doc.get("duration", 0.0),
         "text": text,
@@ -141,3 +154,4 @@ async def transcriptions(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/audio/transcriptions", transcriptions)
+    app.router.add_post("/v1/audio/translations", translations)

@@ -81,6 +81,13 @@ FAST = Decoding()
 class Engine(Protocol):
     name: str
     model_name: str
+    #: False for English-only models (``.en``): they hear English and cannot translate.
+    multilingual: bool
+
+    def detect_languages(self, audio: list[np.ndarray]) -> list[tuple[str, float]]:
+        """Each chunk's most likely language and its probability (``("en", 1.0)`` for every chunk
+        on an English-only model)."""
+        ...
 
     def transcribe_batch(
         self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST
@@ -88,7 +95,10 @@ class Engine(Protocol):
         """Transcribe ``audio[i]`` (float32, 16 kHz), the audio of ``chunks[i]`` (its pieces joined).
 
         Returns segments with source timestamps (``Chunk.to_source``), in chunk order, and the
-        language. ``decoding`` picks the fast decode or a rung of the coverage ladder.
+        language. ``options.task`` ``translate`` gives English text (``OptionsError`` on an
+        English-only model). Callers pass a concrete ``options.language`` to a multilingual
+        engine (``workers.languages.decode_in_language``); given None, an engine guesses one
+        language for the whole call. ``decoding`` picks the fast decode or a rung of the coverage ladder.
         """
         ...
 

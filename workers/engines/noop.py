@@ -11,6 +11,7 @@ from workers.engines.base import FAST, Decoding
 
 class NoopEngine:
     name = "noop"
+    multilingual = False
 
     def __init__(self, options: TranscribeOptions) -> None:
         self.model_name = options.model
@@ -19,3 +20,6 @@ class NoopEngine:
         self, audio: list[np.ndarray], chunks: list[Chunk], options: TranscribeOptions, decoding: Decoding = FAST
     ) -> tuple[list[Segment], str]:
         return [], options.language or "en"
+
+    def detect_languages(self, audio: list[np.ndarray]) -> list[tuple[str, float]]:
+        return [("en", 1.0)] * len(audio)

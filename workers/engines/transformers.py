@@ -54,6 +54,7 @@ from workers.engines.ctranslate2 import (
     _subsegment,
     _word,
     bundled_model_path,
+    check_task,
 )
 from workers.engines.base import FAST, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, Decoding, needs_fallback
 from workers.engines.dtw import dtw_batch
@@ -92,8 +93,11 @@ def resolve_checkpoint(name: str, cache_dir: Path | None = None) -> Path:
     """A transformers checkpoint directory for ``name``: used as is, or converted from CTranslate2."""
     from workers.engines.ct2_convert import cached_checkpoint
 
-    if name == BUNDLED_MODEL_NAME:
-        source = bundled_model_path()
+    from workers.engines.models import registry_model_path
+
+    local = registry_model_path(name)  # tiny.en (bundled), base (vtp[multilingual])
+    if local is not None:
+        source = local
     else:
         source = Path(name).expanduser()
         if not source.is_dir():
@@ -247,7 +251,8 @@ class TransformersEngine:
             encoded = self.model.model.encoder(inputs).last_hidden_state
             longest = max(range(len(audio)), key=lambda i: audio[i].size)
             language = self._language(encoded[longest : longest + 1], options)
-            tokenizer = Tokenizer(self.hf_tokenizer, self.multilingual, task="transcribe", language=language)
+            check_task(self.multilingual, options.task, self.model_name)
+            tokenizer = Tokenizer(self.hf_tokenizer, self.multilingual, task=options.task, language=language)
             # alignment (and the fast decode) use the no-timestamps prompt, as OpenAI's find_alignment does
             text_prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
             decoded = self._decode(encoded, tokenizer, get_suppressed_tokens(tokenizer, [-1]), options, decoding)
@@ -329,6 +334,28 @@ class TransformersEngine:
         return kept  # type: ignore[return-value]
 
     # -- steps -------------------------------------------------------------------------------
+
+    def detect_languages(self, audio: list[np.ndarray]) -> list[tuple[str, float]]:
+        """Each chunk's most likely language and its probability (one encoder pass for all)."""
+        if not self.multilingual:
+            return [("en", 1.0)] * len(audio)
+        if not audio:
+            return []
+        import torch
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        sot = self.hf_tokenizer.token_to_id("<|startoftranscript|>")
+        lang_ids = {code: self.hf_tokenizer.token_to_id(f"<|{code}|>") for code in _LANGUAGE_CODES}
+        codes = [c for c, i in lang_ids.items() if i is not None]
+        try:
+            with self._lock, torch.inference_mode():
+                encoded = self.model.model.encoder(log_mel(audio, self.mel_filters, self.device, self.dtype)).last_hidden_state
+                ids = torch.full((len(audio), 1), sot, device=self.device)
+                logits = self.model(encoder_outputs=(encoded,), decoder_input_ids=ids, use_cache=False).logits[:, -1]
+                probs = logits[:, [lang_ids[c] for c in codes]].float().softmax(-1).cpu().numpy()
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            raise errors.EngineError(f"{self.name} engine failed detecting the language of {len(audio)} chunks: {_one_line(exc)}") from exc
+        return [(codes[int(p.argmax())], float(p.max())) for p in probs]
 
     def _language(self, encoded, options: TranscribeOptions) -> str:
         if not self.multilingual:

@@ -50,8 +50,9 @@ function uploadPage() {
     e.preventDefault();
     if (!file.files.length) { status.textContent = "Pick a file first."; return; }
     const data = new FormData();
-    const language = $("language").value.trim();
+    const language = $("language").value;
     if (language) data.append("language", language);
+    if ($("task").value !== "transcribe") data.append("task", $("task").value);
     if ($("model").value) data.append("model", $("model").value);
     if ($("word_timestamps").checked) data.append("word_timestamps", "true");
     const formats = [...form.querySelectorAll("input[name=formats]:checked")].map((c) => c.value);
