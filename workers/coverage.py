@@ -296,7 +296,13 @@ def transcribe_covered(
         for seg in sorted(by_chunk.get(c.index, []), key=lambda s: (s.start, s.end)):
             out.append(seg if options.word_timestamps else msgspec.structs.replace(seg, words=None))
     speech = merge([span for c in chunks if not c.probe for span in c.speech or [(c.start, c.end)]])
-    unheard = unheard_spans(chunks, by_chunk, opts)
+    # a translation's words are not timed against the speech closely enough to call its gaps
+    # unheard: there, only a chunk that produced no words at all is
+    unheard = (
+        unheard_spans(chunks, by_chunk, opts)
+        if options.task != "translate"
+        else merge(r for c in chunks if not c.probe and not _words(by_chunk.get(c.index, [])) for r in c.speech)
+    )
     stats = msgspec.structs.replace(
         repairs,
         probes=len(probes),
@@ -342,7 +348,10 @@ def _find_suspects(
     rate: float,
     opts: CoverageOptions,
     tried: set[tuple],
+    gaps: bool = True,
 ) -> list[_Suspect]:
+    """This round's suspects; ``gaps=False``: whole chunks only (a translation's words line up
+    only loosely with the speech, so a stretch without them is no sign of speech lost)."""
     found: list[_Suspect] = []
     for i, c in enumerate(chunks):
         if c.probe:
@@ -357,7 +366,7 @@ def _find_suspects(
             tried.add(("chunk", c.index))
             found.append(_Suspect(i, "chunk", whole, whole, whole, speech_s, looping=looping))
             continue
-        if ("heard nothing", c.index) in tried:
+        if not gaps or ("heard nothing", c.index) in tried:
             continue  # the whole ladder heard nothing in the whole chunk: its parts are no different
         for gap in uncovered(speech, segments, opts):
             key = (c.index, round(gap[0], 2), round(gap[1], 2))
@@ -538,7 +547,7 @@ def repair_gaps(
     tried: set[tuple] = set()
     rate = speech_rate(chunks, by_chunk, opts)
     for _ in range(opts.rounds):
-        suspects = _find_suspects(chunks, by_chunk, rate, opts, tried)
+        suspects = _find_suspects(chunks, by_chunk, rate, opts, tried, gaps=options.task != "translate")
         if not suspects:
             break
         gaps += len(suspects)
