@@ -603,7 +603,7 @@ def build_one(spec: Spec, out: Path) -> dict:
         "conditions": spec.conditions(),
     }
     meta.write_text(json.dumps({"key": key, "entry": entry, "spans": spans}, indent=1))
-    return entry
+    return json.loads(json.dumps(entry))  # as read back: lists, not tuples
 
 
 def build(out: Path = DEFAULT_OUT, specs: tuple[Spec, ...] = SPECS, log=print) -> list[dict]:
