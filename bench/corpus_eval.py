@@ -1,0 +1,313 @@
+"""vtp against plain faster-whisper on the generated corpus (bench/corpus.py): where speech is lost.
+
+    nice -n 10 python bench/corpus_eval.py --quick [--write]      # 8 inputs, 2-3 min each
+    python bench/corpus_eval.py [--only NAME[,NAME]] [--systems vtp,sequential,batched]
+                                [--corpus DIR] [--write] [--name SECTION]
+
+Builds the corpus first if it is not there (``~/.cache/vtp/corpus``, or ``--corpus``). Then, in
+one process and on one loaded model (the bundled tiny.en, CTranslate2 int8, loaded once), for
+each input and each system:
+
+- **sequential**: faster-whisper ``WhisperModel.transcribe`` (beam 5), the yardstick;
+- **batched**: faster-whisper ``BatchedInferencePipeline`` (batch 8, beam 5), the same weights;
+- **vtp**: the local runner (what ``vtp transcribe`` runs; batch 8, beam 5), the same weights;
+
+it measures WER (Whisper's English normalizer and jiwer, ``tests/wer.py``), lost runs (deletion
+runs of 5 or more reference words; "lost vs sequential" counts those sequential mostly keeps,
+``tests.wer.runs_lost_against``), vtp's ``stats.coverage.unheard_seconds``, and speed (x
+realtime, end to end from the media file; systems interleaved per input, in a rotating order,
+after one warm-up of each, so a busy machine slows all alike). Inputs without speech are
+measured as words emitted (should be about 0).
+
+Prints a line per input and a table; ``--write`` puts the table (with the machine, commit and
+conditions) in docs/benchmarks.md under its own heading and the per-run log (every transcript,
+every lost run) in ``docs/corpus_eval[_quick].jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import anyio
+import msgspec
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import corpus  # noqa: E402
+from bench.report import machine, write_section  # noqa: E402
+from tests.wer import deletion_runs, normalize, runs_lost_against, word_errors  # noqa: E402
+
+SYSTEMS = ("sequential", "batched", "vtp")
+
+
+class Systems:
+    """The three systems on one loaded model."""
+
+    def __init__(self, names: tuple[str, ...], work: Path) -> None:
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+        from app.config import Settings
+        from app.messages import TranscribeOptions
+        from workers.engines.base import EnginePool
+        from workers.engines.ctranslate2 import FasterWhisperEngine, bundled_model_path
+        from workers.local_runner import LocalRunner
+
+        # Loaded in a worker thread, as vtp's EnginePool does (CTranslate2 on CPU measured about
+        # 1.7x slower when the model was created on the main thread, for every system alike).
+        with ThreadPoolExecutor(1) as pool:
+            self.model = pool.submit(
+                WhisperModel, str(bundled_model_path()), device="cpu", compute_type="int8", cpu_threads=os.cpu_count() or 0
+            ).result()
+        self.batched = BatchedInferencePipeline(self.model)
+        self.options = TranscribeOptions(batch_size=8, beam_size=5, formats=("json",))
+        engines = EnginePool(lambda _o: FasterWhisperEngine(self.model, "tiny.en"))
+        self.runner = LocalRunner(Settings.from_env(data_dir=str(work / "data")), engines=engines)
+        self.out = work / "out"
+        self.names = names
+
+    def run(self, name: str, path: Path) -> dict:
+        """One system on one input: its text, wall seconds and (vtp) coverage."""
+        t0 = time.perf_counter()
+        extra: dict = {}
+        if name == "sequential":
+            text = " ".join(s.text for s in self.model.transcribe(str(path), beam_size=5, language="en")[0])
+        elif name == "batched":
+            segments = self.batched.transcribe(str(path), batch_size=8, beam_size=5, language="en")[0]
+            text = " ".join(s.text for s in segments)
+        elif name == "vtp":
+            result = anyio.run(lambda: self.runner.run(path, self.options, self.out))
+            t = result.transcript
+            text = t.text
+            extra = {
+                "coverage": msgspec.to_builtins(t.stats.coverage),
+                "unheard": [list(u) for u in t.unheard],
+                "unheard_seconds": t.stats.coverage.unheard_seconds,
+            }
+        else:
+            raise SystemExit(f"corpus_eval: unknown system {name!r} (one of {', '.join(SYSTEMS)})")
+        return {"text": text.strip(), "seconds": round(time.perf_counter() - t0, 3), **extra}
+
+
+def score(reference: str, text: str, yardstick: str | None) -> dict:
+    if not normalize(reference).split():
+        return {"words_emitted": len(normalize(text).split())}
+    out = word_errors(reference, text)
+    errors = out.substitutions + out.deletions + out.insertions
+    runs = deletion_runs(reference, text)
+    d = {
+        "ref_words": out.hits + out.substitutions + out.deletions,
+        "errors": errors,
+        "wer": round(out.wer, 4),
+        "lost_runs": runs,
+    }
+    if yardstick is not None:
+        lost = runs_lost_against(reference, text, yardstick)
+        d["lost_vs_sequential"] = lost
+        d["lost_vs_sequential_words"] = sum(len(r.split()) for r in lost)
+    return d
+
+
+def describe(c: dict) -> str:
+    """A short line for an input's conditions."""
+    parts = []
+    if c["kind"] == "tts":
+        rates = c["rates"][0] if c["rates"][0] == c["rates"][1] else f"{c['rates'][0]}-{c['rates'][1]}"
+        parts.append(f"espeak {len(c['voices'])} voice{'s' if len(c['voices']) > 1 else ''} -s {rates}")
+        if c["paragraph_seconds"]:
+            parts.append(f"paragraphs {c['paragraph_seconds'][0]:g}-{c['paragraph_seconds'][1]:g} s")
+        if c["unit"] == "sentence":
+            parts.append(f"sentence pauses {_range(c['sentence_pause'])} s")
+    elif c["kind"] == "human":
+        parts.append("human " + "+".join(c["sources"]) + " reordered")
+    else:
+        parts.append("no speech")
+    if c["kind"] != "empty":
+        parts.append(f"gaps {_range(c['paragraph_gap'])} s")
+        if c["short_pause"]:
+            parts.append(f"{_range(c['short_pause'])} s before short phrases")
+        if c["gain_db"] != [0.0, 0.0]:
+            parts.append(f"level {_range(c['gain_db'])} dB")
+        parts += [f"{b} {snr:g} dB SNR" for b, snr in c["beds"]]
+    else:
+        parts += [f"{b} {lvl:g} dBFS" for b, lvl in c["beds"]] + (["gated"] if c["gated"] else [])
+    parts.append(c["codec"] + (f" {c['bitrate']}" if c["bitrate"] else ""))
+    return ", ".join(parts)
+
+
+def _range(r) -> str:
+    return f"{r[0]:g}" if r[0] == r[1] else f"{r[0]:g}-{r[1]:g}"
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "app", "workers"], cwd=ROOT, capture_output=True, text=True).stdout
+        return head + (" with uncommitted changes to app/ or workers/" if dirty.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def table(rows: list[dict], names: tuple[str, ...]) -> str:
+    """Markdown: one row per input, then the corpus totals."""
+    short = {"sequential": "seq", "batched": "bat", "vtp": "vtp"}
+    cols = " / ".join(short[n] for n in names)
+    header = ["input", "conditions", "audio s", f"WER {cols}", f"lost runs {cols}"]
+    others = [n for n in names if n != "sequential"]
+    if "sequential" in names:
+        header.append("lost vs seq (words) " + " / ".join(short[n] for n in others))
+    if "vtp" in names:
+        header.append("vtp unheard s")
+    header.append(f"x realtime {cols}")
+    if "vtp" in names and "batched" in names:
+        header.append("vtp vs batched")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def cells(row: dict) -> list[str]:
+        r = row["systems"]
+        if row["words"] == 0:
+            wers = "words: " + " / ".join(str(r[n]["words_emitted"]) for n in names)
+            runs = "–"
+            lost = "–"
+        else:
+            wers = " / ".join(f"{100 * r[n]['wer']:.1f}%" for n in names)
+            runs = " / ".join(str(len(r[n]["lost_runs"])) for n in names)
+            lost = " / ".join(f"{len(r[n]['lost_vs_sequential'])} ({r[n]['lost_vs_sequential_words']})" for n in others)
+        c = [row["name"], row["conditions_text"], f"{row['seconds']:.0f}", wers, runs]
+        if "sequential" in names:
+            c.append(lost)
+        if "vtp" in names:
+            c.append(f"{r['vtp']['unheard_seconds']:.1f}")
+        c.append(" / ".join(f"{row['seconds'] / r[n]['seconds']:.1f}x" for n in names))
+        if "vtp" in names and "batched" in names:
+            c.append(f"{r['batched']['seconds'] / r['vtp']['seconds']:.2f}")
+        return c
+
+    for row in rows:
+        lines.append("| " + " | ".join(cells(row)) + " |")
+    # Totals: corpus WER (all errors over all reference words), runs, words emitted on no-speech.
+    speech = [r for r in rows if r["words"]]
+    empty = [r for r in rows if not r["words"]]
+    total_s = sum(r["seconds"] for r in rows)
+
+    def wer_total(n: str) -> str:
+        words = sum(r["systems"][n]["ref_words"] for r in speech)
+        return f"{100 * sum(r['systems'][n]['errors'] for r in speech) / words:.1f}%" if words else "–"
+
+    c = [f"**all {len(rows)}**", f"{len(speech)} with speech, {len(empty)} without", f"{total_s:.0f}"]
+    c.append(" / ".join(wer_total(n) for n in names))
+    c.append(" / ".join(str(sum(len(r["systems"][n].get("lost_runs", [])) for r in speech)) for n in names))
+    if "sequential" in names:
+        c.append(" / ".join(
+            f"{sum(len(r['systems'][n].get('lost_vs_sequential', [])) for r in speech)} "
+            f"({sum(r['systems'][n].get('lost_vs_sequential_words', 0) for r in speech)})" for n in others
+        ))
+    if "vtp" in names:
+        c.append(f"{sum(r['systems']['vtp']['unheard_seconds'] for r in rows):.1f}")
+    c.append(" / ".join(f"{total_s / sum(r['systems'][n]['seconds'] for r in rows):.1f}x" for n in names))
+    if "vtp" in names and "batched" in names:
+        c.append(f"{sum(r['systems']['batched']['seconds'] for r in rows) / sum(r['systems']['vtp']['seconds'] for r in rows):.2f}")
+    lines.append("| " + " | ".join(c) + " |")
+    if empty:
+        lines.append("")
+        lines.append("Words emitted on the inputs without speech (" + ", ".join(r["name"] for r in empty) + "): " + " / ".join(
+            f"{short[n]} {sum(r['systems'][n]['words_emitted'] for r in empty)}" for n in names
+        ) + ".")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, default=corpus.DEFAULT_OUT)
+    ap.add_argument("--quick", action="store_true", help="the quick subset: 8 inputs of 2-3 minutes, one per condition")
+    ap.add_argument("--only", help="comma list of input names (or parts of names)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of: " + ", ".join(SYSTEMS))
+    ap.add_argument("--write", action="store_true", help="write the table to docs/benchmarks.md and the log to docs/")
+    ap.add_argument("--name", help="section and log name (default corpus_eval_quick, corpus_eval or corpus_eval_only)")
+    ap.add_argument("--log", type=Path, help="JSONL log (default with --write: docs/NAME.jsonl)")
+    args = ap.parse_args()
+    names = tuple(n.strip() for n in args.systems.split(",") if n.strip())
+    for n in names:
+        if n not in SYSTEMS:
+            raise SystemExit(f"corpus_eval: unknown system {n!r} (one of {', '.join(SYSTEMS)})")
+    names = tuple(n for n in SYSTEMS if n in names)  # sequential first: the yardstick
+    specs = corpus.select(args.only, args.quick)
+    entries = corpus.build(args.corpus, specs, log=lambda _line: None)
+    name = args.name or ("corpus_eval_only" if args.only else "corpus_eval_quick" if args.quick else "corpus_eval")
+    log_path = args.log or (ROOT / "docs" / f"{name}.jsonl" if args.write else None)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    head = {"machine": machine(), "commit": commit(), "started": started, "systems": names,
+            "command": "python bench/corpus_eval.py " + " ".join(sys.argv[1:])}
+    print(f"# {head['command']}\n# {head['machine']}; commit {head['commit']}; {started}", flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="vtp-corpus-eval-"))
+    systems = Systems(names, work)
+    warm = corpus.DATA / "jfk.flac"
+    for n in names:  # warm-up: caches, thread pools, first-call allocations
+        systems.run(n, warm)
+
+    rows: list[dict] = []
+    log = log_path.open("w") if log_path else None
+    if log:
+        log.write(json.dumps({"run": head}) + "\n")
+    for i, entry in enumerate(entries):
+        path = args.corpus / entry["file"]
+        reference = (args.corpus / entry["reference"]).read_text()
+        order = names[i % len(names):] + names[: i % len(names)]
+        results = {n: systems.run(n, path) for n in order}
+        yard = results["sequential"]["text"] if "sequential" in results else None
+        row = {**entry, "conditions_text": describe(entry["conditions"]), "systems": {}}
+        for n in names:
+            row["systems"][n] = {**results[n], **score(reference, results[n]["text"], yard if n != "sequential" else None)}
+        rows.append(row)
+        line = f"{entry['name']:42} {entry['seconds']:6.0f} s"
+        for n in names:
+            r = row["systems"][n]
+            if entry["words"]:
+                line += f" | {n} WER {100 * r['wer']:5.1f}% lost {len(r['lost_runs'])}"
+                if "lost_vs_sequential" in r:
+                    line += f" (vs seq {len(r['lost_vs_sequential'])}: {r['lost_vs_sequential_words']} w)"
+            else:
+                line += f" | {n} {r['words_emitted']} words"
+            line += f" {entry['seconds'] / r['seconds']:.1f}x"
+            if n == "vtp":
+                line += f" unheard {r['unheard_seconds']:.1f} s"
+        print(line, flush=True)
+        if log:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+    if log:
+        log.close()
+
+    text = table(rows, names)
+    print()
+    print(text)
+    if args.write:
+        title = {
+            "corpus_eval_quick": "Generated corpus (quick): where speech is lost",
+            "corpus_eval": "Generated corpus: where speech is lost",
+        }.get(name, f"Generated corpus ({name})")
+        body = (
+            f"Machine: {head['machine']}. Commit: {head['commit']}. Run {started}. Model: bundled tiny.en "
+            "(CTranslate2 int8), loaded once and shared by the three systems. Command: "
+            f"`{head['command']}` (the corpus: `python bench/corpus.py`, deterministic). Systems: sequential = "
+            "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
+            "beam 5); vtp = the local runner (batch 8, beam 5). WER: Whisper's English normalizer and jiwer. "
+            "Lost runs: 5 or more consecutive reference words missing; \"lost vs seq\": those sequential mostly "
+            "keeps (runs, words). Speed: end to end from the media file, interleaved per input, one run each. "
+            f"Log: `docs/{log_path.name if log_path else name + '.jsonl'}`.\n\n{text}"
+        )
+        write_section(ROOT / "docs" / "benchmarks.md", name, title, body)
+
+
+if __name__ == "__main__":
+    main()
