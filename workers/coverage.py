@@ -484,7 +484,7 @@ def climb(
             heard[id(s)].extend(_acceptable(rung, found.get(k, []), opts))
         for s in climbing:
             segments = heard[id(s)]
-            words = _inside(sorted(_words(segments), key=lambda w: w.start), s.region)
+            words = _once(_inside(sorted(_words(segments), key=lambda w: w.start), s.region))
             # judged by the words that land in the gap itself: the region around it was heard
             margin = opts.word_margin_s
             in_gap = len(_inside(words, (s.gap[0] - margin, s.gap[1] + margin)))
@@ -497,6 +497,22 @@ def climb(
                 s.done = plausible(in_gap, s.speech_s, rate, opts) and not any(
                     b - a >= opts.min_suspect_s for a, b in left
                 )
+
+
+def _once(words: list[Word]) -> list[Word]:
+    """Time-sorted words with a word said twice over the same audio kept once (two windows that
+    meet, as the shifted rung's halves do, can both decode the word at their edge)."""
+    out: list[Word] = []
+    for w in words:
+        prev = out[-1] if out else None
+        if prev is not None and _norm(prev.word) == _norm(w.word) and _middle(w) <= prev.end + 0.1:
+            continue
+        out.append(w)
+    return out
+
+
+def _norm(word: str) -> str:
+    return word.strip().strip(".,!?;:\"'()-").lower()
 
 
 def _apply(suspect: _Suspect, chunk: Chunk, by_chunk: dict[int, list[Segment]], opts: CoverageOptions) -> bool:
