@@ -44,6 +44,22 @@ def test_summary_line_and_formats(data_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jfk.json", "jfk.srt"]
 
 
+def test_speech_that_produced_no_words_is_reported_not_hidden(data_dir, tmp_path):
+    """An engine that hears nothing (``noop``): the summary line still comes, then a warning on
+    stderr says how much speech produced no words, and the JSON says where."""
+    import json
+
+    result = vtp("transcribe", data_dir / "jfk.flac", "-o", tmp_path, "--engine", "noop", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("jfk.flac: 11.0 s audio")
+    warning = re.fullmatch(r"vtp: warning: jfk\.flac: (\d+\.\d) s of speech produced no words .*\n", result.stderr)
+    assert warning, result.stderr
+    doc = json.loads((tmp_path / "jfk.json").read_text())
+    assert doc["segments"] == [] and doc["unheard"] == doc["speech"] != []
+    assert doc["stats"]["coverage"]["unheard_seconds"] == pytest.approx(float(warning.group(1)), abs=0.06)
+    assert "unheard" not in vtp("transcribe", data_dir / "jfk.flac", "-o", tmp_path, "--quiet").stderr
+
+
 def test_same_stem_twice_keeps_both(data_dir, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "jfk.flac").write_bytes((data_dir / "jfk.flac").read_bytes())
