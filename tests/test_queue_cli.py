@@ -68,3 +68,18 @@ def test_worker_check_warns_when_redis_may_evict(redis_server_factory):
     res = vtp(server.url, "worker", "--queue", "cpu", "--check")
     assert "vtp: warning: Redis maxmemory-policy is allkeys-lru" in res.stderr
     assert "noeviction" in res.stderr
+
+
+async def test_status_says_how_much_speech_produced_no_words(redis_url):
+    """A job whose transcript left speech without words says so in `vtp status` and the API."""
+    from app.messages import JobView
+
+    record = JobRecord(id="heard0001", input_name="talk.mp4", state="done", unheard_seconds=12.04)
+    store = JobStore.open(redis_url)
+    try:
+        await store.create(record)
+    finally:
+        await store.aclose()
+    res = vtp(redis_url, "status", "heard0001")
+    assert res.returncode == 0 and "12.0 s speech unheard" in res.stdout, res.stdout
+    assert JobView.of(record).unheard_seconds == 12.04
