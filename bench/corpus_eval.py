@@ -245,9 +245,10 @@ def main() -> None:
     name = args.name or ("corpus_eval_only" if args.only else "corpus_eval_quick" if args.quick else "corpus_eval")
     log_path = args.log or (ROOT / "docs" / f"{name}.jsonl" if args.write else None)
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = {"machine": machine(), "commit": commit(), "started": started, "systems": names,
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    head = {"machine": machine(), "commit": commit(), "started": started, "systems": names, "load": load,
             "command": "python bench/corpus_eval.py " + " ".join(sys.argv[1:])}
-    print(f"# {head['command']}\n# {head['machine']}; commit {head['commit']}; {started}", flush=True)
+    print(f"# {head['command']}\n# {head['machine']}; commit {head['commit']}; {started}; load {load}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="vtp-corpus-eval-"))
     systems = Systems(names, work)
@@ -297,7 +298,8 @@ def main() -> None:
             "corpus_eval": "Generated corpus: where speech is lost",
         }.get(name, f"Generated corpus ({name})")
         body = (
-            f"Machine: {head['machine']}. Commit: {head['commit']}. Run {started}. Model: bundled tiny.en "
+            f"Machine: {head['machine']} (load average {load} at the start: a shared machine slows every "
+            "system alike, the ratios hold better than the x realtime). Commit: {head['commit']}. Run {started}. Model: bundled tiny.en "
             "(CTranslate2 int8), loaded once and shared by the three systems. Command: "
             f"`{head['command']}` (the corpus: `python bench/corpus.py`, deterministic). Systems: sequential = "
             "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
