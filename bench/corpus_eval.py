@@ -230,6 +230,7 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=corpus.DEFAULT_OUT)
     ap.add_argument("--quick", action="store_true", help="the quick subset: 8 inputs of 2-3 minutes, one per condition")
     ap.add_argument("--only", help="comma list of input names (or parts of names)")
+    ap.add_argument("--slice", action="store_true", help="the committed test slice's inputs (built afresh into --corpus)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of: " + ", ".join(SYSTEMS))
     ap.add_argument("--write", action="store_true", help="write the table to docs/benchmarks.md and the log to docs/")
     ap.add_argument("--name", help="section and log name (default corpus_eval_quick, corpus_eval or corpus_eval_only)")
@@ -240,9 +241,9 @@ def main() -> None:
         if n not in SYSTEMS:
             raise SystemExit(f"corpus_eval: unknown system {n!r} (one of {', '.join(SYSTEMS)})")
     names = tuple(n for n in SYSTEMS if n in names)  # sequential first: the yardstick
-    specs = corpus.select(args.only, args.quick)
+    specs = corpus.select(args.only, args.quick, corpus.SLICE if args.slice else corpus.SPECS)
     entries = corpus.build(args.corpus, specs, log=lambda _line: None)
-    name = args.name or ("corpus_eval_only" if args.only else "corpus_eval_quick" if args.quick else "corpus_eval")
+    name = args.name or ("corpus_eval_slice" if args.slice else "corpus_eval_only" if args.only else "corpus_eval_quick" if args.quick else "corpus_eval")
     log_path = args.log or (ROOT / "docs" / f"{name}.jsonl" if args.write else None)
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
