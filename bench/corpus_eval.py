@@ -235,7 +235,10 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the table to docs/benchmarks.md and the log to docs/")
     ap.add_argument("--name", help="section and log name (default corpus_eval_quick, corpus_eval or corpus_eval_only)")
     ap.add_argument("--log", type=Path, help="JSONL log (default with --write: docs/NAME.jsonl)")
+    ap.add_argument("--table", type=Path, metavar="LOG", help="only print (and --write) the table of an earlier run's log")
     args = ap.parse_args()
+    if args.table:
+        return from_log(args.table, args.name, args.write)
     names = tuple(n.strip() for n in args.systems.split(",") if n.strip())
     for n in names:
         if n not in SYSTEMS:
@@ -290,27 +293,40 @@ def main() -> None:
     if log:
         log.close()
 
+    report(head, rows, names, name, log_path, args.write)
+
+
+def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_path: Path | None, write: bool) -> None:
+    """Print the table; with ``write``, put it in docs/benchmarks.md under its own heading."""
     text = table(rows, names)
     print()
     print(text)
-    if args.write:
-        title = {
-            "corpus_eval_quick": "Generated corpus (quick): where speech is lost",
-            "corpus_eval": "Generated corpus: where speech is lost",
-        }.get(name, f"Generated corpus ({name})")
-        body = (
-            f"Machine: {head['machine']} (load average {load} at the start: a shared machine slows every "
-            "system alike, the ratios hold better than the x realtime). Commit: {head['commit']}. Run {started}. Model: bundled tiny.en "
-            "(CTranslate2 int8), loaded once and shared by the three systems. Command: "
-            f"`{head['command']}` (the corpus: `python bench/corpus.py`, deterministic). Systems: sequential = "
-            "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
-            "beam 5); vtp = the local runner (batch 8, beam 5). WER: Whisper's English normalizer and jiwer. "
-            "Lost runs: 5 or more consecutive reference words missing; \"lost vs seq\": those sequential mostly "
-            "keeps (runs, words). Speed: end to end from the media file, interleaved per input, one run each. "
-            f"Log: `docs/{log_path.name if log_path else name + '.jsonl'}`.\n\n{text}"
-        )
-        write_section(ROOT / "docs" / "benchmarks.md", name, title, body)
+    if not write:
+        return
+    title = {
+        "corpus_eval_quick": "Generated corpus (quick): where speech is lost",
+        "corpus_eval": "Generated corpus: where speech is lost",
+    }.get(name, f"Generated corpus ({name})")
+    body = (
+        f"Machine: {head['machine']}, load average {head.get('load', 'not recorded')} at the start (on a "
+        f"shared machine the speeds are noisy, even interleaved). Commit: {head['commit']}. Run {head['started']}. "
+        "Model: bundled tiny.en (CTranslate2 int8), loaded once and shared by the systems. Command: "
+        f"`{head['command']}` (the corpus: `python bench/corpus.py`, deterministic). Systems: sequential = "
+        "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
+        "beam 5); vtp = the local runner (batch 8, beam 5). WER: Whisper's English normalizer and jiwer. "
+        "Lost runs: 5 or more consecutive reference words missing; \"lost vs seq\": those sequential mostly "
+        "keeps (runs, words). Speed: end to end from the media file, interleaved per input, one run each. "
+        f"Log: `docs/{log_path.name if log_path else name + '.jsonl'}`.\n\n{text}"
+    )
+    write_section(ROOT / "docs" / "benchmarks.md", name, title, body)
 
+
+def from_log(path: Path, name: str | None, write: bool) -> None:
+    """The table of an earlier run, from its JSONL log (``--table``)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    head, rows = lines[0]["run"], lines[1:]
+    names = tuple(n for n in SYSTEMS if n in head["systems"])
+    report(head, rows, names, name or path.stem, path, write)
 
 if __name__ == "__main__":
     main()
