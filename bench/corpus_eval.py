@@ -2,7 +2,9 @@
 
     nice -n 10 python bench/corpus_eval.py --quick [--write]      # 8 inputs, 2-3 min each
     python bench/corpus_eval.py [--only NAME[,NAME]] [--systems vtp,sequential,batched]
-                                [--corpus DIR] [--write] [--name SECTION]
+                                [--corpus DIR] [--write] [--name SECTION] [--log FILE]
+    python bench/corpus_eval.py --slice --corpus /tmp/slice       # the committed test slice
+    python bench/corpus_eval.py --table docs/corpus_eval_quick.jsonl [--write]   # re-render a run
 
 Builds the corpus first if it is not there (``~/.cache/vtp/corpus``, or ``--corpus``). Then, in
 one process and on one loaded model (the bundled tiny.en, CTranslate2 int8, loaded once), for
