@@ -226,8 +226,9 @@ def excerpt(name: str, of: str, start: float, end: float, **changes) -> Spec:
 
 #: The committed test slice (tests/data/corpus_*): short, small, each a failure mode of issue 19.
 SLICE: tuple[Spec, ...] = (
-    # 102 s: the last three paragraphs of the four-voice lecture (where vtp lost 13 words on 2026-12-01).
-    excerpt("corpus_lecture", "lecture-4v-160wpm-gap1.2-6min", 271.8, 373.4, codec="opus", bitrate="24k"),
+    # 64 s, Opus 16 kbps: the first two paragraphs of a three-voice lecture; on 2026-12-01 vtp lost
+    # the whole first paragraph (62 words) here, sequential Whisper none.
+    excerpt("corpus_lecture", "lecture-3v-160wpm-gap1.2-opus16k", 0.0, 64.0),
     # 76 s: human speech reordered, 2-3 s before short prompts, a talk paragraph (12 words lost).
     excerpt("corpus_reordered", "q-human-reordered-short-after-pause", 13.0, 88.5, codec="opus", bitrate="24k"),
     Spec("corpus_rumble", voices=(V[4], V[5]), rates=(155, 155), paragraph_gap=(0.8, 1.5),
