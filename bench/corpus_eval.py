@@ -2,7 +2,9 @@
 
     nice -n 10 python bench/corpus_eval.py --quick [--write]      # 8 inputs, 2-3 min each
     python bench/corpus_eval.py [--only NAME[,NAME]] [--systems vtp,sequential,batched]
-                                [--corpus DIR] [--write] [--name SECTION]
+                                [--corpus DIR] [--write] [--name SECTION] [--log FILE]
+    python bench/corpus_eval.py --slice --corpus /tmp/slice       # the committed test slice
+    python bench/corpus_eval.py --table docs/corpus_eval_quick.jsonl [--write]   # re-render a run
 
 Builds the corpus first if it is not there (``~/.cache/vtp/corpus``, or ``--corpus``). Then, in
 one process and on one loaded model (the bundled tiny.en, CTranslate2 int8, loaded once), for
@@ -230,24 +232,29 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=corpus.DEFAULT_OUT)
     ap.add_argument("--quick", action="store_true", help="the quick subset: 8 inputs of 2-3 minutes, one per condition")
     ap.add_argument("--only", help="comma list of input names (or parts of names)")
+    ap.add_argument("--slice", action="store_true", help="the committed test slice's inputs (built afresh into --corpus)")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of: " + ", ".join(SYSTEMS))
     ap.add_argument("--write", action="store_true", help="write the table to docs/benchmarks.md and the log to docs/")
     ap.add_argument("--name", help="section and log name (default corpus_eval_quick, corpus_eval or corpus_eval_only)")
     ap.add_argument("--log", type=Path, help="JSONL log (default with --write: docs/NAME.jsonl)")
+    ap.add_argument("--table", type=Path, metavar="LOG", help="only print (and --write) the table of an earlier run's log")
     args = ap.parse_args()
+    if args.table:
+        return from_log(args.table, args.name, args.write)
     names = tuple(n.strip() for n in args.systems.split(",") if n.strip())
     for n in names:
         if n not in SYSTEMS:
             raise SystemExit(f"corpus_eval: unknown system {n!r} (one of {', '.join(SYSTEMS)})")
     names = tuple(n for n in SYSTEMS if n in names)  # sequential first: the yardstick
-    specs = corpus.select(args.only, args.quick)
+    specs = corpus.select(args.only, args.quick, corpus.SLICE if args.slice else corpus.SPECS)
     entries = corpus.build(args.corpus, specs, log=lambda _line: None)
-    name = args.name or ("corpus_eval_only" if args.only else "corpus_eval_quick" if args.quick else "corpus_eval")
+    name = args.name or ("corpus_eval_slice" if args.slice else "corpus_eval_only" if args.only else "corpus_eval_quick" if args.quick else "corpus_eval")
     log_path = args.log or (ROOT / "docs" / f"{name}.jsonl" if args.write else None)
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = {"machine": machine(), "commit": commit(), "started": started, "systems": names,
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    head = {"machine": machine(), "commit": commit(), "started": started, "systems": names, "load": load,
             "command": "python bench/corpus_eval.py " + " ".join(sys.argv[1:])}
-    print(f"# {head['command']}\n# {head['machine']}; commit {head['commit']}; {started}", flush=True)
+    print(f"# {head['command']}\n# {head['machine']}; commit {head['commit']}; {started}; load {load}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="vtp-corpus-eval-"))
     systems = Systems(names, work)
@@ -288,26 +295,41 @@ def main() -> None:
     if log:
         log.close()
 
+    report(head, rows, names, name, log_path, args.write)
+
+
+def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_path: Path | None, write: bool) -> None:
+    """Print the table; with ``write``, put it in docs/benchmarks.md under its own heading."""
     text = table(rows, names)
     print()
     print(text)
-    if args.write:
-        title = {
-            "corpus_eval_quick": "Generated corpus (quick): where speech is lost",
-            "corpus_eval": "Generated corpus: where speech is lost",
-        }.get(name, f"Generated corpus ({name})")
-        body = (
-            f"Machine: {head['machine']}. Commit: {head['commit']}. Run {started}. Model: bundled tiny.en "
-            "(CTranslate2 int8), loaded once and shared by the three systems. Command: "
-            f"`{head['command']}` (the corpus: `python bench/corpus.py`, deterministic). Systems: sequential = "
-            "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
-            "beam 5); vtp = the local runner (batch 8, beam 5). WER: Whisper's English normalizer and jiwer. "
-            "Lost runs: 5 or more consecutive reference words missing; \"lost vs seq\": those sequential mostly "
-            "keeps (runs, words). Speed: end to end from the media file, interleaved per input, one run each. "
-            f"Log: `docs/{log_path.name if log_path else name + '.jsonl'}`.\n\n{text}"
-        )
-        write_section(ROOT / "docs" / "benchmarks.md", name, title, body)
+    if not write:
+        return
+    title = {
+        "corpus_eval_quick": "Generated corpus (quick): where speech is lost",
+        "corpus_eval": "Generated corpus: where speech is lost",
+        "corpus_eval_worst": "Generated corpus: five long inputs, vtp vs sequential",
+    }.get(name, f"Generated corpus ({name})")
+    body = (
+        f"Machine: {head['machine']}, load average {head.get('load', 'not recorded')} at the start (on a "
+        f"shared machine the speeds are noisy, even interleaved). Commit: {head['commit']}. Run {head['started']}. "
+        "Model: bundled tiny.en (CTranslate2 int8), loaded once and shared by the systems. Command: "
+        f"`{head['command']}` (the corpus: `python bench/corpus.py`, deterministic). Systems: sequential = "
+        "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
+        "beam 5); vtp = the local runner (batch 8, beam 5). WER: Whisper's English normalizer and jiwer. "
+        "Lost runs: 5 or more consecutive reference words missing; \"lost vs seq\": those sequential mostly "
+        "keeps (runs, words). Speed: end to end from the media file, interleaved per input, one run each. "
+        f"Log: `docs/{log_path.name if log_path else name + '.jsonl'}`.\n\n{text}"
+    )
+    write_section(ROOT / "docs" / "benchmarks.md", name, title, body)
 
+
+def from_log(path: Path, name: str | None, write: bool) -> None:
+    """The table of an earlier run, from its JSONL log (``--table``)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    head, rows = lines[0]["run"], lines[1:]
+    names = tuple(n for n in SYSTEMS if n in head["systems"])
+    report(head, rows, names, name or path.stem, path, write)
 
 if __name__ == "__main__":
     main()

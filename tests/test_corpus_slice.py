@@ -4,7 +4,7 @@ plain Whisper hears.
 Three short inputs from ``bench/corpus.py --slice tests/data`` (tests/data/README.md), each a
 failure mode issue 19 found on recordings outside the repository:
 
-- ``corpus_lecture``: paragraphs of about 28 s read by two espeak-ng voices, 1.2 s of silence
+- ``corpus_lecture``: paragraphs of about 30 s read by espeak-ng voices, 1.2 s of silence
   between them (where tiny.en, decoding a window without timestamp tokens, can emit nothing);
 - ``corpus_reordered``: the repository's human speech in a new order, a quieter piece here and
   there and 2-3 s of silence before short phrases;
