@@ -49,7 +49,10 @@ from bench import corpus  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 from tests.wer import deletion_runs, normalize, runs_lost_against, word_errors  # noqa: E402
 
-SYSTEMS = ("sequential", "batched", "vtp")
+SYSTEMS = ("sequential", "batched", "vtp", "vtp-noladder")
+#: What runs without ``--systems``: ``vtp-noladder`` (vtp with the coverage ladder off) only to
+#: measure what the ladder costs and buys.
+DEFAULT_SYSTEMS = ("sequential", "batched", "vtp")
 
 
 class Systems:
@@ -74,6 +77,11 @@ class Systems:
         self.options = TranscribeOptions(batch_size=8, beam_size=5, formats=("json",))
         engines = EnginePool(lambda _o: FasterWhisperEngine(self.model, "tiny.en"))
         self.runner = LocalRunner(Settings.from_env(data_dir=str(work / "data")), engines=engines)
+        from workers.coverage import CoverageOptions
+
+        self.runner_noladder = LocalRunner(
+            Settings.from_env(data_dir=str(work / "data")), engines=engines, coverage=CoverageOptions(ladder=())
+        )
         self.out = work / "out"
         self.names = names
 
@@ -86,8 +94,9 @@ class Systems:
         elif name == "batched":
             segments = self.batched.transcribe(str(path), batch_size=8, beam_size=5, language="en")[0]
             text = " ".join(s.text for s in segments)
-        elif name == "vtp":
-            result = anyio.run(lambda: self.runner.run(path, self.options, self.out))
+        elif name in ("vtp", "vtp-noladder"):
+            runner = self.runner if name == "vtp" else self.runner_noladder
+            result = anyio.run(lambda: runner.run(path, self.options, self.out))
             t = result.transcript
             text = t.text
             extra = {
@@ -161,7 +170,7 @@ def commit() -> str:
 
 def table(rows: list[dict], names: tuple[str, ...]) -> str:
     """Markdown: one row per input, then the corpus totals."""
-    short = {"sequential": "seq", "batched": "bat", "vtp": "vtp"}
+    short = {"sequential": "seq", "batched": "bat", "vtp": "vtp", "vtp-noladder": "vtp0"}
     cols = " / ".join(short[n] for n in names)
     header = ["input", "conditions", "audio s", f"WER {cols}", f"lost runs {cols}"]
     others = [n for n in names if n != "sequential"]
@@ -172,7 +181,22 @@ def table(rows: list[dict], names: tuple[str, ...]) -> str:
     header.append(f"x realtime {cols}")
     if "vtp" in names and "batched" in names:
         header.append("vtp vs batched")
+    if "vtp" in names:
+        header.append("ladder: rungs fired")
+    if "vtp" in names and "vtp-noladder" in names:
+        header.append("ladder cost")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def rungs(found: list[dict]) -> str:
+        total: dict[str, int] = {}
+        for r in found:
+            for k, v in (r.get("coverage") or {}).get("rungs", {}).items():
+                total[k] = total.get(k, 0) + v
+        return ", ".join(f"{k} {v}" for k, v in total.items()) or "none"
+
+    def cost(found: list[dict]) -> str:
+        """vtp's time over vtp's without the ladder, the same run."""
+        return f"{sum(r['vtp']['seconds'] for r in found) / sum(r['vtp-noladder']['seconds'] for r in found):.2f}x"
 
     def cells(row: dict) -> list[str]:
         r = row["systems"]
@@ -192,6 +216,10 @@ def table(rows: list[dict], names: tuple[str, ...]) -> str:
         c.append(" / ".join(f"{row['seconds'] / r[n]['seconds']:.1f}x" for n in names))
         if "vtp" in names and "batched" in names:
             c.append(f"{r['batched']['seconds'] / r['vtp']['seconds']:.2f}")
+        if "vtp" in names:
+            c.append(rungs([r["vtp"]]))
+        if "vtp" in names and "vtp-noladder" in names:
+            c.append(cost([r]))
         return c
 
     for row in rows:
@@ -218,6 +246,10 @@ def table(rows: list[dict], names: tuple[str, ...]) -> str:
     c.append(" / ".join(f"{total_s / sum(r['systems'][n]['seconds'] for r in rows):.1f}x" for n in names))
     if "vtp" in names and "batched" in names:
         c.append(f"{sum(r['systems']['batched']['seconds'] for r in rows) / sum(r['systems']['vtp']['seconds'] for r in rows):.2f}")
+    if "vtp" in names:
+        c.append(rungs([r["systems"]["vtp"] for r in rows]))
+    if "vtp" in names and "vtp-noladder" in names:
+        c.append(cost([r["systems"] for r in rows]))
     lines.append("| " + " | ".join(c) + " |")
     if empty:
         lines.append("")
@@ -233,7 +265,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the quick subset: 8 inputs of 2-3 minutes, one per condition")
     ap.add_argument("--only", help="comma list of input names (or parts of names)")
     ap.add_argument("--slice", action="store_true", help="the committed test slice's inputs (built afresh into --corpus)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of: " + ", ".join(SYSTEMS))
+    ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="comma list of: " + ", ".join(SYSTEMS))
     ap.add_argument("--write", action="store_true", help="write the table to docs/benchmarks.md and the log to docs/")
     ap.add_argument("--name", help="section and log name (default corpus_eval_quick, corpus_eval or corpus_eval_only)")
     ap.add_argument("--log", type=Path, help="JSONL log (default with --write: docs/NAME.jsonl)")
@@ -287,7 +319,7 @@ def main() -> None:
                 line += f" | {n} {r['words_emitted']} words"
             line += f" {entry['seconds'] / r['seconds']:.1f}x"
             if n == "vtp":
-                line += f" unheard {r['unheard_seconds']:.1f} s"
+                line += f" unheard {r['unheard_seconds']:.1f} s rungs {r['coverage'].get('rungs') or '-'}"
         print(line, flush=True)
         if log:
             log.write(json.dumps(row) + "\n")
@@ -316,7 +348,8 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
         "Model: bundled tiny.en (CTranslate2 int8), loaded once and shared by the systems. Command: "
         f"`{head['command']}` (the corpus: `python bench/corpus.py`, deterministic). Systems: sequential = "
         "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
-        "beam 5); vtp = the local runner (batch 8, beam 5). WER: Whisper's English normalizer and jiwer. "
+        "beam 5); vtp = the local runner (batch 8, beam 5; one CTranslate2 worker on the shared model); vtp0 = the same "
+        "with the coverage ladder off (`CoverageOptions(ladder=())`): the ladder's cost is vtp's time over vtp0's. WER: Whisper's English normalizer and jiwer. "
         "Lost runs: 5 or more consecutive reference words missing; \"lost vs seq\": those sequential mostly "
         "keeps (runs, words). Speed: end to end from the media file, interleaved per input, one run each. "
         f"Log: `docs/{log_path.name if log_path else name + '.jsonl'}`.\n\n{text}"
