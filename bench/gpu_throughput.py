@@ -37,7 +37,7 @@ run 2, ...), reported as the median with the range:
   had offline; speed does not depend on their values), fp16, the same chunks and calls. Random
   weights never stop, so each model call is held to the **decoder steps that the same call took in
   the ``real`` section** (same chunks, batch and beam; greedy: the longest row's tokens + end of
-  text), and each peer ``generate`` call to the steps its real counterpart took: the real
+  text), and each of the peer's decoding passes to the steps its real counterpart took: the real
   token-length distribution of tiny.en, not a fixed count. A large-v3 transcript's lengths differ
   from tiny.en's somewhat; this is the cost of the steps real speech took, not large-v3's output.
 * ``e2e`` -- **the whole pipeline**: a private ``redis-server`` (on PATH, ``$VTP_REDIS_SERVER``, or
@@ -162,7 +162,7 @@ def shape_checkpoint(sizes: dict, device: str, dtype, cache: Path, tokenizer_dir
     import torch
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    path = cache / f"random-{sizes['d_model']}x{sizes['decoder_layers']}"
+    path = cache / f"random-{sizes['d_model']}x{sizes['decoder_layers']}-ts"
     if not (path / "config.json").exists():
         torch.manual_seed(0)
         config = WhisperConfig(
@@ -171,8 +171,10 @@ def shape_checkpoint(sizes: dict, device: str, dtype, cache: Path, tokenizer_dir
         )
         with torch.device(device):  # random init on the GPU: seconds, not a minute of CPU
             model = WhisperForConditionalGeneration(config).to(dtype)
-        model.generation_config.no_timestamps_token_id = 50363
-        model.generation_config.is_multilingual = False
+        gen = model.generation_config
+        gen._from_model_config = False  # else from_pretrained rebuilds it from config.json, dropping these
+        gen.no_timestamps_token_id = 50363
+        gen.is_multilingual = False
         model.save_pretrained(path)
         # large-v3's tokenizer is not here; tiny.en's covers the text ids (random ids past it decode to nothing)
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -222,7 +224,7 @@ class Steps:
         self.count = 0
         self.on = False
         decoder = model.model.decoder if hasattr(model, "model") else model.get_decoder()
-        decoder.register_forward_pre_hook(self._hook)
+        self.handle = decoder.register_forward_pre_hook(self._hook)
 
     def _hook(self, *_a) -> None:
         if self.on:
@@ -236,7 +238,7 @@ class Steps:
             self.on = False
 
 
-def instrument_vtp(engine, calls: list[dict], force: list[int] | None = None) -> None:
+def instrument_vtp(engine, calls: list[dict], force: list[int] | None = None):
     """Each ``_generate`` call appends its rows, decoder steps and tokens per row (text + end of
     text) to ``calls``; with ``force``, call i is held to ``force[i]`` steps."""
     steps = Steps(engine.model)
@@ -252,23 +254,51 @@ def instrument_vtp(engine, calls: list[dict], force: list[int] | None = None) ->
 
     engine._generate = generate
 
+    def undo() -> None:
+        engine._generate = original
+        engine.force_tokens = None
+        steps.handle.remove()
 
-def instrument_peer(asr, calls: list[dict], profile: dict, force: list[int] | None = None) -> None:
-    """The peer's ``generate`` calls (rows, steps, text and timestamp tokens per row) and where its
-    time goes (feature extraction, generate, the rest)."""
+    return undo
+
+
+def instrument_peer(asr, calls: list[dict], profile: dict, force: list[int] | None = None):
+    """The peer's ``generate`` calls (rows, decoder steps, text and timestamp tokens per row, and
+    the steps of each inner decoding pass: Whisper's generate decodes a window again from its last
+    timestamp when a pass ends early) and where its time goes (feature extraction, generate, the
+    rest). With ``force``, inner pass i is held to ``force[i]`` steps. Returns an undo function."""
     import torch
+    from transformers.generation.utils import GenerationMixin
 
     model = asr.model
     steps = Steps(model)
     original_generate = model.generate
+    inner_generate = GenerationMixin.generate
     eot = model.generation_config.eos_token_id
     eot = eot[0] if isinstance(eot, list) else eot
     no_ts = getattr(model.generation_config, "no_timestamps_token_id", eot + 106)
+    passes: list[int] = []
+    all_passes: list[int] = []
+
+    def inner(self, *a, **k):
+        if self is not model:
+            return inner_generate(self, *a, **k)
+        if force is not None:
+            n = force[len(all_passes) % len(force)]
+            config = k.get("generation_config")
+            if config is not None:
+                config.min_new_tokens = config.max_new_tokens = n
+            else:
+                k["min_new_tokens"] = k["max_new_tokens"] = n
+        before = steps.count
+        try:
+            return inner_generate(self, *a, **k)
+        finally:
+            passes.append(steps.count - before)
+            all_passes.append(steps.count - before)
 
     def generate(*a, **k):
-        if force is not None:
-            n = force[len(calls) % len(force)]
-            k["min_new_tokens"] = k["max_new_tokens"] = n
+        passes.clear()
         sync()
         t = time.perf_counter()
         out = steps.run(original_generate, *a, **k)
@@ -277,25 +307,35 @@ def instrument_peer(asr, calls: list[dict], profile: dict, force: list[int] | No
         seqs = out["sequences"] if isinstance(out, dict) or hasattr(out, "sequences") and not torch.is_tensor(out) else out
         seqs = seqs.tolist()
         calls.append({
-            "rows": len(seqs), "steps": steps.count,
+            "rows": len(seqs), "steps": steps.count, "passes": list(passes),
             "tokens": [sum(1 for t in row if t < eot) + 1 for row in seqs],
             "timestamp_tokens": [sum(1 for t in row if t > no_ts) for row in seqs],
         })
         return out
 
     model.generate = generate
+    GenerationMixin.generate = inner
     extractor = asr.feature_extractor
-    original_extract = extractor.__call__
+    original_class = type(extractor)
+    original_extract = original_class.__call__
 
-    class Timed(type(extractor)):
+    class Timed(original_class):
         def __call__(self, *a, **k):
             t = time.perf_counter()
             try:
-                return original_extract(*a, **k)
+                return original_extract(self, *a, **k)
             finally:
                 profile["features_s"] = profile.get("features_s", 0.0) + time.perf_counter() - t
 
     extractor.__class__ = Timed
+
+    def undo() -> None:
+        model.generate = original_generate
+        GenerationMixin.generate = inner_generate
+        extractor.__class__ = original_class
+        steps.handle.remove()
+
+    return undo
 
 
 # -- measurements ----------------------------------------------------------------------------
@@ -341,12 +381,12 @@ def summarize(calls: list[dict]) -> dict:
 def measure_vtp(engine, pieces, chunks, batch: int, beam: int, force_by_call: list[int] | None, log) -> dict:
     options = TranscribeOptions(engine="transformers", beam_size=beam, language="en")
     calls: list[dict] = []
-    warm: list[dict] = []
-    original = engine._generate
-    instrument_vtp(engine, warm, force_by_call[:1] if force_by_call else None)
-    engine.transcribe_batch(pieces[:batch], chunks[:batch], options)  # warm-up
-    engine._generate = original
-    instrument_vtp(engine, calls, force_by_call)
+    undo = instrument_vtp(engine, [], force_by_call[:1] if force_by_call else None)
+    try:
+        engine.transcribe_batch(pieces[:batch], chunks[:batch], options)  # warm-up
+    finally:
+        undo()
+    undo = instrument_vtp(engine, calls, force_by_call)
     reset_peak()
     walls = []
     started = time.perf_counter()
@@ -357,8 +397,7 @@ def measure_vtp(engine, pieces, chunks, batch: int, beam: int, force_by_call: li
             sync()
             walls.append(time.perf_counter() - t)
     finally:
-        engine._generate = original
-        engine.force_tokens = None
+        undo()
     wall = time.perf_counter() - started
     for n, c in enumerate(calls):
         log({"kind": "call", "system": "vtp", **c, "seconds": round(walls[n], 4) if n < len(walls) else None})
@@ -367,17 +406,16 @@ def measure_vtp(engine, pieces, chunks, batch: int, beam: int, force_by_call: li
             "peak_gib": round(peak_gib(), 2), **summarize(calls), "call_steps": [c["steps"] for c in calls]}
 
 
-def measure_peer(asr, audio: np.ndarray, batch: int, force_by_call: list[int] | None, log) -> dict:
+def measure_peer(asr, audio: np.ndarray, batch: int, force_by_pass: list[int] | None, log) -> dict:
     kwargs = dict(chunk_length_s=30, batch_size=batch, generate_kwargs={"language": None}, return_timestamps=True)
-    warm_calls: list[dict] = []
-    profile: dict = {}
-    model = asr.model
-    original_generate, original_class = model.generate, type(asr.feature_extractor)
-    instrument_peer(asr, warm_calls, {}, force_by_call[:1] if force_by_call else None)
-    asr(audio[: min(audio.size, batch * 20 * SR)].copy(), **kwargs)  # warm-up
-    model.generate, asr.feature_extractor.__class__ = original_generate, original_class
+    undo = instrument_peer(asr, [], {}, force_by_pass)
+    try:
+        asr(audio[: min(audio.size, batch * 20 * SR)].copy(), **kwargs)  # warm-up
+    finally:
+        undo()
     calls: list[dict] = []
-    instrument_peer(asr, calls, profile, force_by_call)
+    profile: dict = {}
+    undo = instrument_peer(asr, calls, profile, force_by_pass)
     reset_peak()
     try:
         started = time.perf_counter()
@@ -385,17 +423,18 @@ def measure_peer(asr, audio: np.ndarray, batch: int, force_by_call: list[int] | 
         sync()
         wall = time.perf_counter() - started
     finally:
-        model.generate, asr.feature_extractor.__class__ = original_generate, original_class
+        undo()
     for c in calls:
         log({"kind": "call", "system": "peer", **c})
     profile = {k: round(v, 3) for k, v in profile.items()}
     profile["other_s"] = round(wall - profile.get("generate_s", 0) - profile.get("features_s", 0), 3)
     profile["windows"] = sum(c["rows"] for c in calls)
-    profile["chunks_text_chars"] = len(out.get("text", ""))
+    profile["decoding_passes"] = sum(len(c["passes"]) for c in calls)
+    profile["text_chars"] = len(out.get("text", ""))
     audio_s = audio.size / SR
     return {"audio_s": round(audio_s, 1), "wall_s": round(wall, 3), "xrt": round(audio_s / wall, 2),
             "peak_gib": round(peak_gib(), 2), **summarize(calls), "profile": profile,
-            "call_steps": [c["steps"] for c in calls]}
+            "call_steps": [p for c in calls for p in c["passes"]]}
 
 
 def phase_seconds(engine, pieces, chunks, batch: int, beam: int, force: int | None) -> dict[str, float]:

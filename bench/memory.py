@@ -328,7 +328,7 @@ def main() -> None:
     print()
     print(table)
     print()
-    print(f"target at {label(durations[-1])}: < {TARGET_MB} MB and <= {TARGET_RATIO}x the {label(durations[0])} peak: {verdict}")
+    print(f"target: {verdict}")
     if args.write:
         if args.engine == "noop":
             write_section(args.write, "memory", "Memory against input length", body)
@@ -344,15 +344,17 @@ def report(rows: list[tuple[int, str, float]], durations: list[int], engine: str
         ratio = f"{mb / first[process]:.2f}x" if process in first else "-"
         lines.append(f"| {label(d)} | {process} | {mb:.0f} | {ratio} |")
     table = "\n".join(lines)
+    seq = [mb for d, p, mb in rows if d == durations[0] and p.startswith("faster-whisper sequential")]
+    # Without the model the bound is absolute; with it, sequential faster-whisper's own peak at the
+    # shortest input (when measured), and flat either way.
+    limit = TARGET_MB if engine == "noop" or not seq else seq[0]
     verdict = ", ".join(
-        f"{p} {'meets' if mb < TARGET_MB and mb / first[p] <= TARGET_RATIO else 'misses'}"
+        f"{p} {'meets' if mb <= limit and mb / first[p] <= TARGET_RATIO else 'misses'}"
         for d, p, mb in rows if d == durations[-1] and p.startswith("`vtp") and not p.startswith("`vtp submit")
     )
-    seq = [mb for d, p, mb in rows if d == durations[0] and p.startswith("faster-whisper sequential")]
-    local = [mb for d, p, mb in rows if d == durations[0] and p == "`vtp transcribe`"]
-    if seq and local:
-        verdict += (f"; `vtp transcribe` at {label(durations[0])} {local[0]:.0f} MB vs sequential faster-whisper "
-                    f"{seq[0]:.0f} MB: {'meets' if local[0] <= seq[0] else 'misses'}")
+    target = (f"at {label(durations[-1])} under {limit:.0f} MB"
+              + ("" if limit == TARGET_MB else f" (sequential faster-whisper's peak at {label(durations[0])})")
+              + f" and within {TARGET_RATIO}x of the {label(durations[0])} peak, for `vtp transcribe` and each worker")
     body = (
         f"Machine: {machine()}. Engine: `{engine}`"
         + (" (no model: the audio handling alone)" if engine == "noop" else " (bundled tiny.en, int8)")
@@ -362,8 +364,7 @@ def report(rows: list[tuple[int, str, float]], durations: list[int], engine: str
         "Peak RSS of each process with its children (ffmpeg), sampled every 20 ms, or the Python process's own "
         "high-water mark if larger; each worker is started fresh for each input and handles that one job.\n\n"
         f"{table}\n\n"
-        f"Target: at {label(durations[-1])} under {TARGET_MB} MB and within {TARGET_RATIO}x of the "
-        f"{label(durations[0])} peak, for `vtp transcribe` and each worker: {verdict}."
+        f"Target: {target}: {verdict}."
     )
     return table, verdict, body
 
