@@ -250,28 +250,6 @@ def simulate(
     )
 
 
-def measure_cpu_throughput() -> float:
-    """Audio seconds per wall second of the local runner on this machine (bundled tiny.en, int8)."""
-    import tempfile
-
-    import anyio
-
-    from app.config import Settings
-    from app.messages import TranscribeOptions
-    from workers.engines.base import EnginePool
-    from workers.local_runner import LocalRunner
-
-    runner = LocalRunner(Settings.from_env({}), engines=EnginePool())
-    media = ROOT / "tests" / "data" / "ivr_prompts.mp4"
-    best = 0.0
-    with tempfile.TemporaryDirectory() as out:
-        for _ in range(3):
-            started = time.perf_counter()
-            result = anyio.run(runner.run, media, TranscribeOptions(), Path(out))
-            best = max(best, result.transcript.duration / (time.perf_counter() - started))
-    return best
-
-
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 

@@ -571,7 +571,10 @@ def main() -> None:
     ap.add_argument("--log", type=Path, help="JSON lines (default docs/logs/gpu_throughput-<tag>.jsonl)")
     ap.add_argument("--rates", type=Path, help="measured rates for bench/fleet_sim.py (default docs/logs/gpu_rates-<tag>.json)")
     ap.add_argument("--write", type=Path, help="replace the gpu_throughput table in this markdown file")
+    ap.add_argument("--from-log", type=Path, help="measure nothing: rebuild the table and rates from this log")
     args = ap.parse_args()
+    if args.from_log:
+        return from_log(args)
 
     import torch
     import transformers
@@ -677,6 +680,22 @@ def main() -> None:
         write_section(args.write, "gpu_throughput", "GPU: transformers engine vs the transformers pipeline", table)
 
 
+def from_log(args) -> None:
+    """The table and the rates of a logged run (one cut short included), without measuring."""
+    entries = [json.loads(line) for line in args.from_log.read_text().splitlines() if line.strip()]
+    header = next(e for e in entries if e["kind"] == "header")
+    rows = [e for e in entries if e["kind"] == "row"]
+    e2e = [e for e in entries if e["kind"] == "e2e"]
+    args.runs = header["runs"]
+    smoke = header["smoke"]
+    rates_path = args.rates or args.from_log.with_name(args.from_log.name.replace("gpu_throughput-", "gpu_rates-")).with_suffix(".json")
+    table = report(rows, e2e, header["gpu"], args, args.from_log, rates_path, smoke=smoke, versions=header)
+    rates_path.write_text(json.dumps(rates_of(rows, e2e, header["gpu"], args.from_log, smoke=smoke), indent=1) + "\n")
+    print(table)
+    if args.write:
+        write_section(args.write, "gpu_throughput", "GPU: transformers engine vs the transformers pipeline", table)
+
+
 def median_rows(rows: list[dict]) -> list[dict]:
     """One row per configuration: the median x realtime of its runs, with the range."""
     groups: dict[tuple, list[dict]] = {}
@@ -711,8 +730,12 @@ def rates_of(rows: list[dict], e2e: list[dict], gpu: str, log_path: Path, *, smo
     }
 
 
-def report(rows: list[dict], e2e: list[dict], gpu: str, args, log_path: Path, rates_path: Path, *, smoke: bool) -> str:
-    import torch
+def report(rows: list[dict], e2e: list[dict], gpu: str, args, log_path: Path, rates_path: Path, *, smoke: bool,
+           versions: dict | None = None) -> str:
+    if versions is None:
+        import torch
+
+        versions = {"machine": machine(), "torch": torch.__version__, "commit": commit()}
 
     def rel(p: Path) -> str:
         return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
@@ -720,23 +743,26 @@ def report(rows: list[dict], e2e: list[dict], gpu: str, args, log_path: Path, ra
     meds = median_rows(rows)
     lines = [
         ("**CPU smoke test, not a GPU figure**: the code paths on a CPU, tiny inputs. " if smoke else "")
-        + f"Machine: {gpu}; {machine()}; torch {torch.__version__}. "
+        + f"Machine: {gpu}; {versions['machine']}; torch {versions['torch']}; commit {versions.get('commit', '?')}. "
         f"Median of {args.runs} interleaved runs (range in brackets), after a warm-up call. "
         f"Command: `python bench/gpu_throughput.py{' --smoke' if smoke else ''}`; log `{rel(log_path)}`, rates `{rel(rates_path)}`.",
         "",
         "Weights: **real** = tiny.en (the bundled CTranslate2 model converted), decoding to its natural end of text; "
-        "**random** = Whisper's architecture with random weights, each call held to the decoder steps its real "
-        "counterpart took. vtp: " + VTP_INCLUDES + ". Peer: " + PEER_INCLUDES + " (greedy).",
+        "**random** = Whisper's architecture with random weights, each call (the peer: each decoding pass) held to "
+        "the decoder steps its real counterpart took. vtp: " + VTP_INCLUDES + ". Peer: " + PEER_INCLUDES
+        + " (greedy). \"vs peer\": against the peer's row of the same weights (at its batch 24 where measured). "
+        "Steps per call: decoder passes in one model call (the peer's: all decoding passes of one `generate`).",
         "",
-        "| model (weights) | system | beam | batch | x realtime | vs peer at 24 | tokens per chunk mean / p95 | steps per call mean / p95 / max | peak GPU GiB |",
+        "| model (weights) | system | beam | batch | x realtime | vs peer | tokens per chunk mean / p95 | steps per call mean / p95 / max | peak GPU GiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for section in ("real", "shape"):
         sec = [r for r in meds if r["section"] == section]
-        peer = next((r["xrt"] for r in sec if r["system"] == "peer" and r["batch"] == 24), None) or next(
-            (r["xrt"] for r in sec if r["system"] == "peer"), None)
+        peer_row = next((r for r in sec if r["system"] == "peer" and r["batch"] == 24), None) or next(
+            (r for r in sec if r["system"] == "peer"), None)
+        peer = peer_row["xrt"] if peer_row else None
         for r in sorted(sec, key=lambda r: (r["system"] != "peer", r["beam"], r["batch"])):
-            system = "vtp engine" if r["system"] == "vtp" else "peer pipeline (insanely-fast-whisper's call)"
+            system = "vtp engine" if r["system"] == "vtp" else "peer: the pipeline as insanely-fast-whisper's CLI calls it"
             vs = f"{r['xrt'] / peer:.2f}" if peer else "-"
             lines.append(
                 f"| {r['model']} ({r['weights']}) | {system} | {r['beam']} | {r['batch']} | {r['xrt']:.1f}x "
@@ -749,7 +775,8 @@ def report(rows: list[dict], e2e: list[dict], gpu: str, args, log_path: Path, ra
             by.setdefault(r["jobs"], []).append(r)
         lines += [
             "",
-            f"End to end (real tiny.en, `VTP_ENGINE=auto`, decode batch {e2e[0]['decode_batch']}): jobs of "
+            f"End to end (real tiny.en, `VTP_ENGINE=auto`: the transformers engine on CUDA, CTranslate2 int8 on CPU; "
+            f"decode batch {e2e[0]['decode_batch']}): jobs of "
             f"{e2e[0]['seconds_each']:.0f} s of speech submitted at once to one CPU and one GPU worker on a private Redis; "
             "extraction, VAD, transcription with the coverage repair, merge and render included.",
             "",
