@@ -123,7 +123,7 @@ def pct(values: list[float], q: float) -> float:
 # -- models -----------------------------------------------------------------------------------
 
 
-def real_checkpoint(cache: Path) -> Path:
+def real_checkpoint(cache: Path, ct2_dir: Path | None = None) -> Path:
     """tiny.en from the bundled CTranslate2 model as a transformers checkpoint, plus what
     ``pipeline()`` loads from a hub checkpoint (feature extractor and tokenizer configs)."""
     from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
@@ -131,7 +131,7 @@ def real_checkpoint(cache: Path) -> Path:
     from workers.engines.ct2_convert import cached_checkpoint
     from workers.engines.ctranslate2 import bundled_model_path
 
-    converted = cached_checkpoint(bundled_model_path(), cache)
+    converted = cached_checkpoint(ct2_dir or bundled_model_path(), cache)
     peer_dir = cache / "tiny.en-pipeline"
     if not (peer_dir / "preprocessor_config.json").exists():
         tmp = Path(tempfile.mkdtemp(dir=cache))
@@ -567,6 +567,7 @@ def main() -> None:
     ap.add_argument("--e2e-decode-batch", type=int, default=32)
     ap.add_argument("--phases", action="store_true", help="time the steps of one call per beam (shape section)")
     ap.add_argument("--smoke", action="store_true", help="CPU, few chunks, a tiny random shape: checks every code path")
+    ap.add_argument("--ct2-model", type=Path, help="a CTranslate2 tiny.en directory (default: the bundled one)")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "vtp-bench-models")
     ap.add_argument("--log", type=Path, help="JSON lines (default docs/logs/gpu_throughput-<tag>.jsonl)")
     ap.add_argument("--rates", type=Path, help="measured rates for bench/fleet_sim.py (default docs/logs/gpu_rates-<tag>.json)")
@@ -622,11 +623,11 @@ def main() -> None:
 
     systems: dict[str, tuple] = {}
     if "real" in sections:
-        ckpt = real_checkpoint(args.cache)
+        ckpt = real_checkpoint(args.cache, args.ct2_model)
         systems["real"] = (load_vtp(ckpt, device, dtype, None), load_peer(ckpt, device, dtype), "tiny.en", "real")
     real_steps: dict[tuple, list[int]] = {}  # (system, beam, batch) -> steps per call, from the real section
     if "shape" in sections:
-        ckpt = shape_checkpoint(shape_sizes, device, dtype, args.cache, real_checkpoint(args.cache))
+        ckpt = shape_checkpoint(shape_sizes, device, dtype, args.cache, real_checkpoint(args.cache, args.ct2_model))
         heads = LARGE_V3_ALIGNMENT_HEADS if shape_sizes is LARGE_V3 else None
         name = "large-v3 shape" if shape_sizes is LARGE_V3 else "tiny random shape (smoke)"
         systems["shape"] = (load_vtp(ckpt, device, dtype, heads), load_peer(ckpt, device, dtype), name, "random")

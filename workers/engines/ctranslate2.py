@@ -91,8 +91,9 @@ def load_error(exc: BaseException, options: TranscribeOptions, source: str) -> e
 
 #: Chunks per encoder call and per alignment call on CPU. CTranslate2 holds a whole call's
 #: attention scores at once, in float32: 6 heads x 1500 x 1500 frames, 54 MB per chunk for
-#: tiny (more for larger models), so a decode batch of 8 peaked ~450 MB above the model in the
-#: encoder alone (measured: +733 MB RSS at 8, +437 at 2, +387 at 1). One chunk at a time keeps the
+#: tiny (more for larger models), so a decode batch of 8 peaked ~570 MB above the model in the
+#: encoder alone (peak RSS there: 733 MB at 8 chunks per call, 437 at 2, 387 at 1, the model
+#: ~160 MB; ``bench/memory_engine.py``). One chunk at a time keeps the
 #: peak flat in the batch size and is no slower on CPU (each chunk's matrices are already large);
 #: beam search and the batch's tokens still run as one call. GPUs keep the whole batch per call.
 CPU_CALL_CHUNKS = 1
@@ -104,7 +105,7 @@ def _tune_malloc(arenas: int = 2, mmap_threshold: int = 8 << 20) -> None:
     wins). Measured with the bundled model on 2 cores:
 
     * ``M_ARENA_MAX`` 2: CTranslate2's and OpenMP's threads each got an arena of their own, which
-      kept ~120 MB of freed buffers resident (10-minute input: 1,077 -> ~950 MB before the
+      kept ~120 MB of freed buffers resident (10-minute input: 1,069 -> 946 MB before the
       one-chunk calls below).
     * ``M_MMAP_THRESHOLD`` 8 MiB, fixed: a batch's largest buffers (attention scores, 54 MB per
       chunk) are mapped and unmapped whole instead of growing the heap, and glibc's sliding
