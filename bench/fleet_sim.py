@@ -1,6 +1,9 @@
-"""The fleet controller's decision function against a day's burst, simulated; beside two naive policies.
+"""The fleet controller's decision function against a day's burst, simulated, beside two naive
+policies, on machines that can be rented today, at their measured rates: $ per audio hour.
 
-    python bench/fleet_sim.py [--lectures 300] [--hours 2] [--seed 1] [--cpu-throughput X] [--write docs/benchmarks.md]
+    python bench/fleet_sim.py [--lectures 300] [--hours 2] [--seed 1] [--write docs/benchmarks.md]
+    python bench/fleet_sim.py --rate gke-g2-standard-4-l4=docs/logs/gpu_rates-<date>-l4.json
+    python bench/fleet_sim.py --rate eks-g5.xlarge-a10g=8:120,32:400      # fill:x-realtime pairs
 
 An arrival trace (``--lectures`` uploads of 5-90 min, at random times over ``--hours``) is
 replayed against simulated worker machines, second by second:
@@ -12,35 +15,45 @@ replayed against simulated worker machines, second by second:
 * **always-on**: one machine, up from the first upload to the last transcript.
 * **per-job**: a fresh machine per upload (30-90 s cold start), destroyed when its job is done.
 
-Every machine is billed from its start request until it stops (as Fly bills a started machine);
-busy time is time spent transcribing a batch. A job is: CPU pre-processing (extract + VAD, on
-always-on CPU workers: 2 s + audio/150), batches of ``BATCH_AUDIO_S`` of speech (90% of the
-audio is speech) at the machine's throughput, then 2 s of merge and render.
+Every machine is billed from its start request until it stops; busy time is time spent
+transcribing. A job is: CPU pre-processing (extract + VAD, on always-on CPU workers: 2 s +
+audio/150), batches of ``BATCH_AUDIO_S`` of speech (90% of the audio is speech), then 2 s of
+merge and render.
 
-Throughputs: the CPU size's is vtp's measured rate on 2 cores (docs/benchmarks.md's CPU table,
-the bundled tiny.en, CTranslate2 int8; ``--measure-cpu`` measures it again on a quiet machine),
-taken as a Fly ``performance-2x`` (2 dedicated cores); the GPU's (an ``a100-40gb``) is the
-design card's 30x realtime claim for large-v3 by default. ``bench/gpu_throughput.py`` has since
-measured 300x for the engine at vtp's defaults on an H100 (docs/benchmarks.md): pass
-``--gpu-throughput`` with that or your own measurement.
+**Rates are measured, never assumed.** A machine kind gets a rate only from a measurement:
+
+* **CPU** (``fly-performance-2x``): vtp's x realtime in docs/benchmarks.md's CPU table (the
+  ``vtp (bs 8, beam 5)`` row of the longest file), parsed from that file at run time: 2 cores,
+  the bundled tiny.en, CTranslate2 int8, one batch at a time.
+* **GPU**: ``--rate KIND=FILE`` with the rates JSON ``bench/gpu_throughput.py`` wrote on that GPU
+  (end-to-end rates per decode-batch fill when it has them, else the engine's), or
+  ``--rate KIND=FILL:XRT,...``. A GPU worker runs ``--gpu-slots`` transcribe batches at once (as
+  ``VTP_GPU_JOBS``), whose ``CHUNKS_PER_BATCH`` chunks share decode calls: with k running, the
+  fill is ``min(k x 8, decode batch)`` and the machine transcribes at the measured rate for that
+  fill (linear between measured fills), shared among the k.
+
+Prices come from ``--prices`` (``bench/prices.toml``: source, date, and whether the provider's own
+page confirmed it). A kind with a price but no measured rate gets only its break-even: the x
+realtime at which, fully busy, it costs what each managed STT service charges.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import statistics
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app import costs  # noqa: E402
 from bench.report import machine as machine_line, write_section  # noqa: E402
 from workers.controller.decide import Machine, Policy, QueueView, decide  # noqa: E402
 
@@ -50,8 +63,11 @@ BATCH_AUDIO_S = 200.0  # VTP_BATCH_SIZE 8 chunks of ~25 s of speech
 SPEECH_FRACTION = 0.9
 COLD_START_S = (30.0, 90.0)
 SWEEP_DRAIN = (150, 300, 600, 900)
-#: vtp on long_ivr_talk_ivr.m4a (401 s) in docs/benchmarks.md's CPU table: 56.0x realtime on 2 cores.
-CPU_MEASURED = 56.0
+#: A transcribe job's chunks (VTP_BATCH_SIZE): a GPU worker's decode fill is 8 per batch it runs.
+CHUNKS_PER_BATCH = 8
+DOCS = ROOT / "docs" / "benchmarks.md"
+PRICES_FILE = ROOT / "bench" / "prices.toml"
+TODAY = "2026-12-01"
 SWEEP_IDLE = (20, 60, 120)
 WARM_START_S = (10.0, 20.0)
 
@@ -79,8 +95,7 @@ class SimMachine:
     ready_at: float
     state: str = "starting"  # starting, started, stopped, destroyed
     since: float = 0.0
-    batch: Batch | None = None
-    batch_end: float = 0.0
+    running: list = field(default_factory=list)  # [batch, audio seconds left]
     idle_since: float = 0.0
     billed: float = 0.0
     busy: float = 0.0
@@ -114,9 +129,13 @@ def trace(lectures: int, hours: float, seed: int) -> list[tuple[float, float]]:
 
 
 def simulate(
-    policy: str, arrivals: list[tuple[float, float]], throughput: float, *, max_machines: int, seed: int,
-    drain_target_s: float = 600.0, idle_exit_s: float = IDLE_EXIT_S,
+    policy: str, arrivals: list[tuple[float, float]], throughput: float | Callable[[int], float], *, max_machines: int,
+    seed: int, drain_target_s: float = 600.0, idle_exit_s: float = IDLE_EXIT_S, slots: int = 1,
 ) -> Result:
+    """``throughput``: a machine's audio seconds per second, or a function of how many batches it
+    runs at once (up to ``slots``) giving its total rate, which those batches share."""
+    rate = throughput if callable(throughput) else (lambda _k, tp=throughput: tp)
+    full_rate = rate(slots)
     rng = random.Random(seed + 1)
     jobs = [Job(i, t, d) for i, (t, d) in enumerate(arrivals)]
     pending = deque(jobs)  # not yet arrived
@@ -124,7 +143,7 @@ def simulate(
     queue: deque[Batch] = deque()
     per_job_queues: dict[int, deque[Batch]] = {}
     machines: list[SimMachine] = []
-    ctl = Policy(max_machines=max_machines, drain_target_s=drain_target_s, throughput=throughput, warm_pool=2,
+    ctl = Policy(max_machines=max_machines, drain_target_s=drain_target_s, throughput=full_rate, warm_pool=2,
                  stopped_grace_s=600, boot_grace_s=300)
     peak = 0
     t = 0.0
@@ -159,16 +178,16 @@ def simulate(
         # the controller looks every TICK_S seconds
         if policy == "controller" and int(t) % TICK_S == 0:
             view = QueueView(queued=len(queue), queued_audio_s=sum(b.audio for b in queue),
-                             in_progress=sum(1 for m in machines if m.batch is not None))
+                             in_progress=sum(len(m.running) for m in machines))
             seen = [
                 Machine(id=m.id, state=m.state, since=m.since, alive=m.state == "started" and t >= m.ready_at,
-                        running=1 if m.batch else 0, restartable=m.state == "stopped")
+                        running=len(m.running), restartable=m.state == "stopped")
                 for m in machines if m.state != "destroyed"
             ]
             plan = decide(view, seen, ctl, t)
             for mid in plan.destroy:
                 target = next(m for m in machines if m.id == mid)
-                if target.batch is None:
+                if not target.running:
                     target.state = "destroyed"
             warm = sorted((m for m in machines if m.state == "stopped"), key=lambda m: -m.since)
             for _ in range(plan.start):
@@ -188,23 +207,31 @@ def simulate(
             if m.state != "started":
                 continue
             source = per_job_queues.get(m.only_job) if m.only_job is not None else queue
-            # Batches end between ticks: the next one starts when the last ended, not at the tick.
-            while m.batch is not None and m.batch_end <= t:
-                job = m.batch.job
-                job.batches_left -= 1
-                if job.batches_left == 0:
-                    job.done_at = m.batch_end + 2
-                    done += 1
-                ended, m.batch, m.idle_since = m.batch_end, None, m.batch_end
-                if source:
-                    m.batch = source.popleft()
-                    m.batch_end = ended + m.batch.audio / throughput
-                    m.busy += m.batch.audio / throughput
-            if m.batch is None and source:
-                m.batch = source.popleft()
-                m.batch_end = t + m.batch.audio / throughput
-                m.busy += m.batch.audio / throughput
-            if m.batch is None:
+            # This second's work, exactly: the batches running share the machine's rate for
+            # their number; one that ends frees its slot for the next at that instant.
+            budget = 1.0
+            while budget > 1e-9:
+                while len(m.running) < slots and source:
+                    b = source.popleft()
+                    m.running.append([b, b.audio])
+                if not m.running:
+                    break
+                each = rate(len(m.running)) / len(m.running)
+                dt = min(budget, min(left for _b, left in m.running) / each)
+                for item in m.running:
+                    item[1] -= each * dt
+                budget -= dt
+                m.busy += dt
+                now = t + 1.0 - budget
+                for item in [i for i in m.running if i[1] <= 1e-9]:
+                    m.running.remove(item)
+                    job = item[0].job
+                    job.batches_left -= 1
+                    if job.batches_left == 0:
+                        job.done_at = now + 2
+                        done += 1
+                    m.idle_since = now
+            if not m.running:
                 if policy == "per-job" and not per_job_queues.get(m.only_job):
                     m.state = "destroyed"
                 elif policy == "controller" and not queue and t - m.idle_since >= idle_exit_s:
@@ -223,109 +250,169 @@ def simulate(
     )
 
 
-def measure_cpu_throughput() -> float:
-    """Audio seconds per wall second of the local runner on this machine (bundled tiny.en, int8)."""
-    import tempfile
-
-    import anyio
-
-    from app.config import Settings
-    from app.messages import TranscribeOptions
-    from workers.engines.base import EnginePool
-    from workers.local_runner import LocalRunner
-
-    runner = LocalRunner(Settings.from_env({}), engines=EnginePool())
-    media = ROOT / "tests" / "data" / "ivr_prompts.mp4"
-    best = 0.0
-    with tempfile.TemporaryDirectory() as out:
-        for _ in range(3):
-            started = time.perf_counter()
-            result = anyio.run(runner.run, media, TranscribeOptions(), Path(out))
-            best = max(best, result.transcript.duration / (time.perf_counter() - started))
-    return best
-
-
 def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
 
+def load_prices(path: Path) -> tuple[list[dict], list[dict]]:
+    """The machine kinds rentable today (those with ``gone_after`` past are dropped) and the
+    managed STT prices, cheapest first."""
+    import tomllib
+
+    data = tomllib.loads(path.read_text())
+    machines = [m for m in data.get("machine", []) if not m.get("gone_after") or m["gone_after"] > TODAY]
+    return machines, sorted(data.get("stt", []), key=lambda s: s["per_audio_hour"])
+
+
+def cpu_rate_from_docs(path: Path = DOCS) -> tuple[float, str, str]:
+    """vtp's x realtime on the longest file of the CPU table in docs/benchmarks.md (the
+    ``vtp (bs 8, beam 5)`` row), that file's name, and the table's machine."""
+    text = path.read_text()
+    section = text.split("<!-- cpu_vs_peers:begin -->", 1)[1].split("<!-- cpu_vs_peers:end -->", 1)[0]
+    machine = section.strip().splitlines()[0].removeprefix("Machine: ").split(" (", 1)[0].split(". ", 1)[0]
+    best: tuple[float, float, str] | None = None
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and cells[2] == "vtp (bs 8, beam 5)":
+            audio, xrt = float(cells[1]), float(cells[3].rstrip("x"))
+            if best is None or audio > best[0]:
+                best = (audio, xrt, cells[0])
+    if best is None:
+        raise SystemExit(f"{path}: no 'vtp (bs 8, beam 5)' row in the cpu_vs_peers table")
+    return best[1], best[2], machine
+
+
+def parse_rate(spec: str) -> tuple[list[tuple[float, float]], str]:
+    """``FILE.json`` (bench/gpu_throughput.py's rates: end to end if it has them, else vtp's
+    engine at beam 5) or ``FILL:XRT,...``: (fill, x realtime) points and where they came from."""
+    path = Path(spec)
+    if path.suffix == ".json" or path.exists():
+        data = json.loads(path.read_text())
+        if data.get("smoke"):
+            print(f"warning: {spec} is a CPU smoke test, not a GPU measurement", file=sys.stderr)
+        points = [(float(r["fill"]), float(r["xrt"])) for r in data.get("e2e", [])]
+        what = f"end to end, {data.get('machine')}, {spec}"
+        if not points:
+            points = [(float(r["fill"]), float(r["xrt"])) for r in data.get("engine", [])
+                      if r["system"] == "vtp" and r["section"] == "real" and r["beam"] == 5]
+            what = f"engine only, beam 5, {data.get('machine')}, {spec}"
+        if not points:
+            raise SystemExit(f"{spec}: no rates in it")
+        return sorted(points), what
+    points = [(float(a), float(b)) for a, b in (p.split(":") for p in spec.split(","))]
+    return sorted(points), "given on the command line"
+
+
+def rate_by_fill(points: list[tuple[float, float]], decode_batch: int) -> Callable[[int], float]:
+    """k batches running -> the machine's rate at fill min(8k, decode batch), linear between the
+    measured fills and flat past either end."""
+    fills = [f for f, _ in points]
+    xrts = [x for _, x in points]
+
+    def rate(k: int) -> float:
+        import numpy as np
+
+        return float(np.interp(min(k * CHUNKS_PER_BATCH, decode_batch), fills, xrts))
+
+    return rate
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lectures", type=int, default=300)
     ap.add_argument("--hours", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--gpu-kind", default="a100-40gb")
-    ap.add_argument("--gpu-throughput", type=float, default=30.0, help="audio s per wall s of one GPU machine (default: the design card's claim)")
-    ap.add_argument("--gpu-max", type=int, default=8)
-    ap.add_argument("--cpu-kind", default="performance-2x")
-    ap.add_argument(
-        "--cpu-throughput", type=float, default=CPU_MEASURED,
-        help="audio s per wall s of one CPU machine (default: vtp's measured rate in docs/benchmarks.md's CPU table)",
-    )
-    ap.add_argument("--measure-cpu", action="store_true", help="measure the CPU rate now instead (needs a quiet machine)")
-    ap.add_argument("--cpu-max", type=int, default=16)
+    ap.add_argument("--prices", type=Path, default=PRICES_FILE)
+    ap.add_argument("--rate", action="append", default=[], metavar="KIND=FILE.json|FILL:XRT,...",
+                    help="a machine kind's measured rate (repeatable)")
+    ap.add_argument("--cpu-kind", default="fly-performance-2x", help="the kind the CPU table's rate is taken for")
+    ap.add_argument("--docs", type=Path, default=DOCS, help="where the CPU table is read from")
+    ap.add_argument("--gpu-slots", type=int, default=4, help="transcribe batches a GPU worker runs at once (VTP_GPU_JOBS)")
+    ap.add_argument("--decode-batch", type=int, default=32, help="a GPU worker's VTP_DECODE_BATCH")
+    ap.add_argument("--max-machines", type=int, default=16)
     ap.add_argument("--write", type=Path, default=None, help="replace this section of a markdown file")
     args = ap.parse_args()
 
-    cpu_tp = measure_cpu_throughput() if args.measure_cpu else args.cpu_throughput
+    machines, stts = load_prices(args.prices)
+    cpu_xrt, cpu_file, cpu_machine = cpu_rate_from_docs(args.docs)
+    rates: dict[str, tuple[Callable[[int], float], int, str]] = {
+        args.cpu_kind: (lambda _k: cpu_xrt, 1,
+                        f"{cpu_xrt:g}x: vtp on {cpu_file} in the CPU table ({cpu_machine}; tiny.en, CTranslate2 int8, beam 5)"),
+    }
+    for spec in args.rate:
+        kind, _, source = spec.partition("=")
+        points, what = parse_rate(source)
+        rates[kind] = (rate_by_fill(points, args.decode_batch), args.gpu_slots,
+                       "measured " + ", ".join(f"fill {f:g}: {x:g}x" for f, x in points) + f" ({what})")
     arrivals = trace(args.lectures, args.hours, args.seed)
     audio_h = sum(d for _, d in arrivals) / 3600
-    rows = []
-    for kind, tp, cap in ((args.gpu_kind, args.gpu_throughput, args.gpu_max), (args.cpu_kind, cpu_tp, args.cpu_max)):
-        price = costs.PRICES[kind]
-        for policy in ("controller", "always-on", "per-job"):
-            started = time.perf_counter()
-            r = simulate(policy, arrivals, tp, max_machines=cap, seed=args.seed)
-            r.kind = kind
-            took = time.perf_counter() - started
-            rows.append((r, price))
-            print(f"{kind:15} {policy:10} busy {r.busy_pct:5.1f}%  p95 {pct(r.latencies, 95) / 60:7.1f} min  "
-                  f"${r.cost(price) / audio_h:.4f}/audio h  ({took:.1f} s)", flush=True)
 
-    low, high = costs.MANAGED_STT_PER_AUDIO_HOUR
+    results: list[tuple[dict, Result | None, str]] = []
+    for m in machines:
+        price = m.get("price_hour")
+        if m["kind"] in rates and price:
+            fn, slots, what = rates[m["kind"]]
+            for policy in ("controller", "always-on", "per-job"):
+                started = time.perf_counter()
+                r = simulate(policy, arrivals, fn, max_machines=args.max_machines, seed=args.seed, slots=slots)
+                r.kind = m["kind"]
+                results.append((m, r, what))
+                print(f"{m['kind']:24} {policy:10} busy {r.busy_pct:5.1f}%  p95 {pct(r.latencies, 95) / 60:7.1f} min  "
+                      f"${r.cost(price) / audio_h:.4f}/audio h  ({time.perf_counter() - started:.1f} s)", flush=True)
+        else:
+            results.append((m, None, rates[m["kind"]][2] if m["kind"] in rates else ""))
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"${v:.4f}"
+
     lines = [
-        f"Machine: {machine_line()}. Trace: {args.lectures} lectures of 5-90 min ({audio_h:.0f} audio hours) "
-        f"uploaded at random over {args.hours:g} h (seed {args.seed}). Command: `python bench/fleet_sim.py --write docs/benchmarks.md`.",
+        f"Simulated on {machine_line()}. Trace: {args.lectures} lectures of 5-90 min ({audio_h:.0f} audio hours) uploaded "
+        f"at random over {args.hours:g} h (seed {args.seed}). Command: `python bench/fleet_sim.py "
+        + "".join(f"--rate {r} " for r in args.rate) + "--write docs/benchmarks.md`; prices: `bench/prices.toml` "
+        f"(compiled {TODAY}; sources and dates there). Cold start {COLD_START_S[0]:g}-{COLD_START_S[1]:g} s, warm-pool start "
+        f"{WARM_START_S[0]:g}-{WARM_START_S[1]:g} s, idle exit {IDLE_EXIT_S} s, controller tick {TICK_S} s, drain target 600 s, "
+        f"batches of {BATCH_AUDIO_S:g} s of speech; GPU workers run {args.gpu_slots} batches at once, decode batch {args.decode_batch}. "
+        "Billed = from start request to stop; busy = transcribing. Prices are on-demand list prices; "
+        "\"unverified\" = quoted by a third party or carried over, not confirmed on the provider's page.",
         "",
-        f"Throughputs: **{args.gpu_kind}** {args.gpu_throughput:g} audio s per s "
-        + ("(the design card's claim for large-v3; an H100 measured 300 for the engine alone, section GPU)" if args.gpu_throughput == 30.0 else "(given)")
-        + f"; **{args.cpu_kind}** {cpu_tp:.1f} audio s per s "
-        + (
-            "(measured in this run: the bundled tiny.en, CTranslate2 int8, on this machine's cores)" if args.measure_cpu
-            else "(vtp's measured rate on the 6.7-minute file in the CPU table above: tiny.en, CTranslate2 int8, 2 cores, quiet machine)"
-            if args.cpu_throughput == CPU_MEASURED else "(given)"
-        )
-        + f". Cold start {COLD_START_S[0]:g}-{COLD_START_S[1]:g} s, warm-pool start {WARM_START_S[0]:g}-{WARM_START_S[1]:g} s, "
-        f"idle exit {IDLE_EXIT_S} s, controller tick {TICK_S} s, drain target 600 s (the default), batches of {BATCH_AUDIO_S:g} s of speech. "
-        "Prices: list $/h from `app.costs.PRICES`. Billed = from start request to stop; busy = transcribing.",
-        "",
-        "| machine | policy | peak machines | machines made | billed machine-h | busy machine-h | busy | p50 / p95 upload -> transcript | $ total | $ per audio hour |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| machine | $/h (source checked?) | rate | policy | busy | p50 / p95 upload -> transcript | $ per audio hour |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r, price in rows:
+    for m, r, what in results:
+        price = m.get("price_hour")
+        price_text = f"${price:g} ({'verified' if m.get('verified') else 'unverified'})" if price else "not found"
+        if r is None:
+            rate_text = what or ("no measured rate" + (": " + m["gpu"] + " not measured yet" if m.get("gpu") else ""))
+            lines.append(f"| {m['kind']} | {price_text} | {rate_text} | - | - | - | pending a measured rate |")
+            continue
+        first = r.policy == "controller"
         lines.append(
-            f"| {r.kind} (${price:g}/h) | {r.policy} | {r.peak} | {r.machines} | {r.billed_s / 3600:.1f} | {r.busy_s / 3600:.1f} | "
-            f"{r.busy_pct:.1f}% | {pct(r.latencies, 50) / 60:.1f} / {pct(r.latencies, 95) / 60:.1f} min | "
-            f"${r.cost(price):.2f} | ${r.cost(price) / audio_h:.4f} |"
+            f"| {m['kind'] if first else ''} | {price_text if first else ''} | {what if first else 'same'} | {r.policy} | {r.busy_pct:.1f}% | "
+            f"{pct(r.latencies, 50) / 60:.1f} / {pct(r.latencies, 95) / 60:.1f} min | {cell(r.cost(price) / audio_h)} |"
         )
-    lines += ["", f"Managed speech-to-text for the same audio: ${low:.2f}-${high:.2f} per audio hour "
-              f"(${low * audio_h:.0f}-${high * audio_h:.0f} for this trace)."]
-    gpu_price = costs.PRICES[args.gpu_kind]
     lines += [
         "",
-        f"What the controller's two knobs trade, {args.gpu_kind} at {args.gpu_throughput:g} audio s per s, same trace "
-        "(busy share of billed time / p95 upload -> transcript / $ per audio hour):",
+        "Break-even against managed speech-to-text: the x realtime a machine must sustain, fully busy, to cost what each "
+        "service charges per audio hour (price per hour / service's price per audio hour); where a rate was measured, "
+        "the controller's simulated $ per audio hour beside it, as a fraction of the service's price.",
         "",
-        "| drain target \\ idle exit | " + " | ".join(f"{i} s" for i in SWEEP_IDLE) + " |",
-        "|---|" + "---|" * len(SWEEP_IDLE),
+        "| machine | $/h | " + " | ".join(f"{s['name']} (${s['per_audio_hour']:g}/h)" for s in stts) + " |",
+        "|---|---|" + "---|" * len(stts),
     ]
-    for drain in SWEEP_DRAIN:
+    controller = {r.kind: r for _m, r, _w in results if r is not None and r.policy == "controller"}
+    for m in machines:
+        price = m.get("price_hour")
+        if not price:
+            continue
         cells = []
-        for idle in SWEEP_IDLE:
-            r = simulate("controller", arrivals, args.gpu_throughput, max_machines=args.gpu_max, seed=args.seed,
-                         drain_target_s=drain, idle_exit_s=idle)
-            cells.append(f"{r.busy_pct:.1f}% / {pct(r.latencies, 95) / 60:.1f} min / ${r.cost(gpu_price) / audio_h:.3f}")
-        lines.append(f"| {drain} s | " + " | ".join(cells) + " |")
+        for stt in stts:
+            need = price / stt["per_audio_hour"]
+            text = f"needs {need:.1f}x"
+            r = controller.get(m["kind"])
+            if r is not None:
+                text += f"; sim {r.cost(price) / audio_h / stt['per_audio_hour']:.1%}"
+            cells.append(text)
+        lines.append(f"| {m['kind']} | ${price:g} | " + " | ".join(cells) + " |")
     body = "\n".join(lines)
     print(body)
     if args.write:

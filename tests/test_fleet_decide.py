@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from workers.controller.decide import Machine, Policy, QueueView, decide, machines_for
 
 NOW = 1_000_000.0
@@ -166,3 +168,29 @@ def test_the_controllers_memory_of_sightings():
     sightings.observe([booting], POLICY, NOW + 1)
     (stuck,) = sightings.observe([booting], POLICY, NOW + POLICY.boot_grace_s + 1)
     assert stuck.seen is None and decide(QueueView(), [stuck], POLICY, NOW + POLICY.boot_grace_s + 1).destroy == ("b",)
+
+
+def test_fleet_sim_rates_come_from_measurements_and_prices_from_the_table(tmp_path):
+    """The CPU rate is parsed from docs/benchmarks.md's CPU table, not a constant; Fly's GPUs
+    (gone after 2026-08-01) are left out of the price table; a GPU's rate follows its batch fill."""
+    from bench import fleet_sim
+
+    xrt, source_file, _machine = fleet_sim.cpu_rate_from_docs()
+    assert xrt > 1 and source_file
+    machines, stts = fleet_sim.load_prices(fleet_sim.PRICES_FILE)
+    kinds = {m["kind"] for m in machines}
+    assert "fly-performance-2x" in kinds and not {"fly-a100-40gb", "fly-l40s"} & kinds
+    assert all(m.get("source") and m.get("date") for m in machines)
+    assert stts[0]["per_audio_hour"] <= 0.36 and any(s["name"] == "OpenAI whisper-1" for s in stts)
+
+    rate = fleet_sim.rate_by_fill([(8, 100.0), (32, 300.0)], decode_batch=32)
+    assert rate(1) == 100.0 and rate(2) == pytest.approx(100 + 200 * 8 / 24) and rate(4) == rate(8) == 300.0
+    arrivals = fleet_sim.trace(12, 0.2, seed=3)
+    one = fleet_sim.simulate("always-on", arrivals, lambda k: 100.0, max_machines=1, seed=3, slots=1)
+    four = fleet_sim.simulate("always-on", arrivals, rate, max_machines=1, seed=3, slots=4)
+    assert four.busy_s < one.busy_s  # fuller decode batches: the same audio in less machine time
+
+    rates = tmp_path / "rates.json"
+    rates.write_text('{"machine": "X", "e2e": [{"jobs": 1, "fill": 8, "xrt": 90}, {"jobs": 4, "fill": 30, "xrt": 280}]}')
+    assert fleet_sim.parse_rate(str(rates))[0] == [(8.0, 90.0), (30.0, 280.0)]
+    assert fleet_sim.parse_rate("8:100,32:300")[0] == [(8.0, 100.0), (32.0, 300.0)]

@@ -88,6 +88,107 @@ def load_error(exc: BaseException, options: TranscribeOptions, source: str) -> e
     return errors.ModelNotFound(f"cannot load model {options.model!r}{hint}: {text}")
 
 
+#: Chunks per encoder call and per alignment call on CPU. CTranslate2 holds a whole call's
+#: attention scores at once, in float32: 6 heads x 1500 x 1500 frames, 54 MB per chunk for
+#: tiny (more for larger models), so a decode batch of 8 peaked ~570 MB above the model in the
+#: encoder alone (peak RSS there: 733 MB at 8 chunks per call, 437 at 2, 387 at 1, the model
+#: ~160 MB; ``bench/memory_engine.py``). One chunk at a time keeps the
+#: peak flat in the batch size and is no slower on CPU (each chunk's matrices are already large);
+#: beam search and the batch's tokens still run as one call. GPUs keep the whole batch per call.
+CPU_CALL_CHUNKS = 1
+
+
+def _tune_malloc(arenas: int = 2, mmap_threshold: int = 8 << 20) -> None:
+    """glibc's allocator, for a process that holds a model and decodes batch after batch (what
+    ``MALLOC_ARENA_MAX`` and ``MALLOC_MMAP_THRESHOLD_`` set at start; either variable, when set,
+    wins). Measured with the bundled model on 2 cores:
+
+    * ``M_ARENA_MAX`` 2: CTranslate2's and OpenMP's threads each got an arena of their own, which
+      kept ~120 MB of freed buffers resident (10-minute input: 1,069 -> 946 MB before the
+      one-chunk calls below).
+    * ``M_MMAP_THRESHOLD`` 8 MiB, fixed: a batch's largest buffers (attention scores, 54 MB per
+      chunk) are mapped and unmapped whole instead of growing the heap, and glibc's sliding
+      threshold no longer pulls them into it after the first free (30-minute input: peak 579 ->
+      508 MB with ``_trim_heap``).
+
+    Threads created from now on get the capped arenas. A no-op where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return
+    if not os.environ.get("MALLOC_ARENA_MAX"):
+        mallopt(-8, arenas)  # M_ARENA_MAX
+    if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+
+
+_LIBC = None
+
+
+def _trim_heap() -> None:
+    """``malloc_trim(0)``: return the free pages of every malloc arena to the system. Without it,
+    ``vtp transcribe``'s peak crept up over a long input (532 MB at 10 min, 631-655 MB at 30-60 min,
+    the engine alone flat): each batch's short-lived buffers (features, beam state) landed in holes
+    left by the previous ones and the heap grew around them (30-minute input: 655 -> 579 MB, no
+    slower). Once per batch. A no-op where the C library is not glibc."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        except OSError:
+            _LIBC = False
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC else None
+    if trim is not None:
+        trim(0)
+
+
+def _whisper_model_class(call_chunks: int):
+    """faster-whisper's ``WhisperModel`` whose encoder and alignment calls take at most
+    ``call_chunks`` chunks at a time (0: the whole batch). Same results: each chunk's encoder
+    output and alignment do not depend on the other chunks of its call."""
+    from faster_whisper import WhisperModel
+
+    if call_chunks <= 0:
+        return WhisperModel
+
+    class LeanWhisperModel(WhisperModel):
+        def encode(self, features: np.ndarray):
+            _trim_heap()  # a batch starts: give back what the last one freed (see _trim_heap)
+            if features.ndim == 2 or features.shape[0] <= call_chunks:
+                return super().encode(features)
+            import ctranslate2
+
+            parts = [np.asarray(super(LeanWhisperModel, self).encode(features[i : i + call_chunks]))
+                     for i in range(0, features.shape[0], call_chunks)]
+            return ctranslate2.StorageView.from_array(np.concatenate(parts))
+
+        def find_alignment(self, tokenizer, text_tokens, encoder_output, num_frames, median_filter_width=7):
+            rows = len(text_tokens)
+            if rows <= call_chunks:
+                return super().find_alignment(tokenizer, text_tokens, encoder_output, num_frames, median_filter_width)
+            import ctranslate2
+
+            array = np.asarray(encoder_output)
+            out: list = []
+            for i in range(0, rows, call_chunks):
+                part = ctranslate2.StorageView.from_array(np.ascontiguousarray(array[i : i + call_chunks]))
+                frames = num_frames[i : i + call_chunks] if isinstance(num_frames, list) else num_frames
+                out.extend(super().find_alignment(tokenizer, text_tokens[i : i + call_chunks], part, frames,
+                                                  median_filter_width))
+            return out
+
+    return LeanWhisperModel
+
+
 class FasterWhisperEngine:
     name = "ctranslate2"
 
@@ -99,8 +200,6 @@ class FasterWhisperEngine:
 
     @classmethod
     def load(cls, options: TranscribeOptions) -> FasterWhisperEngine:
-        from faster_whisper import WhisperModel
-
         source = resolve_model(options.model)
         device = options.device
         compute_type = options.compute_type
@@ -108,6 +207,9 @@ class FasterWhisperEngine:
         # core (small Whisper matrices do not keep two threads busy): ~10% measured on 2 cores.
         cores = os.cpu_count() or 1
         workers = 2 if device == "cpu" and cores >= 2 else 1
+        if device == "cpu":
+            _tune_malloc()
+        WhisperModel = _whisper_model_class(CPU_CALL_CHUNKS if device == "cpu" else 0)
         try:
             model = WhisperModel(
                 source,

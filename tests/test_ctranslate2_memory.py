@@ -1,0 +1,33 @@
+"""The CTranslate2 engine's memory on CPU: its encoder and alignment calls take one chunk at a
+time (their float32 attention scores were ~54 MB per chunk for tiny, all at once), and that
+changes no result."""
+
+from __future__ import annotations
+
+import numpy as np
+from faster_whisper import WhisperModel, decode_audio
+from faster_whisper.audio import pad_or_trim
+from faster_whisper.tokenizer import Tokenizer
+
+from workers.engines.ctranslate2 import _whisper_model_class, bundled_model_path
+
+
+def test_one_chunk_per_encoder_and_alignment_call_gives_the_whole_batchs_results(data_dir):
+    path = str(bundled_model_path())
+    whole = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=1)
+    lean = _whisper_model_class(1)(path, device="cpu", compute_type="int8", cpu_threads=1)
+    audio = decode_audio(str(data_dir / "talk_tts.mp4"))
+    pieces = [audio[i * 160000 : (i + 1) * 160000] for i in range(2)]  # two 10 s chunks
+    features = np.stack([pad_or_trim(whole.feature_extractor(p)[..., :-1]) for p in pieces])
+
+    a, b = np.asarray(whole.encode(features)), np.asarray(lean.encode(features))
+    assert a.shape == b.shape == (2, 1500, 384)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+    tokenizer = Tokenizer(whole.hf_tokenizer, False, task="transcribe", language="en")
+    texts = [tokenizer.encode(" And so my fellow Americans"), tokenizer.encode(" ask not")]
+    frames = [1000, 1000]
+    expected = whole.find_alignment(tokenizer, texts, whole.encode(features), frames)
+    got = lean.find_alignment(tokenizer, texts, lean.encode(features), frames)
+    assert [[w["word"] for w in row] for row in got] == [[w["word"] for w in row] for row in expected]
+    assert [[round(w["start"], 2) for w in row] for row in got] == [[round(w["start"], 2) for w in row] for row in expected]
