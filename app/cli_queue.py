@@ -22,7 +22,7 @@ import anyio
 import msgspec
 
 from app import costs, errors
-from app.cli import add_transcribe_options, error, options_from_args, summary_line, unique_basenames
+from app.cli_options import add_transcribe_options, error, options_from_args, summary_line, unique_basenames
 from app.config import Settings
 from app.jobs import JobStore, redis_location
 from app.messages import JobRecord

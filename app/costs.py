@@ -6,12 +6,19 @@ runs N jobs at once charges each 1/N of the machine (``rate_per_slot_second``). 
 ``VTP_MACHINE_PRICE_HOUR``, or the list price of ``VTP_MACHINE_KIND`` below; the fleet
 controller sets both on the machines it starts. Idle time between jobs is not charged to any
 job: ``bench/fleet_sim.py`` measures how much of a fleet's billed time that is.
+
+This module reads no messages at run time (``app.messages`` builds ``JobCost`` from the figures
+here), so the two stay one-way: messages -> costs.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from app.config import Settings
-from app.messages import JobCost, JobRecord
+
+if TYPE_CHECKING:
+    from app.messages import JobRecord
 
 #: $/hour list prices, fly.io/docs/about/pricing, as of writing: check yours and set
 #: VTP_MACHINE_PRICE_HOUR. Fly's GPUs are unavailable after 2026-08-01.
@@ -65,17 +72,3 @@ def summary(record: JobRecord) -> str:
             low, high = MANAGED_STT_PER_AUDIO_HOUR
             text += f" (${rate:.2f} per audio hour; managed STT ${low:.2f}-${high:.2f})"
     return text
-
-
-def cost_of(record: JobRecord) -> JobCost | None:
-    """The record's cost for an API (``GET /v1/jobs/{id}``); None when nothing was recorded."""
-    seconds = sum(record.machine_seconds.values())
-    if seconds <= 0:
-        return None
-    rate = per_audio_hour(record.cost_usd, record.duration)
-    return JobCost(
-        machine_seconds=round(seconds, 3),
-        cost_usd=round(record.cost_usd, 6),
-        per_audio_hour_usd=None if rate is None else round(rate, 4),
-        managed_stt_per_audio_hour_usd=MANAGED_STT_PER_AUDIO_HOUR,
-    )

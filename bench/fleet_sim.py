@@ -231,7 +231,7 @@ def measure_cpu_throughput() -> float:
 
     from app.config import Settings
     from app.messages import TranscribeOptions
-    from workers.engines.base import EnginePool
+    from workers.engines.pool import EnginePool
     from workers.local_runner import LocalRunner
 
     runner = LocalRunner(Settings.from_env({}), engines=EnginePool())

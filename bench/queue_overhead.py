@@ -50,7 +50,7 @@ from app.storage import open_storage  # noqa: E402
 from app.submit import submit_file  # noqa: E402
 from workers import arq_runner  # noqa: E402
 from workers.audio import ffmpeg_exe  # noqa: E402
-from workers.engines.base import EnginePool  # noqa: E402
+from workers.engines.pool import EnginePool  # noqa: E402
 from workers.local_runner import LocalRunner  # noqa: E402
 
 DATA = ROOT / "tests" / "data"

@@ -104,7 +104,7 @@ from workers.lifecycle import IdleExit, Lifecycle  # light: no speech stack
 
 if TYPE_CHECKING:
     from workers import stages
-    from workers.engines.base import EnginePool
+    from workers.engines.pool import EnginePool
     from workers.gpu_worker import GpuEngines
 
 
@@ -117,7 +117,7 @@ def _speech():
 
 
 def _engine_pool() -> EnginePool:
-    from workers.engines.base import EnginePool
+    from workers.engines.pool import EnginePool
 
     return EnginePool()
 

@@ -33,7 +33,7 @@ from app.media import safe_basename  # noqa: F401 - used here and by app.cli
 from app.storage import LocalStorage, download_outputs
 from workers import audio, languages, stages, vad
 from workers.coverage import CoverageOptions
-from workers.engines.base import EnginePool
+from workers.engines.pool import EnginePool
 
 ProgressSink = Callable[[ProgressEvent], None]
 

@@ -41,7 +41,7 @@ from app.keys import audio_key, batch_audio_key, job_prefix, media_key, output_k
 from app.storage import Storage
 from workers import audio, coverage, languages, merge as merging, vad
 from workers.batcher import Cancellable, CancelToken
-from workers.engines.base import EnginePool
+from workers.engines.pool import EnginePool
 
 #: How a long stage reports how far it got: (seconds of audio done, seconds in all, 0 if unknown).
 Progress = Callable[[float, float], Awaitable[None]]

@@ -27,7 +27,7 @@ from app.formats import MEDIA_TYPES
 from app.media import safe_basename
 from app.messages import ALL_FORMATS, JobRecord, JobView, TranscribeOptions, options_from
 from app.submit import Submitted, submit_file
-from app.web.server import OWNER, Busy, WebState, state
+from app.web.state import OWNER, Busy, WebState, state
 from app.web.uploads import Upload, check_media, read_body, receive_multipart, receive_url
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -37,7 +37,7 @@ from aiohttp import web
 from app import errors, formats, keys
 from app.messages import SAMPLE_RATE, JobRecord, Transcript
 from app.web.api import owned
-from app.web.server import state
+from app.web.state import state
 
 log = logging.getLogger("vtp.web")
 

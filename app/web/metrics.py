@@ -31,7 +31,7 @@ from aiohttp import web
 
 from app import constants
 from app.jobs import retrying
-from app.web.server import state
+from app.web.state import state
 
 ACTIVE_STATES = ("queued", "extracting", "segmenting", "transcribing", "merging", "rendering")
 ENDED_STATES = ("done", "failed", "cancelled")

@@ -30,7 +30,7 @@ from aiohttp import web
 from app import errors
 from app.messages import JobRecord
 from app.web import api
-from app.web.server import OWNER, WebState, error_response, state
+from app.web.state import OWNER, WebState, error_response, state
 from app.web.uploads import receive_multipart
 
 log = logging.getLogger("vtp.web")
