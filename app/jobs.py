@@ -99,7 +99,7 @@ T = TypeVar("T")
 class OutageClock:
     """Seconds the operations of one task spent waiting for an unreachable Redis.
 
-    A stage's deadline leaves this time out (``workers.arq_runner``): a stage that waited
+    A stage's deadline leaves this time out (``workers.runtime.policy.within``): a stage that waited
     through a Redis restart is not slow, and must not be failed or retried for it.
     """
 
@@ -700,7 +700,7 @@ class JobStore:
                 on_event(event)
         return await self.get(job_id)
 
-    # -- DAG scratch state (used by workers/arq_runner.py) ----------------------------------
+    # -- DAG scratch state (used by workers/runtime/tasks.py) ----------------------------------
 
     async def _write_part(self, job_id: str, part: str, *command: Any) -> Any:
         """Run ``command`` on the job's scratch key ``part`` while its record exists (see

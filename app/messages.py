@@ -1,6 +1,6 @@
 """Every message that crosses a stage or process boundary, one msgspec ``Struct`` each.
 
-Stages take one of these and return one of these; the arq runner sends them through Redis
+Stages take one of these and return one of these; the queue runtime sends them through Redis
 as msgpack and decodes them *with their type*, so a malformed message fails loudly at the
 edge with the path of the bad field (``decode``) instead of deep inside a stage.
 

@@ -2,7 +2,7 @@
 
 Used by ``vtp submit`` (and meant for the web process): it talks to Redis and the artifact
 storage directly, no server in between. The first stage is enqueued through the ``enqueue``
-callable (``workers.arq_runner.enqueue_first_stage``), so this module never imports arq.
+callable (``workers.runtime.enqueue.enqueue_first_stage``), so this module never imports arq.
 
 Deduplication, in this order:
 

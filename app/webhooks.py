@@ -9,7 +9,7 @@ bytes of ``VTP_WEBHOOK_SECRET`` (``whsec_<base64>``). The body is a ``WebhookEve
 ``{"type": "job.completed" | "job.failed" | "job.cancelled", "timestamp", "data": <the job as
 GET /v1/jobs/{id} shows it>}``.
 
-Delivery runs on the CPU workers as its own arq task (``webhook`` in ``workers.arq_runner``),
+Delivery runs on the CPU workers as its own arq task (``webhook_task`` in ``workers.runtime.tasks``),
 never on a GPU worker and never inside a stage: one attempt per task run, each with a 15 s
 timeout, through the SSRF guard (``app.netguard``), redirects not followed. A 2xx answer
 delivers it; anything else (3xx, 4xx, 5xx, a timeout, a refused connection) is tried again

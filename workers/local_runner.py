@@ -1,7 +1,7 @@
 """Runs the stage DAG in one process: what ``vtp transcribe`` uses.
 
-The same stage functions as the arq runner, called in order, with artifacts in a private
-temporary directory (the input is linked in, not copied). Batches run one after another
+The same stage functions as the queue runtime (``workers.runtime``), called in order, with
+artifacts in a private temporary directory (the input is linked in, not copied). Batches run one after another
 on the one loaded model; each reports progress.
 """
 
@@ -34,6 +34,7 @@ from app.storage import LocalStorage, download_outputs
 from workers import audio, languages, stages, vad
 from workers.coverage import CoverageOptions
 from workers.engines.pool import EnginePool
+from workers.merge import with_timings
 
 ProgressSink = Callable[[ProgressEvent], None]
 
@@ -144,13 +145,3 @@ class LocalRunner:
             outputs = await download_outputs(storage, rendered.outputs, output_dir, name)
         report(ProgressEvent(job_id=job_id, state="done", audio_done=seg.speech_seconds, audio_total=seg.speech_seconds))
         return LocalResult(transcript=transcript, outputs=outputs)
-
-
-def with_timings(transcript: Transcript, timings: dict[str, float], wall: float) -> Transcript:
-    stats = msgspec.structs.replace(
-        transcript.stats,
-        wall_seconds=round(wall, 3),
-        realtime_factor=round(transcript.duration / wall, 2) if wall > 0 else 0.0,
-        stages=timings,
-    )
-    return msgspec.structs.replace(transcript, stats=stats)

@@ -5,7 +5,7 @@
                               └─> ...                   ┘
 
 Stages know nothing of queues or of each other: ``local_runner`` calls them in one process,
-``arq_runner`` calls the very same functions as arq jobs on many machines. Everything a stage
+``workers.runtime.tasks`` calls the very same functions as arq jobs on many machines. Everything a stage
 needs from outside comes in its ``StageContext``; everything it hands on goes through
 storage keys inside its return message, so consecutive stages may run on different hosts.
 """

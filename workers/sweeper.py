@@ -1,6 +1,6 @@
 """The sweeper: no job stays stuck, and ended jobs' artifacts do not stay forever.
 
-arq reruns a stage whose worker died (its lease runs out, ``workers.arq_runner._Worker``), but
+arq reruns a stage whose worker died (its lease runs out, ``workers.runtime.worker.VtpWorker``), but
 some failures leave a job with *no* stage queued or running at all, and nothing would ever move
 it again:
 
@@ -32,7 +32,7 @@ The same pass deletes the storage artifacts (``jobs/<id>/``) of jobs that ended 
 lifecycle rule on the ``jobs/`` prefix does the same job without the sweeper: see
 docs/distributed.md.)
 
-arq itself stays in ``workers.arq_runner``: the sweeper sees the queue through ``StageQueue``.
+arq itself stays in ``workers.runtime``: the sweeper sees the queue through ``StageQueue``.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Step:
 
 
 class StageQueue(Protocol):
-    """What the sweeper needs from the job queue (``workers.arq_runner.ArqStages``)."""
+    """What the sweeper needs from the job queue (``workers.runtime.sweep.ArqStages``)."""
 
     async def pending(self, arq_ids: list[str]) -> bool:
         """Is any of these stage jobs queued (possibly deferred) or running under a live lease?"""

@@ -2,7 +2,7 @@
 
 It is light on purpose: it never imports the speech stack (faster_whisper, ctranslate2,
 onnxruntime, torch, transformers) and reaches the workers only through Redis, enqueueing with
-``workers.arq_runner`` imported lazily (which itself loads the stages only in workers).
+``workers.runtime.enqueue`` imported at start-up (which imports no stage).
 
     server.py    the app factory, middlewares, ``vtp web`` and its safe binding rules (composes only)
     state.py     what the handlers share: WebState, state(), WebLimits, error_response

@@ -119,17 +119,17 @@ async def headers_middleware(request: web.Request, handler):
 
 
 async def _start(app: web.Application) -> None:
-    from workers import arq_runner  # the enqueue side only: it loads the stages in workers alone
+    from workers.runtime import enqueue  # the light client: no stage, no speech stack
 
     st = app[STATE]
-    st.redis = arq_runner.client(
+    st.redis = enqueue.client(
         st.settings, socket_timeout=st.limits.redis_socket_s, max_connections=st.limits.redis_connections
     )
     st.store = JobStore(
         st.redis, result_ttl=st.settings.result_ttl, where=redis_location(st.settings.redis_url), outage_s=REDIS_OUTAGE_S
     )
-    st.enqueue = partial(arq_runner.enqueue_first_stage, st.redis, settings=st.settings, outage_s=REDIS_OUTAGE_S)
-    st.enqueue_webhook = partial(arq_runner.enqueue_webhook, st.redis, settings=st.settings, outage_s=REDIS_OUTAGE_S)
+    st.enqueue = partial(enqueue.enqueue_first_stage, st.redis, settings=st.settings, outage_s=REDIS_OUTAGE_S)
+    st.enqueue_webhook = partial(enqueue.enqueue_webhook, st.redis, settings=st.settings, outage_s=REDIS_OUTAGE_S)
 
 
 async def _stop(app: web.Application) -> None:

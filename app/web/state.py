@@ -75,7 +75,7 @@ class WebState:
     limits: WebLimits = field(default_factory=WebLimits)
     #: Set at start-up (``_start``), over one Redis client that connects on first use.
     store: JobStore | None = None
-    #: ``await enqueue(record)``: queue the first stage (``workers.arq_runner``, imported at start-up).
+    #: ``await enqueue(record)``: queue the first stage (``workers.runtime.enqueue``, imported at start-up).
     enqueue: Callable[[JobRecord], Awaitable[None]] | None = None
     #: ``await enqueue_webhook(job_id)``: queue a finished job's webhook.
     enqueue_webhook: Callable[[str], Awaitable[None]] | None = None

@@ -127,12 +127,12 @@ class VtpWorker(Worker):
     poll is logged and retried a second later, while the jobs in flight keep running (their own
     Redis calls wait for Redis through ``app.jobs.retrying``), so a Redis restart costs no rerun.
 
-    **Shutdown.** SIGINT/SIGTERM drains (``workers.lifecycle``): no new jobs, the running ones
+    **Shutdown.** SIGINT/SIGTERM drains (``workers.runtime.lifecycle``): no new jobs, the running ones
     finish; a second signal stops at once and hands back the tries of the jobs it cut short.
     """
 
     _outage_since: float | None = None
-    #: Idle exit and SIGTERM drain (``workers/lifecycle.py``); None: arq's own behaviour.
+    #: Idle exit and SIGTERM drain (``workers.runtime.lifecycle``); None: arq's own behaviour.
     lifecycle: Lifecycle | None = None
 
     def __init__(self, *args: Any, lease: float, **kwargs: Any) -> None:
@@ -202,7 +202,7 @@ async def run_worker(
 ) -> None:
     """Run a worker until SIGINT/SIGTERM (or, with ``burst``, until its queue is empty; with
     ``idle_exit`` seconds, default ``VTP_IDLE_EXIT``, once its queue has been idle that long).
-    A signal drains: the running jobs finish, no new one starts (``workers/lifecycle.py``).
+    A signal drains: the running jobs finish, no new one starts (``workers.runtime.lifecycle``).
 
     If arq's worker ends with a Redis error anyway (Redis unreachable at start-up, past arq's
     ``conn_retries``), a new worker is built (same loaded models) and connects again as soon
