@@ -22,7 +22,7 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from app import costs, errors
+from app import costs, dag, errors
 from app.cli_options import add_transcribe_options, error, options_from_args, summary_line, unique_basenames
 from app.config import Settings
 from app.jobs import JobStore, redis_location
@@ -181,7 +181,7 @@ async def _submit(args: argparse.Namespace, settings: Settings, options) -> int:
                     continue
                 finally:
                     bar.close()
-                if final.state != "done":
+                if final.state != dag.DONE:
                     failed += 1
                     error(_input_error(path, final.error or f"job {final.id} was {final.state}"))
                     continue

@@ -6,7 +6,7 @@ WATCH/MULTI read-modify-write of the msgpack record, with the matching ``Progres
 appended to the job's event stream in the same transaction, so a reader never sees a state
 without its event or the other way round.
 
-State machine (``check_transition``)::
+State machine (``check_transition``; the states and edges come from the DAG table, ``app.dag``)::
 
     queued -> extracting -> segmenting -> transcribing -> merging -> rendering -> done
                                      \\________________________/ (no speech: no batches)
@@ -37,7 +37,7 @@ from redis.backoff import ExponentialBackoff
 from redis.asyncio.retry import Retry
 from redis import exceptions as redis_errors
 
-from app import constants, errors
+from app import constants, dag, errors
 from app.messages import (
     TERMINAL_STATES,
     BatchTranscript,
@@ -49,33 +49,6 @@ from app.messages import (
     encode,
 )
 
-#: Position of each non-final state along the pipeline.
-ORDER: dict[str, int] = {
-    "queued": 0,
-    "extracting": 1,
-    "segmenting": 2,
-    "transcribing": 3,
-    "merging": 4,
-    "rendering": 5,
-    "done": 6,
-}
-_NEXT: dict[str, frozenset[str]] = {
-    "queued": frozenset({"extracting"}),
-    "extracting": frozenset({"segmenting"}),
-    "segmenting": frozenset({"transcribing", "merging"}),
-    "transcribing": frozenset({"merging"}),
-    "merging": frozenset({"rendering"}),
-    "rendering": frozenset({"done"}),
-}
-#: The timing name of the time spent in each state.
-LABEL: dict[str, str] = {
-    "queued": "queue",
-    "extracting": "extract",
-    "segmenting": "segment",
-    "transcribing": "transcribe",
-    "merging": "merge",
-    "rendering": "render",
-}
 #: Scratch parts under ``vtp:dag:<id>:`` (see app.constants.DAG_PREFIX).
 DAG_PARTS = ("audio", "segmentation", "pending", "finished", "parts", "done", "runs", "transcript", "redrives")
 _EVENT_FIELD = b"e"
@@ -172,13 +145,13 @@ async def retrying(op: Callable[[], Awaitable[T]], *, where: str, outage_s: floa
 
 def check_transition(job_id: str, current: str, to: str) -> None:
     """Raise ``JobError`` (``JobCancelled`` for a cancelled job) unless ``current -> to`` is allowed."""
-    if current == "cancelled":
+    if current == dag.CANCELLED:
         raise errors.JobCancelled(f"job {job_id} was cancelled")
     if current in TERMINAL_STATES:
         raise errors.JobError(f"job {job_id} is already {current}")
-    if to == current or to in ("failed", "cancelled"):
+    if to == current or to in (dag.FAILED, dag.CANCELLED):
         return
-    if to not in _NEXT.get(current, ()):
+    if to not in dag.NEXT_STATES.get(current, ()):
         raise errors.JobError(f"job {job_id}: invalid transition {current} -> {to}")
 
 
@@ -305,7 +278,7 @@ class JobStore:
         key whose record has expired, failed or was cancelled is free again).
         """
         now = time.time()
-        record = msgspec.structs.replace(record, state="queued", created_at=now, updated_at=now, state_since=now)
+        record = msgspec.structs.replace(record, state=dag.QUEUED, created_at=now, updated_at=now, state_since=now)
         key = constants.job_key(record.id)
         idem = f"{constants.IDEMPOTENCY_PREFIX}{record.owner}:{record.idempotency_key}" if record.idempotency_key else None
         same = self._sha_key(record.owner, record.sha256, record.options) if join and record.sha256 else None
@@ -324,7 +297,7 @@ class JobStore:
                 holder = await pipe.get(same)
                 if holder is not None:
                     existing = await pipe.get(constants.job_key(holder.decode()))
-                    if existing is not None and decode(existing, JobRecord).state not in ("failed", "cancelled"):
+                    if existing is not None and decode(existing, JobRecord).state not in (dag.FAILED, dag.CANCELLED):
                         return decode(existing, JobRecord), False
             pipe.multi()
             if idem is not None:
@@ -457,7 +430,7 @@ class JobStore:
         adds its media seconds and its seconds in each stage."""
         pipe.hincrby(constants.STATS_KEY, f"state:{old.state}", -1)
         pipe.hincrby(constants.STATS_KEY, f"state:{new.state}", 1)
-        if new.state == "done":
+        if new.state == dag.DONE:
             pipe.hincrbyfloat(constants.STATS_KEY, "audio_seconds", new.duration)
             for stage, seconds in new.timings.items():
                 pipe.hincrbyfloat(constants.STATS_KEY, f"stage_seconds:{stage}", seconds)
@@ -498,7 +471,7 @@ class JobStore:
             if to == rec.state:
                 return msgspec.structs.replace(rec, **changes) if changes else rec
             timings = dict(rec.timings)
-            label = LABEL.get(rec.state)
+            label = dag.LABEL.get(rec.state)
             if label:
                 timings[label] = round(timings.get(label, 0.0) + now - rec.state_since, 3)
             extra: dict[str, Any] = {}
@@ -578,7 +551,7 @@ class JobStore:
             if rec.terminal:
                 return None
             return msgspec.structs.replace(
-                rec, state="failed", error=reason, finished_at=time.time(), timings=_closed_timings(rec)
+                rec, state=dag.FAILED, error=reason, finished_at=time.time(), timings=_closed_timings(rec)
             )
 
         return await self._update(job_id, change, message=reason) is not None
@@ -588,9 +561,9 @@ class JobStore:
         """Cancel a job that has not ended: every stage that starts after this returns at once."""
 
         def change(rec: JobRecord) -> JobRecord | None:
-            check_transition(job_id, rec.state, "cancelled")
+            check_transition(job_id, rec.state, dag.CANCELLED)
             return msgspec.structs.replace(
-                rec, state="cancelled", error="cancelled", finished_at=time.time(), timings=_closed_timings(rec)
+                rec, state=dag.CANCELLED, error="cancelled", finished_at=time.time(), timings=_closed_timings(rec)
             )
 
         record = await self._update(job_id, change, message="cancelled")
@@ -611,11 +584,11 @@ class JobStore:
         if job_id is None:
             return None
         record = await self.find(job_id.decode())
-        return record if record is not None and record.state not in ("failed", "cancelled") else None
+        return record if record is not None and record.state not in (dag.FAILED, dag.CANCELLED) else None
 
     @_mapped
     async def remember_done(self, record: JobRecord) -> None:
-        if record.sha256 and record.state == "done":
+        if record.sha256 and record.state == dag.DONE:
             key = self._sha_key(record.owner, record.sha256, record.options)
             await self.redis.set(key, record.id, ex=self.result_ttl)
 
@@ -684,7 +657,7 @@ class JobStore:
         if beat is not None and now - beat < stall_s:
             return  # a worker is on one of its stages
         idle = now - max(record.updated_at, started, beat or 0.0)
-        queue = "gpu" if record.state == "transcribing" else "cpu"
+        queue = dag.RUNS_IN[record.state].queue if record.state in dag.RUNS_IN else "cpu"
         raise errors.JobStalled(
             f"job {record.id} stopped moving: no progress for {idle:.0f} s while {record.state}"
             f" (is a `vtp worker --queue {queue}` running? `vtp status {record.id}` shows where it is)"
@@ -836,7 +809,7 @@ class JobStore:
 
 def _closed_timings(rec: JobRecord) -> dict[str, float]:
     timings = dict(rec.timings)
-    label = LABEL.get(rec.state)
+    label = dag.LABEL.get(rec.state)
     if label:
         timings[label] = round(timings.get(label, 0.0) + time.time() - rec.state_since, 3)
     return timings

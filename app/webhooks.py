@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 import aiohttp
 import msgspec
 
-from app import errors
+from app import dag, errors
 from app.config import Settings
 from app.jobs import JobStore
 from app.messages import JobRecord, JobView, WebhookAttempt, WebhookDelivery, WebhookEvent
@@ -42,7 +42,7 @@ from app.retry_after import retry_after_seconds
 TIMEOUT_S = 15.0
 #: Longest wait between attempts, whatever the backoff or a ``Retry-After`` says.
 MAX_DELAY_S = 3600.0
-EVENT_TYPES = {"done": "job.completed", "failed": "job.failed", "cancelled": "job.cancelled"}
+EVENT_TYPES = {dag.DONE: "job.completed", dag.FAILED: "job.failed", dag.CANCELLED: "job.cancelled"}
 USER_AGENT = "vtp-webhooks/1"
 
 

@@ -23,8 +23,9 @@ from arq import Retry
 
 from app import errors
 from app.config import Settings
-from app.jobs import ORDER, OUTAGE_CLOCK, OUTAGE_S, JobStore, OutageClock
-from app.messages import JobRecord, Stage
+from app.dag import ORDER, StageDef
+from app.jobs import OUTAGE_CLOCK, OUTAGE_S, JobStore, OutageClock
+from app.messages import JobRecord
 from workers.runtime.enqueue import enqueue_webhook
 
 log = logging.getLogger("vtp.worker")
@@ -39,11 +40,12 @@ BACKSTOP_S = 4 * OUTAGE_S + 30.0
 Body = Callable[[JobRecord], Awaitable[str]]
 
 
-async def run_stage(ctx: dict, job_id: str, label: str, state: Stage, body: Body, *, enter: bool = True) -> str:
-    """Run one stage of one job: check state, enter ``state``, run ``body`` under its deadline,
+async def run_stage(ctx: dict, job_id: str, stage: StageDef, body: Body) -> str:
+    """Run one stage of one job: check state, enter the stage's state (``stage.enters``), run
+    ``body`` under the stage's deadline (``stage.deadline``),
     and turn failures into a failed job or an arq retry."""
     try:
-        outcome = await _checked_run(ctx, job_id, label, state, body, enter=enter)
+        outcome = await _checked_run(ctx, job_id, stage, body)
         await _webhook_if_ended(ctx, job_id)
         return outcome
     except errors.QueueError as exc:
@@ -51,7 +53,7 @@ async def run_stage(ctx: dict, job_id: str, label: str, state: Stage, body: Body
         # Let arq run this stage again later (if Redis is still away, arq cannot even record
         # that, and the job reruns when its in-progress key expires).
         delay = min(ctx["settings"].retry_delay * 2 ** (ctx["job_try"] - 1), 60.0)
-        log.warning("%s of job %s: %s; retrying in %.1f s", label, job_id, exc, delay)
+        log.warning("%s of job %s: %s; retrying in %.1f s", stage.name, job_id, exc, delay)
         raise Retry(defer=delay) from exc
 
 
@@ -64,7 +66,8 @@ async def _webhook_if_ended(ctx: dict, job_id: str) -> None:
         await enqueue_webhook(ctx["redis"], job_id, settings=ctx["settings"])
 
 
-async def _checked_run(ctx: dict, job_id: str, label: str, state: Stage, body: Body, *, enter: bool) -> str:
+async def _checked_run(ctx: dict, job_id: str, stage: StageDef, body: Body) -> str:
+    label, state = stage.name, stage.state
     store: JobStore = ctx["store"]
     settings: Settings = ctx["settings"]
     tries: int = ctx["job_try"]
@@ -82,9 +85,9 @@ async def _checked_run(ctx: dict, job_id: str, label: str, state: Stage, body: B
         return reason
     if tries == 1:
         await store.note_wait(job_id, label, max(time.time() - ctx["enqueue_time"].timestamp(), 0.0))
-    timeout = settings.transcribe_timeout if label == "transcribe" else settings.cpu_timeout
+    timeout = stage.timeout(settings)
     try:
-        if enter:
+        if stage.enters:
             entered = await store.transition(job_id, state)
             record = entered or record
         return await within(timeout, metered(ctx, job_id, label, _delayed(settings.stage_delay(label), body, record)))

@@ -1,7 +1,8 @@
 """The arq tasks, one per stage: decode the request, run the stage, store its output, queue the next.
 
 Each task runs the *same* ``workers.stages`` function the local runner calls, under the policy of
-``workers.runtime.policy.run_stage``. Fan-out: ``segment`` queues one ``transcribe`` per batch;
+``workers.runtime.policy.run_stage``; which stage follows, on which queue, and how its request is
+built come from the DAG table (``app.dag``). Fan-out: ``segment`` queues one ``transcribe`` per batch;
 fan-in: the batch that leaves 0 batches queues ``merge`` under its deterministic id, so merge runs
 once. Only workers import this module (it imports the stages and so the speech stack).
 """
@@ -14,7 +15,7 @@ import time
 import msgspec
 from arq import Retry
 
-from app import constants, errors, keys, webhooks
+from app import constants, dag, errors, keys, webhooks
 from app.jobs import JobStore
 from app.messages import (
     ExtractedAudio,
@@ -29,7 +30,6 @@ from app.messages import (
     Stage,
     TranscribeRequest,
     decode,
-    encode,
 )
 from workers import languages, stages
 from workers.merge import with_timings
@@ -64,7 +64,17 @@ def progress_events(ctx: dict, job_id: str, state: Stage) -> stages.Progress:
     return progress
 
 
-# -- the tasks: one per stage -----------------------------------------------------------------
+# -- the tasks: one per stage (their order, queues and successors: ``app.dag``) ---------------
+
+EXTRACT, SEGMENT, TRANSCRIBE, MERGE, RENDER, NOTIFY = (
+    dag.STAGE[n] for n in ("extract", "segment", "transcribe", "merge", "render", "notify")
+)
+
+
+async def _queue(ctx: dict, stage: dag.StageDef, record: JobRecord, parts: dict | None = None, batch=None) -> None:
+    """Enqueue ``stage`` for ``record``, its request built by the DAG table from ``parts``."""
+    job = dag.job(stage.name, record, parts, batch)
+    await enqueue(ctx["redis"], ctx["settings"], job.function, *job.args, queue=job.queue, arq_id=job.arq_id)
 
 
 async def extract_task(ctx: dict, data: bytes) -> str:
@@ -73,19 +83,15 @@ async def extract_task(ctx: dict, data: bytes) -> str:
 
     async def body(record: JobRecord) -> str:
         extracted = await stages.extract_audio(
-            stage_ctx(ctx), req, progress=progress_events(ctx, req.job_id, "extracting")
+            stage_ctx(ctx), req, progress=progress_events(ctx, req.job_id, EXTRACT.state)
         )
         await store.put_part(req.job_id, "audio", extracted)
         await store.note(req.job_id, duration=extracted.duration)
-        await store.count_run(req.job_id, "extract")
-        nxt = SegmentRequest(job_id=req.job_id, audio=extracted, options=record.options)
-        await enqueue(
-            ctx["redis"], ctx["settings"], constants.FN_SEGMENT, encode(nxt),
-            queue=constants.QUEUE_CPU, arq_id=constants.arq_job_id(req.job_id, "segment"),
-        )
+        await store.count_run(req.job_id, EXTRACT.name)
+        await _queue(ctx, SEGMENT, record, {"audio": extracted})
         return f"{extracted.duration:.1f} s of audio"
 
-    return await run_stage(ctx, req.job_id, "extract", "extracting", body)
+    return await run_stage(ctx, req.job_id, EXTRACT, body)
 
 
 async def segment_task(ctx: dict, data: bytes) -> str:
@@ -94,27 +100,23 @@ async def segment_task(ctx: dict, data: bytes) -> str:
     job_id = req.job_id
 
     async def body(record: JobRecord) -> str:
-        seg = await stages.segment(stage_ctx(ctx), req, progress=progress_events(ctx, job_id, "segmenting"))
+        seg = await stages.segment(stage_ctx(ctx), req, progress=progress_events(ctx, job_id, SEGMENT.state))
         await store.put_part(job_id, "segmentation", seg)
         await store.start_fan_out(job_id, len(seg.batches))
         await store.note(job_id, chunks_total=len(seg.chunks), audio_total=seg.speech_seconds)
-        await store.count_run(job_id, "segment")
+        await store.count_run(job_id, SEGMENT.name)
         if not seg.batches:  # no speech: nothing to transcribe, straight to an empty transcript
-            await _enqueue_merge(ctx, job_id)
+            await _queue(ctx, MERGE, record)
             return "no speech"
         for batch in seg.batches:
-            nxt = TranscribeRequest(job_id=job_id, batch=batch, options=req.options)
-            await enqueue(
-                ctx["redis"], ctx["settings"], constants.FN_TRANSCRIBE, encode(nxt),
-                queue=constants.QUEUE_GPU, arq_id=constants.arq_job_id(job_id, "transcribe", batch.index),
-            )
+            await _queue(ctx, TRANSCRIBE, record, batch=batch)
         # Only now, with every batch queued: a segment rerun after a crash mid-fan-out still
         # sees "segmenting" and queues the rest. (The batches may already have finished and
         # moved the job on to merging: then there is nothing to do.)
-        await store.transition(job_id, "transcribing", expect="segmenting")
+        await store.transition(job_id, TRANSCRIBE.state, expect=SEGMENT.state)
         return f"{len(seg.chunks)} chunks in {len(seg.batches)} batches"
 
-    return await run_stage(ctx, job_id, "segment", "segmenting", body)
+    return await run_stage(ctx, job_id, SEGMENT, body)
 
 
 async def transcribe_task(ctx: dict, data: bytes) -> str:
@@ -124,15 +126,16 @@ async def transcribe_task(ctx: dict, data: bytes) -> str:
 
     async def body(record: JobRecord) -> str:
         part = await stages.transcribe(stage_ctx(ctx), await _in_job_language(ctx, req, record))
-        await store.count_run(job_id, "transcribe")
+        await store.count_run(job_id, TRANSCRIBE.name)
         fan = await store.record_batch(job_id, part, len(req.batch.chunks))
         await store.progress(job_id, chunks_done=fan.chunks_done, audio_done=fan.audio_done)
         if fan.batches_left == 0:
-            await _enqueue_merge(ctx, job_id)
+            await _queue(ctx, MERGE, record)
         return f"batch {req.batch.index}: {len(part.segments)} segments, {fan.batches_left} batches left"
 
-    # No state change here: segment moves the job to "transcribing" once every batch is queued.
-    return await run_stage(ctx, job_id, "transcribe", "transcribing", body, enter=False)
+    # No state change here (TRANSCRIBE.enters is False): segment moves the job to "transcribing"
+    # once every batch is queued.
+    return await run_stage(ctx, job_id, TRANSCRIBE, body)
 
 
 async def _in_job_language(ctx: dict, req: TranscribeRequest, record: JobRecord) -> TranscribeRequest:
@@ -151,13 +154,6 @@ async def _in_job_language(ctx: dict, req: TranscribeRequest, record: JobRecord)
     return msgspec.structs.replace(req, options=msgspec.structs.replace(req.options, language=language))
 
 
-async def _enqueue_merge(ctx: dict, job_id: str) -> None:
-    await enqueue(
-        ctx["redis"], ctx["settings"], constants.FN_MERGE, job_id,
-        queue=constants.QUEUE_CPU, arq_id=constants.arq_job_id(job_id, "merge"),
-    )
-
-
 async def merge_task(ctx: dict, job_id: str) -> str:
     store: JobStore = ctx["store"]
 
@@ -168,19 +164,15 @@ async def merge_task(ctx: dict, job_id: str) -> str:
         parts = await store.batch_parts(job_id)
         req = MergeRequest(job_id=job_id, audio=audio, segmentation=seg, parts=parts, options=record.options)
         transcript = await stages.merge(stage_ctx(ctx), req)
-        timings = {**record.timings, "merge": round(time.perf_counter() - started, 3)}
+        timings = {**record.timings, MERGE.name: round(time.perf_counter() - started, 3)}
         transcript = with_timings(transcript, timings, time.time() - record.created_at)
         await store.put_part(job_id, "transcript", transcript)  # what the sweeper re-drives render from
         await store.note(job_id, unheard_seconds=transcript.stats.coverage.unheard_seconds)
-        await store.count_run(job_id, "merge")
-        nxt = RenderRequest(job_id=job_id, transcript=transcript, formats=record.options.formats, basename=record.basename)
-        await enqueue(
-            ctx["redis"], ctx["settings"], constants.FN_RENDER, encode(nxt),
-            queue=constants.QUEUE_CPU, arq_id=constants.arq_job_id(job_id, "render"),
-        )
+        await store.count_run(job_id, MERGE.name)
+        await _queue(ctx, RENDER, record, {"transcript": transcript})
         return f"{len(transcript.segments)} segments from {len(parts)} batches"
 
-    return await run_stage(ctx, job_id, "merge", "merging", body)
+    return await run_stage(ctx, job_id, MERGE, body)
 
 
 async def render_task(ctx: dict, data: bytes) -> str:
@@ -189,14 +181,11 @@ async def render_task(ctx: dict, data: bytes) -> str:
 
     async def body(record: JobRecord) -> str:
         rendered = await stages.render(stage_ctx(ctx), req)
-        await store.count_run(req.job_id, "render")
-        await enqueue(
-            ctx["redis"], ctx["settings"], constants.FN_NOTIFY, req.job_id, encode(rendered),
-            queue=constants.QUEUE_CPU, arq_id=constants.arq_job_id(req.job_id, "notify"),
-        )
+        await store.count_run(req.job_id, RENDER.name)
+        await _queue(ctx, NOTIFY, record, {"rendered": rendered})
         return ", ".join(rendered.outputs)
 
-    return await run_stage(ctx, req.job_id, "render", "rendering", body)
+    return await run_stage(ctx, req.job_id, RENDER, body)
 
 
 async def notify_task(ctx: dict, job_id: str, data: bytes) -> str:
@@ -205,8 +194,8 @@ async def notify_task(ctx: dict, job_id: str, data: bytes) -> str:
     store: JobStore = ctx["store"]
 
     async def body(record: JobRecord) -> str:
-        await store.count_run(job_id, "notify")
-        done = await store.transition(job_id, "done", expect="rendering", outputs=rendered.outputs)
+        await store.count_run(job_id, NOTIFY.name)
+        done = await store.transition(job_id, dag.DONE, expect=RENDER.state, outputs=rendered.outputs)
         if done is None:
             return "already done"
         await store.remember_done(done)
@@ -216,7 +205,7 @@ async def notify_task(ctx: dict, job_id: str, data: bytes) -> str:
             log.warning("job %s: could not delete its batch audio: %s", job_id, exc)
         return f"done in {done.wall_seconds:.1f} s"
 
-    return await run_stage(ctx, job_id, "notify", "done", body, enter=False)
+    return await run_stage(ctx, job_id, NOTIFY, body)
 
 
 async def webhook_task(ctx: dict, job_id: str) -> str:
@@ -230,3 +219,14 @@ async def webhook_task(ctx: dict, job_id: str) -> str:
     if wait is None:
         return "webhook settled"
     raise Retry(defer=wait)
+
+
+#: arq task name -> task: what ``workers.runtime.worker`` registers for each stage of the table.
+TASKS = {
+    constants.FN_EXTRACT: extract_task,
+    constants.FN_SEGMENT: segment_task,
+    constants.FN_TRANSCRIBE: transcribe_task,
+    constants.FN_MERGE: merge_task,
+    constants.FN_RENDER: render_task,
+    constants.FN_NOTIFY: notify_task,
+}

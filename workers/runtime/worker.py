@@ -21,7 +21,7 @@ from arq.constants import in_progress_key_prefix, retry_key_prefix
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 
-from app import constants, costs, errors
+from app import constants, costs, dag, errors
 from app.config import Settings
 from app.jobs import UNREACHABLE, JobStore, redis_location
 from app.netguard import Guard
@@ -55,28 +55,23 @@ def worker_settings(
     engines: EnginePool | GpuEngines | None = None,
 ) -> dict[str, Any]:
     """arq ``Worker`` keyword arguments for the ``cpu`` or the ``gpu`` queue."""
-    cpu_timeout = settings.cpu_timeout + BACKSTOP_S
+    if queue not in constants.QUEUES:
+        raise errors.OptionsError(f"unknown queue {queue!r}: use cpu or gpu")
+    # The stages of this queue, from the DAG table; arq's timeout is a backstop past each deadline.
+    functions = [
+        func(tasks.TASKS[s.function], name=s.function, timeout=s.timeout(settings) + BACKSTOP_S) for s in dag.ON_QUEUE[queue]
+    ]
     if queue == "cpu":
-        functions = [
-            func(tasks.extract_task, name=constants.FN_EXTRACT, timeout=cpu_timeout),
-            func(tasks.segment_task, name=constants.FN_SEGMENT, timeout=cpu_timeout),
-            func(tasks.merge_task, name=constants.FN_MERGE, timeout=cpu_timeout),
-            func(tasks.render_task, name=constants.FN_RENDER, timeout=cpu_timeout),
-            func(tasks.notify_task, name=constants.FN_NOTIFY, timeout=cpu_timeout),
-            # Its own tries are counted in the job record; arq's bound is a backstop only.
-            func(tasks.webhook_task, name=constants.FN_WEBHOOK, timeout=60, max_tries=settings.webhook_tries + 2),
-        ]
+        # Its own tries are counted in the job record; arq's bound is a backstop only.
+        functions.append(func(tasks.webhook_task, name=constants.FN_WEBHOOK, timeout=60, max_tries=settings.webhook_tries + 2))
         default_concurrency = os.cpu_count() or 2
-    elif queue == "gpu":
-        # transcribe alone: GPU hosts hold the model and nothing else (the lease, not the timeout, bounds reruns)
-        functions = [func(tasks.transcribe_task, name=constants.FN_TRANSCRIBE, timeout=settings.transcribe_timeout + BACKSTOP_S)]
+    else:
+        # GPU hosts hold the model and run transcribe alone (the lease, not the timeout, bounds reruns).
         # Several jobs at once, one model: their chunks share decode batches (workers/batcher.py).
         # On CPU one job's batch already keeps every core busy: more at once would only stretch
         # each job's time towards its deadline, so "auto" (0) is 4 on a GPU and 1 on CPU.
         engines = engines or engines_for(queue, settings)
         default_concurrency = settings.gpu_jobs or (4 if getattr(engines, "hardware", None) and engines.hardware.device == "cuda" else 1)
-    else:
-        raise errors.OptionsError(f"unknown queue {queue!r}: use cpu or gpu")
     kwargs = {
         "functions": functions,
         "queue_name": constants.QUEUES[queue],
