@@ -25,7 +25,8 @@ import msgspec
 from app import costs, dag, errors
 from app.cli_options import add_transcribe_options, error, options_from_args, summary_line, unique_basenames
 from app.config import Settings
-from app.jobs import JobStore, redis_location
+from app.jobs import JobStore
+from app.redis_outage import redis_location
 from app.messages import JobRecord
 from app.storage import Storage, download_outputs, open_storage
 

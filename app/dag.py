@@ -6,7 +6,7 @@ how the request of the stage that follows is built.
 
 Everything that knows the shape of the pipeline reads this table: the arq tasks and the worker's
 function list (``workers.runtime``), the sweeper's re-drive (``workers.sweeper``), the job state
-machine (``app.jobs``: order, allowed transitions, timing names), the local runner's order and the
+machine (``check_transition`` below, and ``app.jobs``' timing names), the local runner's order and the
 states ``/metrics`` and the progress bar know. ``tests/test_dag_table.py`` walks the table and
 checks each of them against it. Adding a stage is one entry here plus its function and its task.
 
@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from app import constants
+from app import constants, errors
 from app.messages import (
     TERMINAL_STATES,
     ChunkBatch,
@@ -185,3 +185,18 @@ def job(name: str, record: JobRecord, parts: Mapping[str, Any] | None = None, ba
         queue=stage.queue_name,
         clear=clear,
     )
+
+
+# -- the state machine ----------------------------------------------------------------------
+
+
+def check_transition(job_id: str, current: str, to: str) -> None:
+    """Raise ``JobError`` (``JobCancelled`` for a cancelled job) unless ``current -> to`` is allowed."""
+    if current == CANCELLED:
+        raise errors.JobCancelled(f"job {job_id} was cancelled")
+    if current in TERMINAL_STATES:
+        raise errors.JobError(f"job {job_id} is already {current}")
+    if to == current or to in (FAILED, CANCELLED):
+        return
+    if to not in NEXT_STATES.get(current, ()):
+        raise errors.JobError(f"job {job_id}: invalid transition {current} -> {to}")

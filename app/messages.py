@@ -428,7 +428,7 @@ class JobRecord(Struct, kw_only=True):
 
     Times are Unix seconds. ``state`` moves along ``queued -> extracting -> segmenting ->
     transcribing -> merging -> rendering -> done``, or to ``failed``/``cancelled`` from any
-    non-final state (``app.jobs.check_transition``).
+    non-final state (``app.dag.check_transition``).
     """
 
     id: str

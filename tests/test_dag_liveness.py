@@ -17,7 +17,8 @@ import pytest
 
 from app import constants, errors, keys
 from app.config import Settings
-from app.jobs import OUTAGE_CLOCK, JobStore, retrying
+from app.jobs import JobStore
+from app.redis_outage import OUTAGE_CLOCK, retrying
 from app.messages import ExtractRequest, JobRecord, encode
 from app.storage import LocalStorage
 from dag_cluster import Cluster, wait_until

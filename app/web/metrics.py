@@ -30,7 +30,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from app import constants, dag
-from app.jobs import retrying
+from app.redis_outage import retrying
 from app.web.state import state
 
 ACTIVE_STATES = dag.ACTIVE_STATES

@@ -31,7 +31,8 @@ from aiohttp import web
 
 from app import errors
 from app.config import Settings
-from app.jobs import JobStore, redis_location
+from app.jobs import JobStore
+from app.redis_outage import redis_location
 from app.netguard import Guard
 from app.storage import open_storage
 from app.web import api, media, metrics, openai, origins, pages

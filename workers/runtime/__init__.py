@@ -43,7 +43,7 @@ stage arq dropped) is found by the sweeper (``workers.sweeper``, run by every CP
 seen through ``sweep.ArqStages``), which re-drives the stage or fails the job.
 
 **Redis outages.** Every Redis operation of a stage waits through an outage of up to a minute
-(``app.jobs.retrying``), and the worker's polling loop pauses instead of dying (``worker.VtpWorker``),
+(``app.redis_outage.retrying``), and the worker's polling loop pauses instead of dying (``worker.VtpWorker``),
 so a Redis restart fails nothing: the stages in flight finish once Redis is back. (A Redis
 that persists with ``appendonly yes`` has lost nothing meanwhile.) Should arq's loop end
 anyway, ``worker.run_worker`` builds a new worker and connects again as soon as Redis answers.

@@ -3,7 +3,7 @@
 No stage, no engine, no speech stack is imported here (pinned by the web and controller import
 tests). Every stage has a deterministic arq id (``app.constants.arq_job_id``): enqueueing an id
 that is already queued, running or finished is a no-op, which is what makes fan-in and the
-sweeper's re-drive safe. Every enqueue waits out a Redis outage (``app.jobs.retrying``).
+sweeper's re-drive safe. Every enqueue waits out a Redis outage (``app.redis_outage.retrying``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from redis.asyncio import BlockingConnectionPool
 
 from app import constants, errors
 from app.config import Settings
-from app.jobs import redis_location, redis_retry, retrying
+from app.redis_outage import redis_location, redis_retry, retrying
 from app.messages import ExtractRequest, JobRecord, encode
 
 

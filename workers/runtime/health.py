@@ -14,7 +14,7 @@ from redis import exceptions as redis_errors
 
 from app import constants
 from app.config import Settings
-from app.jobs import connect as connect_plain, redis_location
+from app.redis_outage import connect as connect_plain, redis_location
 
 if TYPE_CHECKING:
     from workers.gpu_worker import GpuEngines

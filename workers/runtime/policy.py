@@ -24,7 +24,8 @@ from arq import Retry
 from app import errors
 from app.config import Settings
 from app.dag import ORDER, StageDef
-from app.jobs import OUTAGE_CLOCK, OUTAGE_S, JobStore, OutageClock
+from app.jobs import JobStore
+from app.redis_outage import OUTAGE_CLOCK, OUTAGE_S, OutageClock
 from app.messages import JobRecord
 from workers.runtime.enqueue import enqueue_webhook
 
@@ -126,7 +127,7 @@ async def within(timeout: float, work: Awaitable[str]) -> str:
     failure behind our back, leaving the job stuck. Here the overrunning work is abandoned
     instead (cancelled: it stops at its next await, once its thread returns, so it hands
     nothing on) and TimeoutError is raised at once, to be retried like any transient error.
-    Time the work spent waiting out a Redis outage (``app.jobs.OutageClock``) extends the
+    Time the work spent waiting out a Redis outage (``app.redis_outage.OutageClock``) extends the
     deadline: a stage that sat through a Redis restart is not a slow stage.
     """
     clock = OutageClock()

@@ -17,7 +17,8 @@ from redis import exceptions as redis_errors
 
 from app import constants
 from app.config import Settings
-from app.jobs import JobStore, redis_location, retrying
+from app.jobs import JobStore
+from app.redis_outage import redis_location, retrying
 from app.storage import open_storage
 from workers import sweeper
 from workers.runtime.enqueue import enqueue, enqueue_webhook, redis_settings

@@ -23,7 +23,8 @@ from redis import exceptions as redis_errors
 
 from app import constants, costs, dag, errors
 from app.config import Settings
-from app.jobs import UNREACHABLE, JobStore, redis_location
+from app.jobs import JobStore
+from app.redis_outage import UNREACHABLE, redis_location
 from app.netguard import Guard
 from app.storage import open_storage
 from workers import stages
@@ -120,7 +121,7 @@ class VtpWorker(Worker):
 
     **Outages.** arq's loop raises out of ``main()`` on the first failed Redis call; here a failed
     poll is logged and retried a second later, while the jobs in flight keep running (their own
-    Redis calls wait for Redis through ``app.jobs.retrying``), so a Redis restart costs no rerun.
+    Redis calls wait for Redis through ``app.redis_outage.retrying``), so a Redis restart costs no rerun.
 
     **Shutdown.** SIGINT/SIGTERM drains (``workers.runtime.lifecycle``): no new jobs, the running ones
     finish; a second signal stops at once and hands back the tries of the jobs it cut short.
