@@ -13,12 +13,17 @@ here), so the two stay one-way: messages -> costs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from app.config import Settings
 
-if TYPE_CHECKING:
-    from app.messages import JobRecord
+class Usage(Protocol):
+    """What a cost is read from (a ``JobRecord``: this module imports no message)."""
+
+    machine_seconds: dict[str, float]
+    cost_usd: float
+    duration: float
+
 
 #: $/hour list prices, fly.io/docs/about/pricing, as of writing: check yours and set
 #: VTP_MACHINE_PRICE_HOUR. Fly's GPUs are unavailable after 2026-08-01.
@@ -59,7 +64,7 @@ def per_audio_hour(cost_usd: float, audio_seconds: float) -> float | None:
     return cost_usd / (audio_seconds / 3600.0)
 
 
-def summary(record: JobRecord) -> str:
+def summary(record: Usage) -> str:
     """``"412.3 machine-s, $0.0214 ($0.31 per audio hour; managed STT $1.44-$2.16)"``; "" if none recorded."""
     seconds = sum(record.machine_seconds.values())
     if seconds <= 0:

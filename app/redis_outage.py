@@ -22,7 +22,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from app import errors
+from app import backoff, errors
 
 #: A command whose connection drops mid-flight is retried a few times at once (redis-py's own
 #: retry). That does not cover a *new* connection to a Redis that is down (redis-py does not
@@ -95,7 +95,7 @@ async def retrying(op: Callable[[], Awaitable[T]], *, where: str, outage_s: floa
     ``outage_s`` seconds; then ``QueueError("cannot reach Redis at ...")``. Any other Redis
     error is a ``QueueError`` at once. Operations must be safe to repeat (JobStore's are)."""
     started = time.monotonic()
-    pause = 0.05
+    failures = 0
     clock = None
     try:
         while True:
@@ -106,8 +106,8 @@ async def retrying(op: Callable[[], Awaitable[T]], *, where: str, outage_s: floa
                     raise errors.QueueError(f"cannot reach Redis at {where}: {exc}") from exc
                 if clock is None and (clock := OUTAGE_CLOCK.get()) is not None:
                     clock.begin()
-                await anyio.sleep(pause)
-                pause = min(pause * 2, 1.0)
+                failures += 1
+                await anyio.sleep(backoff.exponential(failures, 0.05, 1.0))
             except redis_errors.RedisError as exc:
                 raise errors.QueueError(f"Redis at {where} failed: {exc}") from exc
     finally:

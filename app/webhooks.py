@@ -24,7 +24,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import random
 import time
 from datetime import datetime, timezone
 
@@ -32,6 +31,7 @@ import aiohttp
 import msgspec
 
 from app import dag, errors
+from app.backoff import equal_jitter, exponential
 from app.config import Settings
 from app.jobs import JobStore
 from app.messages import JobRecord, JobView, WebhookAttempt, WebhookDelivery, WebhookEvent
@@ -84,8 +84,7 @@ def backoff(attempt: int, base: float, *, asked: float | None = None) -> float:
     doubling per attempt with "equal jitter" (between half and all of it)."""
     if asked is not None:
         return min(asked, MAX_DELAY_S)
-    delay = min(base * 2 ** (attempt - 1), MAX_DELAY_S)
-    return delay / 2 + random.uniform(0, delay / 2)
+    return equal_jitter(exponential(attempt, base, MAX_DELAY_S))
 
 
 class Answer(msgspec.Struct, frozen=True):

@@ -1,9 +1,9 @@
 """No import circles inside ``app/`` and ``workers/``: the modules stand on one-way floors.
 
 The graph is read from the source with ``ast``, so nothing is imported to draw it. Every
-``import`` statement counts, at the top of a module or inside a function (a lazy import still ties
-the two modules together: moving one breaks the other), except those under
-``if TYPE_CHECKING:``, which never run. ``from pkg import name`` counts as an import of
+``import`` statement counts: at the top of a module, inside a function (a lazy import still ties
+the two modules together: moving one breaks the other) and under ``if TYPE_CHECKING:`` (it never
+runs, but a reader and a drawing of the imports see it all the same). ``from pkg import name`` counts as an import of
 ``pkg.name`` when that is a module of the tree, else of ``pkg``; a package's ``__init__`` counts as
 the package itself, so ``import app.web.server`` does not also tie ``app.web`` to its submodule.
 """
@@ -28,29 +28,14 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If):
-            test = node.test
-            name = test.id if isinstance(test, ast.Name) else test.attr if isinstance(test, ast.Attribute) else ""
-            if name == "TYPE_CHECKING":
-                for child in node.body:
-                    skip.update(id(n) for n in ast.walk(child))
-    return skip
-
-
 def import_graph() -> dict[str, set[str]]:
     """module -> the modules of app/ and workers/ it imports."""
     modules = _modules()
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for mod, path in modules.items():
         tree = ast.parse(path.read_text(), str(path))
-        skip = _type_checking_nodes(tree)
         is_pkg = path.name == "__init__.py"
         for node in ast.walk(tree):
-            if id(node) in skip:
-                continue
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]

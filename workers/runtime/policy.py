@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from arq import Retry
 
-from app import errors
+from app import backoff, errors
 from app.config import Settings
 from app.dag import ORDER, StageDef
 from app.jobs import JobStore
@@ -38,6 +38,9 @@ log = logging.getLogger("vtp.worker")
 #: sweeper re-drives the stage.
 BACKSTOP_S = 4 * OUTAGE_S + 30.0
 
+#: Longest wait before a stage's retry (``VTP_RETRY_DELAY`` doubles up to this).
+MAX_RETRY_DELAY_S = 60.0
+
 Body = Callable[[JobRecord], Awaitable[str]]
 
 
@@ -53,7 +56,7 @@ async def run_stage(ctx: dict, job_id: str, stage: StageDef, body: Body) -> str:
         # Redis itself failed beyond the client's retries, so nothing can be recorded now.
         # Let arq run this stage again later (if Redis is still away, arq cannot even record
         # that, and the job reruns when its in-progress key expires).
-        delay = min(ctx["settings"].retry_delay * 2 ** (ctx["job_try"] - 1), 60.0)
+        delay = backoff.exponential(ctx["job_try"], ctx["settings"].retry_delay, MAX_RETRY_DELAY_S)
         log.warning("%s of job %s: %s; retrying in %.1f s", stage.name, job_id, exc, delay)
         raise Retry(defer=delay) from exc
 
@@ -169,6 +172,6 @@ async def _handle_failure(ctx: dict, job_id: str, label: str, exc: Exception) ->
         await store.fail(job_id, reason)
         log.warning("job %s failed in %s: %s", job_id, label, reason)
         return f"failed: {reason}"
-    delay = min(settings.retry_delay * 2 ** (tries - 1), 60.0)
+    delay = backoff.exponential(tries, settings.retry_delay, MAX_RETRY_DELAY_S)
     log.warning("%s of job %s failed (try %d of %d), retrying in %.1f s: %s", label, job_id, tries, settings.job_tries, delay, reason)
     raise Retry(defer=delay)

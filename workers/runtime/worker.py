@@ -21,7 +21,7 @@ from arq.constants import in_progress_key_prefix, retry_key_prefix
 from arq.worker import Worker, func
 from redis import exceptions as redis_errors
 
-from app import constants, costs, dag, errors
+from app import backoff, constants, costs, dag, errors
 from app.config import Settings
 from app.jobs import JobStore
 from app.redis_outage import UNREACHABLE, redis_location
@@ -225,7 +225,7 @@ async def _run_worker(
         in_progress_prefix=in_progress_key_prefix,
         retry_prefix=retry_key_prefix,
     )
-    pause = 1.0
+    failures = 0
     while True:
         kwargs = worker_settings(queue, settings, concurrency=concurrency, name=name, engines=engines)
         worker = VtpWorker(**kwargs, burst=burst, lease=settings.lease)
@@ -240,11 +240,12 @@ async def _run_worker(
             return
         except (redis_errors.RedisError, OSError, asyncio.TimeoutError) as exc:
             if time.monotonic() - started > 60:
-                pause = 1.0  # it had been up a while: this is a new outage
+                failures = 0  # it had been up a while: this is a new outage
+            failures += 1
+            pause = backoff.exponential(failures, 1.0, 10.0)
             log.warning("lost Redis at %s (%s: %s); reconnecting in %.0f s", where, type(exc).__name__, exc, pause)
             await _abandon(worker)
             await asyncio.sleep(pause)
-            pause = min(pause * 2, 10.0)
 
 
 async def _abandon(worker: Worker) -> None:
