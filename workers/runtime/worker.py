@@ -4,7 +4,7 @@
 ``Worker._poll_iteration`` (a Redis outage pauses polling instead of ending it),
 ``Worker._last_health_check`` (GPU stats go out with each health record), ``Worker._pool`` (a
 worker whose Redis went away is dropped without Redis) and ``in_progress_timeout_s`` (the lease).
-Checked against arq 0.26 to 0.28.0 (pyproject pins ``arq>=0.26,<0.29``); a new arq version means
+Checked against arq 0.28.0 (pyproject allows ``arq>=0.26,<0.29``); a new arq version means
 reading ``arq/worker.py`` for these names again. ``workers.runtime.lifecycle`` uses only public
 attributes.
 """
