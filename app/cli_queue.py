@@ -6,7 +6,8 @@
     vtp status [JOB_ID...] [--json]                show jobs (the latest 20 without ids)
     vtp cancel JOB_ID...                           stop jobs that have not ended
 
-Nothing here imports arq: ``workers.arq_runner`` is imported when a command needs it.
+Nothing here imports arq: the ``workers.runtime`` modules are imported when a command needs them
+(``vtp worker --check`` only the light ``health``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pathlib import Path
 import anyio
 import msgspec
 
-from app import costs, errors
-from app.cli import add_transcribe_options, error, options_from_args, summary_line, unique_basenames
+from app import costs, dag, errors
+from app.cli_options import add_transcribe_options, error, options_from_args, summary_line, unique_basenames
 from app.config import Settings
-from app.jobs import JobStore, redis_location
+from app.jobs import JobStore
+from app.redis_outage import redis_location
 from app.messages import JobRecord
 from app.storage import Storage, download_outputs, open_storage
 
@@ -71,12 +73,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from workers import arq_runner
+    from workers.runtime import health
 
     if args.check:
         for warning in asyncio.run(redis_warnings(settings)):
             print(f"vtp: warning: {warning}", file=sys.stderr, flush=True)
-        ok, detail = asyncio.run(arq_runner.check_health(args.queue, settings, name=args.name))
+        ok, detail = asyncio.run(health.check_health(args.queue, settings, name=args.name))
         print(detail, file=sys.stdout if ok else sys.stderr, flush=True)
         return 0 if ok else 1
     if args.concurrency is not None and args.concurrency < 1:
@@ -86,8 +88,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     level = logging.WARNING if args.quiet else logging.INFO
     for name in ("arq", "vtp"):
         logging.getLogger(name).setLevel(level)
+    from workers.runtime.worker import run_worker
+
     asyncio.run(
-        arq_runner.run_worker(
+        run_worker(
             args.queue, settings, concurrency=args.concurrency, name=args.name, burst=args.burst, idle_exit=args.idle_exit
         )
     )
@@ -133,12 +137,12 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
 async def _submit(args: argparse.Namespace, settings: Settings, options) -> int:
     from app.progress import ProgressBar
     from app.submit import submit_file
-    from workers import arq_runner
+    from workers.runtime.enqueue import connect, enqueue_first_stage
 
     storage = open_storage(settings.storage_url)
-    redis = await arq_runner.connect(settings)
+    redis = await connect(settings)
     store = JobStore(redis, result_ttl=settings.result_ttl, where=redis_location(settings.redis_url))
-    enqueue = partial(arq_runner.enqueue_first_stage, redis, settings=settings)
+    enqueue = partial(enqueue_first_stage, redis, settings=settings)
     failed = 0
     try:
         accepted = []
@@ -178,7 +182,7 @@ async def _submit(args: argparse.Namespace, settings: Settings, options) -> int:
                     continue
                 finally:
                     bar.close()
-                if final.state != "done":
+                if final.state != dag.DONE:
                     failed += 1
                     error(_input_error(path, final.error or f"job {final.id} was {final.state}"))
                     continue

@@ -10,7 +10,7 @@ result is kept.
 
 from __future__ import annotations
 
-#: arq queues (sorted sets): CPU stages, and the GPU stage alone (see workers/arq_runner.py).
+#: arq queues (sorted sets): CPU stages, and the GPU stage alone (see workers/runtime/).
 QUEUE_CPU = "vtp:cpu"
 QUEUE_GPU = "vtp:gpu"
 QUEUES = {"cpu": QUEUE_CPU, "gpu": QUEUE_GPU}

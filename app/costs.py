@@ -6,12 +6,24 @@ runs N jobs at once charges each 1/N of the machine (``rate_per_slot_second``). 
 ``VTP_MACHINE_PRICE_HOUR``, or the list price of ``VTP_MACHINE_KIND`` below; the fleet
 controller sets both on the machines it starts. Idle time between jobs is not charged to any
 job: ``bench/fleet_sim.py`` measures how much of a fleet's billed time that is.
+
+This module reads no messages at run time (``app.messages`` builds ``JobCost`` from the figures
+here), so the two stay one-way: messages -> costs.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from app.config import Settings
-from app.messages import JobCost, JobRecord
+
+class Usage(Protocol):
+    """What a cost is read from (a ``JobRecord``: this module imports no message)."""
+
+    machine_seconds: dict[str, float]
+    cost_usd: float
+    duration: float
+
 
 #: $/hour list prices, fly.io/docs/about/pricing, as of writing: check yours and set
 #: VTP_MACHINE_PRICE_HOUR. Fly's GPUs are unavailable after 2026-08-01.
@@ -52,7 +64,7 @@ def per_audio_hour(cost_usd: float, audio_seconds: float) -> float | None:
     return cost_usd / (audio_seconds / 3600.0)
 
 
-def summary(record: JobRecord) -> str:
+def summary(record: Usage) -> str:
     """``"412.3 machine-s, $0.0214 ($0.31 per audio hour; managed STT $1.44-$2.16)"``; "" if none recorded."""
     seconds = sum(record.machine_seconds.values())
     if seconds <= 0:
@@ -65,17 +77,3 @@ def summary(record: JobRecord) -> str:
             low, high = MANAGED_STT_PER_AUDIO_HOUR
             text += f" (${rate:.2f} per audio hour; managed STT ${low:.2f}-${high:.2f})"
     return text
-
-
-def cost_of(record: JobRecord) -> JobCost | None:
-    """The record's cost for an API (``GET /v1/jobs/{id}``); None when nothing was recorded."""
-    seconds = sum(record.machine_seconds.values())
-    if seconds <= 0:
-        return None
-    rate = per_audio_hour(record.cost_usd, record.duration)
-    return JobCost(
-        machine_seconds=round(seconds, 3),
-        cost_usd=round(record.cost_usd, 6),
-        per_audio_hour_usd=None if rate is None else round(rate, 4),
-        managed_stt_per_audio_hour_usd=MANAGED_STT_PER_AUDIO_HOUR,
-    )

@@ -1,6 +1,6 @@
 """Every message that crosses a stage or process boundary, one msgspec ``Struct`` each.
 
-Stages take one of these and return one of these; the arq runner sends them through Redis
+Stages take one of these and return one of these; the queue runtime sends them through Redis
 as msgpack and decodes them *with their type*, so a malformed message fails loudly at the
 edge with the path of the bad field (``decode``) instead of deep inside a stage.
 
@@ -14,7 +14,7 @@ from typing import Annotated, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
-from app import errors
+from app import costs, errors
 
 SAMPLE_RATE = 16000
 #: Whisper sees exactly 30 s per window; a chunk longer than this is silently truncated.
@@ -373,7 +373,7 @@ def check_task(options: TranscribeOptions) -> None:
 
 
 class JobCost(Struct, frozen=True, kw_only=True):
-    """What a job cost (``app.costs.cost_of``), as an API shows it beside the managed-STT price."""
+    """What a job cost (``JobCost.of``), as an API shows it beside the managed-STT price."""
 
     machine_seconds: float
     cost_usd: float
@@ -381,6 +381,20 @@ class JobCost(Struct, frozen=True, kw_only=True):
     per_audio_hour_usd: float | None
     #: Managed speech-to-text list prices per audio hour, for comparison.
     managed_stt_per_audio_hour_usd: tuple[float, float]
+
+    @classmethod
+    def of(cls, record: JobRecord) -> JobCost | None:
+        """The record's cost for an API (``GET /v1/jobs/{id}``); None when nothing was recorded."""
+        seconds = sum(record.machine_seconds.values())
+        if seconds <= 0:
+            return None
+        rate = costs.per_audio_hour(record.cost_usd, record.duration)
+        return cls(
+            machine_seconds=round(seconds, 3),
+            cost_usd=round(record.cost_usd, 6),
+            per_audio_hour_usd=None if rate is None else round(rate, 4),
+            managed_stt_per_audio_hour_usd=costs.MANAGED_STT_PER_AUDIO_HOUR,
+        )
 
 
 TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
@@ -414,7 +428,7 @@ class JobRecord(Struct, kw_only=True):
 
     Times are Unix seconds. ``state`` moves along ``queued -> extracting -> segmenting ->
     transcribing -> merging -> rendering -> done``, or to ``failed``/``cancelled`` from any
-    non-final state (``app.jobs.check_transition``).
+    non-final state (``app.dag.check_transition``).
     """
 
     id: str
@@ -514,8 +528,6 @@ class JobView(Struct, frozen=True, kw_only=True):
 
     @classmethod
     def of(cls, r: JobRecord) -> JobView:
-        from app import costs  # costs reads these messages: imported here, not at the top
-
         total = r.audio_total
         fraction = 1.0 if r.state == "done" else (min(r.audio_done / total, 1.0) if total > 0 else 0.0)
         wall = r.wall_seconds
@@ -542,7 +554,7 @@ class JobView(Struct, frozen=True, kw_only=True):
             task=r.options.task,
             formats=sorted(r.outputs),
             webhook=r.webhook,
-            cost=costs.cost_of(r),
+            cost=JobCost.of(r),
             unheard_seconds=round(r.unheard_seconds, 3),
         )
 

@@ -6,10 +6,12 @@ import sys
 
 from tqdm import tqdm
 
+from app import dag
 from app.messages import ProgressEvent
 
 #: States whose progress counts seconds of the input's audio; the later ones count speech.
-_AUDIO_STATES = ("queued", "extracting", "segmenting")
+#: States whose progress is audio seconds (before the chunks are known): up to segmenting.
+_AUDIO_STATES = dag.STATES[: dag.ORDER[dag.STAGE["segment"].state] + 1]
 _KNOWN = "{desc} {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s WHAT [{elapsed}<{remaining}]"
 _UNKNOWN = "{desc} {n:.0f} s WHAT [{elapsed}]"  # a stream that declares no duration
 
@@ -55,7 +57,7 @@ class ProgressBar:
                 bar.reset(total=total)
             elif event.audio_total:
                 bar.total = total
-        if event.state == "done":
+        if event.state == dag.DONE:
             bar.n = bar.total
         elif event.audio_done:
             bar.n = event.audio_done

@@ -2,7 +2,7 @@
 
 Used by ``vtp submit`` (and meant for the web process): it talks to Redis and the artifact
 storage directly, no server in between. The first stage is enqueued through the ``enqueue``
-callable (``workers.arq_runner.enqueue_first_stage``), so this module never imports arq.
+callable (``workers.runtime.enqueue.enqueue_first_stage``), so this module never imports arq.
 
 Deduplication, in this order:
 
@@ -35,7 +35,7 @@ from typing import Literal
 
 import anyio
 
-from app import errors
+from app import dag, errors
 from app.jobs import JobStore
 from app.messages import JobRecord, TranscribeOptions
 from app import keys
@@ -55,7 +55,7 @@ class Submitted:
 
 
 def _how(record: JobRecord) -> Literal["reused", "joined"]:
-    return "reused" if record.state == "done" else "joined"
+    return "reused" if record.state == dag.DONE else "joined"
 
 
 async def _discard(storage: Storage, job_id: str) -> None:

@@ -9,7 +9,7 @@ bytes of ``VTP_WEBHOOK_SECRET`` (``whsec_<base64>``). The body is a ``WebhookEve
 ``{"type": "job.completed" | "job.failed" | "job.cancelled", "timestamp", "data": <the job as
 GET /v1/jobs/{id} shows it>}``.
 
-Delivery runs on the CPU workers as its own arq task (``webhook`` in ``workers.arq_runner``),
+Delivery runs on the CPU workers as its own arq task (``webhook_task`` in ``workers.runtime.tasks``),
 never on a GPU worker and never inside a stage: one attempt per task run, each with a 15 s
 timeout, through the SSRF guard (``app.netguard``), redirects not followed. A 2xx answer
 delivers it; anything else (3xx, 4xx, 5xx, a timeout, a refused connection) is tried again
@@ -24,14 +24,14 @@ import base64
 import binascii
 import hashlib
 import hmac
-import random
 import time
 from datetime import datetime, timezone
 
 import aiohttp
 import msgspec
 
-from app import errors
+from app import dag, errors
+from app.backoff import equal_jitter, exponential
 from app.config import Settings
 from app.jobs import JobStore
 from app.messages import JobRecord, JobView, WebhookAttempt, WebhookDelivery, WebhookEvent
@@ -42,7 +42,7 @@ from app.retry_after import retry_after_seconds
 TIMEOUT_S = 15.0
 #: Longest wait between attempts, whatever the backoff or a ``Retry-After`` says.
 MAX_DELAY_S = 3600.0
-EVENT_TYPES = {"done": "job.completed", "failed": "job.failed", "cancelled": "job.cancelled"}
+EVENT_TYPES = {dag.DONE: "job.completed", dag.FAILED: "job.failed", dag.CANCELLED: "job.cancelled"}
 USER_AGENT = "vtp-webhooks/1"
 
 
@@ -84,8 +84,7 @@ def backoff(attempt: int, base: float, *, asked: float | None = None) -> float:
     doubling per attempt with "equal jitter" (between half and all of it)."""
     if asked is not None:
         return min(asked, MAX_DELAY_S)
-    delay = min(base * 2 ** (attempt - 1), MAX_DELAY_S)
-    return delay / 2 + random.uniform(0, delay / 2)
+    return equal_jitter(exponential(attempt, base, MAX_DELAY_S))
 
 
 class Answer(msgspec.Struct, frozen=True):

@@ -41,7 +41,7 @@ from app.storage import open_storage  # noqa: E402
 from app.submit import submit_file  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 from tests.dag_cluster import free_port  # noqa: E402
-from workers import arq_runner  # noqa: E402
+from workers.runtime.enqueue import connect, enqueue_first_stage  # noqa: E402
 from workers.audio import ffmpeg_exe  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
@@ -105,13 +105,13 @@ class Workers:
 
 async def run_pass(env: dict[str, str], files: list[Path], together: bool, tag: str) -> float:
     settings = Settings.from_env(env)
-    redis = await arq_runner.connect(settings)
+    redis = await connect(settings)
     store = JobStore(redis, where=settings.redis_url)
     storage = open_storage(settings.storage_url)
     options = TranscribeOptions()
 
     async def enqueue(record):
-        await arq_runner.enqueue_first_stage(redis, record, settings=settings)
+        await enqueue_first_stage(redis, record, settings=settings)
 
     async def submit(i: int, path: Path) -> str:
         sub = await submit_file(store, storage, enqueue, path, options, basename=f"{tag}{i}", reuse=False)

@@ -54,7 +54,8 @@ from app.jobs import JobStore  # noqa: E402
 from app.messages import JobRecord, TranscribeOptions  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 from tests.dag_cluster import free_port, transcript_view  # noqa: E402
-from workers import arq_runner  # noqa: E402
+from workers.runtime.enqueue import connect, enqueue_first_stage  # noqa: E402
+from workers.runtime.sweep import ArqStages  # noqa: E402
 from workers.audio import ffmpeg_exe  # noqa: E402
 from workers.sweeper import Sweeper  # noqa: E402
 
@@ -206,9 +207,9 @@ class Watch:
 
 async def observe(chaos: Chaos, job_ids: list[str], watch: Watch, settings: Settings) -> None:
     """One look at every job that has not ended (skipped while Redis is down)."""
-    redis = await arq_runner.connect(settings)
+    redis = await connect(settings)
     store = JobStore(redis, where="chaos", outage_s=0.5)
-    probe = Sweeper(store, None, arq_runner.ArqStages(redis, settings), settings)
+    probe = Sweeper(store, None, ArqStages(redis, settings), settings)
     try:
         now = time.monotonic()
         for job_id in job_ids:
@@ -243,12 +244,12 @@ async def submit_all(chaos: Chaos, inputs: list[Path], options: TranscribeOption
     from app.submit import submit_file
 
     settings = Settings.from_env(chaos.env)
-    redis = await arq_runner.connect(settings)
+    redis = await connect(settings)
     store = JobStore(redis, where=chaos.url)
     storage = open_storage(settings.storage_url)
 
     async def enqueue(record: JobRecord) -> None:
-        await arq_runner.enqueue_first_stage(redis, record, settings=settings)
+        await enqueue_first_stage(redis, record, settings=settings)
 
     async def die_before_enqueue(record: JobRecord) -> None:
         """A submitter killed between writing the record and enqueueing: only the sweeper moves it."""

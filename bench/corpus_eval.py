@@ -63,7 +63,7 @@ class Systems:
 
         from app.config import Settings
         from app.messages import TranscribeOptions
-        from workers.engines.base import EnginePool
+        from workers.engines.pool import EnginePool
         from workers.engines.ctranslate2 import FasterWhisperEngine, bundled_model_path
         from workers.local_runner import LocalRunner
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from app.config import Settings  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 from app.messages import TranscribeOptions  # noqa: E402
-from workers.engines.base import EnginePool  # noqa: E402
+from workers.engines.pool import EnginePool  # noqa: E402
 from workers.engines.ctranslate2 import FasterWhisperEngine, bundled_model_path  # noqa: E402
 from tests import media  # noqa: E402
 from tests.wer import deletion_runs, word_errors  # noqa: E402

@@ -25,7 +25,7 @@ from app.config import Settings  # noqa: E402
 from app.messages import TranscribeOptions  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 from tests.wer import wer  # noqa: E402
-from workers.engines.base import EnginePool  # noqa: E402
+from workers.engines.pool import EnginePool  # noqa: E402
 from workers.local_runner import LocalRunner  # noqa: E402
 
 DATA = ROOT / "tests" / "data"

@@ -48,15 +48,16 @@ from app.jobs import JobStore  # noqa: E402
 from app.messages import TranscribeOptions  # noqa: E402
 from app.storage import open_storage  # noqa: E402
 from app.submit import submit_file  # noqa: E402
-from workers import arq_runner  # noqa: E402
+from workers.runtime.enqueue import connect, enqueue_first_stage  # noqa: E402
+from workers.runtime.worker import POLL_DELAY_S  # noqa: E402
 from workers.audio import ffmpeg_exe  # noqa: E402
-from workers.engines.base import EnginePool  # noqa: E402
+from workers.engines.pool import EnginePool  # noqa: E402
 from workers.local_runner import LocalRunner  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 NOTE = (
     "The pipeline difference is mostly the six stage transitions (each waits for a worker's next poll of "
-    f"its queue, every {arq_runner.POLL_DELAY_S * 1000:.0f} ms) and the job record/event writes; the command "
+    f"its queue, every {POLL_DELAY_S * 1000:.0f} ms) and the job record/event writes; the command "
     "wall favours `submit --wait` because the workers already hold the model, which `vtp transcribe` loads "
     "on every run."
 )
@@ -148,12 +149,12 @@ def overhead(local: float, dag: float) -> str:
 async def dag_job_walls(cluster: LocalCluster, path: Path, options: TranscribeOptions, repeat: int) -> list[float]:
     """Submit ``path`` ``repeat`` times (after a warm-up), one at a time; each job's record wall."""
     settings = Settings.from_env(cluster.env)
-    redis = await arq_runner.connect(settings)
+    redis = await connect(settings)
     store = JobStore(redis, where=cluster.url)
     storage = open_storage(settings.storage_url)
 
     async def enqueue(record):
-        await arq_runner.enqueue_first_stage(redis, record, settings=settings)
+        await enqueue_first_stage(redis, record, settings=settings)
 
     walls = []
     try:
@@ -170,7 +171,7 @@ async def dag_job_walls(cluster: LocalCluster, path: Path, options: TranscribeOp
 
 async def noop_latencies(cluster: LocalCluster, clip: Path, jobs: int, in_flight: int) -> tuple[dict[str, list[float]], list[float]]:
     settings = Settings.from_env(cluster.env)
-    redis = await arq_runner.connect(settings)
+    redis = await connect(settings)
     store = JobStore(redis, where=cluster.url)
     storage = open_storage(settings.storage_url)
     options = TranscribeOptions(engine="noop", model="noop", formats=("json",))
@@ -179,7 +180,7 @@ async def noop_latencies(cluster: LocalCluster, clip: Path, jobs: int, in_flight
     limiter = anyio.Semaphore(in_flight)
 
     async def enqueue(record):
-        await arq_runner.enqueue_first_stage(redis, record, settings=settings)
+        await enqueue_first_stage(redis, record, settings=settings)
 
     async def one(i: int) -> None:
         async with limiter:
@@ -293,7 +294,7 @@ def main() -> None:
             f"median of {args.repeat} runs after a warm-up:\n\n{table}\n\n{NOTE}\n\n"
             f"**Stage-transition latency**: {args.jobs} jobs of a 3 s clip with the `noop` engine per column, "
             f"submitted so that 1 (or 4) are in flight; each hop is the time a stage's arq job waited between being enqueued "
-            f"and a worker starting it (`JobRecord.waits`; workers poll every {arq_runner.POLL_DELAY_S * 1000:.0f} ms):\n\n"
+            f"and a worker starting it (`JobRecord.waits`; workers poll every {POLL_DELAY_S * 1000:.0f} ms):\n\n"
             f"{hops}"
         )
         write_section(args.write, "queue_overhead", "Distributed DAG: queue overhead", block)

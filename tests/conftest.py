@@ -139,7 +139,7 @@ def make_cluster(tmp_path):
 @pytest.fixture(scope="session")
 def engines():
     """One EnginePool for the session: the bundled model is loaded once, as in a worker."""
-    from workers.engines.base import EnginePool
+    from workers.engines.pool import EnginePool
 
     return EnginePool()
 

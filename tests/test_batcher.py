@@ -187,7 +187,7 @@ def test_an_abandoned_request_leaves_the_queue_and_its_thread_returns(engines, j
 
 
 def test_a_timed_out_transcribe_stops_using_the_model(engines, jfk, tmp_path):
-    """The transcribe stage under its deadline (``arq_runner._within``): when the deadline fires,
+    """The transcribe stage under its deadline (``workers.runtime.policy.within``): when the deadline fires,
     the stage's chunks still queued in the GPU worker's batcher are dropped and its thread ends,
     so the retry does not find the model busy with the same chunks."""
     import anyio
@@ -196,7 +196,7 @@ def test_a_timed_out_transcribe_stops_using_the_model(engines, jfk, tmp_path):
     from app.messages import ChunkBatch, TranscribeRequest
     from app.storage import LocalStorage
     from workers import stages
-    from workers.arq_runner import _within
+    from workers.runtime.policy import within as _within
     from workers.gpu_worker import GpuEngines
 
     settings = Settings.from_env({"VTP_ENGINE": "ctranslate2", "VTP_DEVICE": "cpu", "VTP_DECODE_BATCH": "1"})

@@ -7,7 +7,7 @@ import pytest
 from app import costs
 from app.config import Settings
 from app.jobs import JobStore
-from app.messages import JobRecord
+from app.messages import JobCost, JobRecord
 
 pytestmark = pytest.mark.anyio
 
@@ -30,10 +30,10 @@ def test_prices_and_rates():
 def test_summary_and_api_view():
     r = JobRecord(id="j", duration=3600.0, machine_seconds={"transcribe": 100.0, "extract": 20.0}, cost_usd=0.12)
     assert costs.summary(r) == "120.0 machine-s, $0.1200 ($0.12 per audio hour; managed STT $1.44-$2.16)"
-    view = costs.cost_of(r)
+    view = JobCost.of(r)
     assert view.machine_seconds == 120.0 and view.per_audio_hour_usd == 0.12
     assert view.managed_stt_per_audio_hour_usd == (1.44, 2.16)
-    assert costs.summary(JobRecord(id="k")) == "" and costs.cost_of(JobRecord(id="k")) is None
+    assert costs.summary(JobRecord(id="k")) == "" and JobCost.of(JobRecord(id="k")) is None
 
 
 async def test_add_usage_accumulates_also_after_the_job_ended(redis_url):

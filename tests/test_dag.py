@@ -212,15 +212,15 @@ async def test_poison_job_fails_after_its_tries_without_blocking_the_queue(clust
     """A job whose media vanished from storage fails transiently every time (StorageError)."""
     from app.config import Settings
     from app.messages import JobRecord
-    from workers import arq_runner
+    from workers.runtime import enqueue
 
     settings = Settings.from_env(cluster.env)
     poison, _ = await store.create(
         JobRecord(id="poison" + "0" * 26, input_name="gone.mp4", basename="gone", media_key="jobs/poison/media")
     )
-    redis = await arq_runner.connect(settings)
+    redis = await enqueue.connect(settings)
     try:
-        await arq_runner.enqueue_first_stage(redis, poison, settings=settings)
+        await enqueue.enqueue_first_stage(redis, poison, settings=settings)
     finally:
         await redis.aclose()
     (good,) = cluster.submit(data_dir / "jfk.flac", extra=("--owner", "poison-neighbour", "--no-reuse"))
@@ -306,7 +306,7 @@ async def test_a_try_beyond_the_last_fails_the_job_instead_of_leaving_it_stuck(r
 
     from app.config import Settings
     from app.messages import ExtractRequest, JobRecord, encode
-    from workers import arq_runner
+    from workers.runtime import tasks
 
     store = JobStore.open(redis_url)
     try:
@@ -315,7 +315,7 @@ async def test_a_try_beyond_the_last_fails_the_job_instead_of_leaving_it_stuck(r
         settings = Settings.from_env({"REDIS_URL": redis_url, "VTP_JOB_TRIES": "3"})
         ctx = {"store": store, "settings": settings, "job_try": 4, "enqueue_time": datetime.now(timezone.utc)}
         req = ExtractRequest(job_id="lost", media_key="jobs/lost/media", source_name="a.mp4")
-        result = await arq_runner.extract_task(ctx, encode(req))
+        result = await tasks.extract_task(ctx, encode(req))
         record = await store.get("lost")
         assert record.state == "failed" and result == record.error
         assert record.error == "extract gave up after 3 tries (worker lost or timed out)"
@@ -326,10 +326,10 @@ async def test_a_try_beyond_the_last_fails_the_job_instead_of_leaving_it_stuck(r
 async def test_a_deadline_abandons_work_stuck_in_a_thread():
     """The engine runs in a thread that cancellation cannot interrupt; the stage deadline must
     still fire on time (else arq's own timeout would record a failure behind vtp's back)."""
-    from workers import arq_runner
+    from workers.runtime.policy import within
 
     started = time.monotonic()
     with pytest.raises(TimeoutError):
-        await arq_runner._within(0.2, anyio.to_thread.run_sync(time.sleep, 1.5))
+        await within(0.2, anyio.to_thread.run_sync(time.sleep, 1.5))
     assert time.monotonic() - started < 1.0
-    assert await arq_runner._within(1.0, asyncio.sleep(0.01, result="ok")) == "ok"
+    assert await within(1.0, asyncio.sleep(0.01, result="ok")) == "ok"

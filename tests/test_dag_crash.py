@@ -23,7 +23,7 @@ from dag_cluster import Cluster, local_reference, transcript_view, wait_until
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(200)]
 
 #: arq's key for a started job (arq.constants.in_progress_key_prefix; arq is imported by
-#: workers/arq_runner.py alone).
+#: workers/runtime/ alone).
 IN_PROGRESS = "arq:in-progress:"
 
 

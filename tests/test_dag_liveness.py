@@ -17,7 +17,8 @@ import pytest
 
 from app import constants, errors, keys
 from app.config import Settings
-from app.jobs import OUTAGE_CLOCK, JobStore, retrying
+from app.jobs import JobStore
+from app.redis_outage import OUTAGE_CLOCK, retrying
 from app.messages import ExtractRequest, JobRecord, encode
 from app.storage import LocalStorage
 from dag_cluster import Cluster, wait_until
@@ -105,7 +106,7 @@ async def test_deadline_leaves_out_time_waiting_for_redis():
     """A stage that spends 1.5 s of a 1 s deadline waiting for an unreachable Redis still ends well."""
     from redis import exceptions as redis_errors
 
-    from workers.arq_runner import _within
+    from workers.runtime.policy import within as _within
 
     async def flaky_redis_op():
         until = time.monotonic() + 1.5
@@ -184,7 +185,7 @@ async def test_sweeper_drives_a_job_whose_submit_died_before_the_enqueue(swept_c
 
 @pytest.mark.slow
 async def test_sweeper_redrives_a_stage_arq_dropped_after_it_expired(swept_cluster, data_dir):
-    from workers.arq_runner import connect
+    from workers.runtime.enqueue import connect
 
     c, store = swept_cluster
     record = await record_only(store, c, data_dir / "jfk.flac")
@@ -244,7 +245,7 @@ async def test_a_job_the_sweeper_fails_gets_its_webhook(swept_cluster, data_dir)
     from standardwebhooks.webhooks import Webhook
 
     from dag_cluster import free_port
-    from workers.arq_runner import connect
+    from workers.runtime.enqueue import connect
 
     c, store = swept_cluster
     seen: list[tuple[dict, bytes]] = []

@@ -260,4 +260,4 @@ async def test_no_secret_reaches_a_machine_config(standin):
     assert env["VTP_BATCH_SIZE"] == "4" and env["VTP_GPU_JOBS"] == "2"
     # not for workers: the web process's limit, the controller's own settings
     assert not {"VTP_MAX_UPLOAD_MB", "VTP_MAX_MACHINES", "FLY_API_HOSTNAME", "VTP_WORKER_IMAGE"} & set(env)
-    assert set(env) <= {Settings._ENV[f] for f in Settings._FOR_WORKERS} | {"VTP_MACHINE_KIND", "VTP_MACHINE_PRICE_HOUR"}
+    assert set(env) <= {Settings.env_var(f) for f in Settings.for_workers()} | {"VTP_MACHINE_KIND", "VTP_MACHINE_PRICE_HOUR"}

@@ -153,7 +153,7 @@ def test_no_secret_in_the_job_body():
     for value in [*settings.secret_values(), "redis-pw-5f1c9e"]:
         assert value not in text, value
     (c,) = job_manifest(settings, "vtp-gpu-1").spec.template.spec.containers
-    assert {e.name for e in c.env} <= {Settings._ENV[f] for f in Settings._FOR_WORKERS} | {"VTP_MACHINE_KIND", "VTP_MACHINE_PRICE_HOUR"}
+    assert {e.name for e in c.env} <= {Settings.env_var(f) for f in Settings.for_workers()} | {"VTP_MACHINE_KIND", "VTP_MACHINE_PRICE_HOUR"}
     assert [s.secret_ref.name for s in c.env_from if s.secret_ref] == ["vtp-secrets"]
 
 

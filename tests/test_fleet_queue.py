@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from app import constants
-from app.jobs import connect
+from app.redis_outage import connect
 from app.messages import Chunk, ChunkBatch, TranscribeOptions, TranscribeRequest, encode
 from fly_standin import ROOT  # noqa: F401 - puts tests/ helpers in reach
 from conftest import free_port

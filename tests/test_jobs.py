@@ -6,7 +6,8 @@ import anyio
 import pytest
 
 from app import constants, errors
-from app.jobs import JobStore, check_transition, options_digest
+from app.dag import check_transition
+from app.jobs import JobStore, options_digest
 from app.messages import BatchTranscript, JobRecord, ProgressEvent, Segment, TranscribeOptions
 
 pytestmark = pytest.mark.anyio

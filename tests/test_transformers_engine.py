@@ -72,7 +72,7 @@ def test_converted_encoder_matches_ctranslate2(cache_dir, data_dir):
     with torch.inference_mode():
         got = model.model.encoder(torch.from_numpy(features)).last_hidden_state.numpy()
     assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
-    from workers.engines.transformers import _alignment_heads
+    from workers.engines.alignment import alignment_heads as _alignment_heads
 
     assert _alignment_heads(checkpoint)[:2] == [[1, 0], [2, 0]]  # from the CTranslate2 model's config.json
 
@@ -298,7 +298,7 @@ def test_the_loop_rule_on_token_sequences():
     text on exactly the rows ``loop_cut`` calls looping."""
     import torch
 
-    from workers.engines.transformers import _LoopGuard, loop_cut
+    from workers.engines.loop_guard import LoopGuard as _LoopGuard, loop_cut
 
     ts = 50363
     phrase = [300 + k for k in range(9)]

@@ -138,7 +138,7 @@ async def wait_done(session: aiohttp.ClientSession, base: str, job_id: str, toke
 
 
 def test_web_process_imports_no_speech_stack(tmp_path):
-    """The app is built and started (which imports the enqueue side of workers.arq_runner),
+    """The app is built and started (which imports the enqueue client, workers.runtime.enqueue),
     and none of the speech stack is loaded."""
     code = f"""
 import asyncio, sys
@@ -154,7 +154,8 @@ async def main():
 
 asyncio.run(main())
 bad = [m for m in {SPEECH_STACK!r} if m in sys.modules]
-assert "workers.arq_runner" in sys.modules, "the enqueue side was not imported"
+assert "workers.runtime.enqueue" in sys.modules, "the enqueue side was not imported"
+assert "workers.runtime.tasks" not in sys.modules and "workers.stages" not in sys.modules
 print("LOADED", bad)
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith("VTP_")}

@@ -21,7 +21,7 @@ from dag_cluster import Cluster, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
 
-#: arq's keys (arq.constants; arq is imported by workers/arq_runner.py alone).
+#: arq's keys (arq.constants; arq is imported by workers/runtime/ alone).
 IN_PROGRESS = "arq:in-progress:"
 RETRY = "arq:retry:"
 

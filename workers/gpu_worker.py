@@ -26,7 +26,8 @@ from app import errors
 from app.config import Settings
 from app.messages import TranscribeOptions
 from workers.batcher import GpuBatcher
-from workers.engines.base import Engine, load_engine
+from workers.engines.base import Engine
+from workers.engines.pool import load_engine
 
 log = logging.getLogger("vtp.worker")
 

@@ -6,7 +6,7 @@ multilingual engine is only ever called with a concrete ``options.language``:
 * **Once per job** (the default when a job names no language): ``job_language`` takes a vote
   over the job's first speech (its first ``DETECT_CHUNKS`` chunks, each weighing its seconds times
   the model's confidence) before any of its chunks is decoded, and the runners put the winner
-  into the job's options (``local_runner``; ``arq_runner`` records it on the job, first detection
+  into the job's options (``local_runner``; ``workers.runtime.tasks`` records it on the job, first detection
   wins, so every batch of the job agrees). Every chunk is then decoded in it, whatever else
   shares the model call.
 * **Per chunk** (``TranscribeOptions.language_per_chunk``, for mixed-language media):

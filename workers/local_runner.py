@@ -1,7 +1,7 @@
 """Runs the stage DAG in one process: what ``vtp transcribe`` uses.
 
-The same stage functions as the arq runner, called in order, with artifacts in a private
-temporary directory (the input is linked in, not copied). Batches run one after another
+The same stage functions as the queue runtime (``workers.runtime``), called in order, with
+artifacts in a private temporary directory (the input is linked in, not copied). Batches run one after another
 on the one loaded model; each reports progress.
 """
 
@@ -28,12 +28,13 @@ from app.messages import (
     TranscribeOptions,
     TranscribeRequest,
 )
-from app import keys
+from app import dag, keys
 from app.media import safe_basename  # noqa: F401 - used here and by app.cli
 from app.storage import LocalStorage, download_outputs
 from workers import audio, languages, stages, vad
 from workers.coverage import CoverageOptions
-from workers.engines.base import EnginePool
+from workers.engines.pool import EnginePool
+from workers.merge import with_timings
 
 ProgressSink = Callable[[ProgressEvent], None]
 
@@ -42,6 +43,10 @@ ProgressSink = Callable[[ProgressEvent], None]
 class LocalResult:
     transcript: Transcript
     outputs: dict[str, Path]
+
+
+#: The stages in the DAG table's order (``app.dag``); this runner calls them one after another.
+EXTRACT, SEGMENT, TRANSCRIBE, MERGE, RENDER = (dag.STAGE[n] for n in ("extract", "segment", "transcribe", "merge", "render"))
 
 
 class LocalRunner:
@@ -83,7 +88,7 @@ class LocalRunner:
                 timings[stage] = round(time.perf_counter() - t0, 3)
 
             async def extracting(done: float, total: float) -> None:
-                report(ProgressEvent(job_id=job_id, state="extracting", audio_done=round(done, 3), audio_total=round(total, 3)))
+                report(ProgressEvent(job_id=job_id, state=EXTRACT.state, audio_done=round(done, 3), audio_total=round(total, 3)))
 
             t0 = time.perf_counter()
             extracted = await stages.extract_audio(
@@ -91,24 +96,24 @@ class LocalRunner:
                 ExtractRequest(job_id=job_id, media_key=keys.media_key(job_id), source_name=source.name),
                 progress=extracting,
             )
-            clock("extract", t0)
+            clock(EXTRACT.name, t0)
 
-            report(ProgressEvent(job_id=job_id, state="segmenting", audio_total=extracted.duration))
+            report(ProgressEvent(job_id=job_id, state=SEGMENT.state, audio_total=extracted.duration))
             t0 = time.perf_counter()
             async def segmenting(done: float, total: float) -> None:
-                report(ProgressEvent(job_id=job_id, state="segmenting", audio_done=round(done, 3), audio_total=round(total, 3)))
+                report(ProgressEvent(job_id=job_id, state=SEGMENT.state, audio_done=round(done, 3), audio_total=round(total, 3)))
 
             seg = await stages.segment(
                 ctx, SegmentRequest(job_id=job_id, audio=extracted, options=options), progress=segmenting
             )
-            clock("segment", t0)
+            clock(SEGMENT.name, t0)
 
             if languages.needs_job_language(options) and seg.batches:
                 # once per job, from its first speech, before any chunk is decoded
                 first = LanguageRequest(job_id=job_id, batches=seg.batches, options=options)
                 options = msgspec.structs.replace(options, language=await stages.detect_language(ctx, first))
             total, done_chunks, done_audio = len(seg.chunks), 0, 0.0
-            report(ProgressEvent(job_id=job_id, state="transcribing", chunks_total=total, audio_total=seg.speech_seconds))
+            report(ProgressEvent(job_id=job_id, state=TRANSCRIBE.state, chunks_total=total, audio_total=seg.speech_seconds))
             t0 = time.perf_counter()
             parts = []
             for batch in seg.batches:
@@ -118,39 +123,29 @@ class LocalRunner:
                 report(
                     ProgressEvent(
                         job_id=job_id,
-                        state="transcribing",
+                        state=TRANSCRIBE.state,
                         chunks_done=done_chunks,
                         chunks_total=total,
                         audio_done=round(done_audio, 3),
                         audio_total=seg.speech_seconds,
                     )
                 )
-            clock("transcribe", t0)
+            clock(TRANSCRIBE.name, t0)
 
-            report(ProgressEvent(job_id=job_id, state="merging"))
+            report(ProgressEvent(job_id=job_id, state=MERGE.state))
             t0 = time.perf_counter()
             transcript = await stages.merge(
                 ctx, MergeRequest(job_id=job_id, audio=extracted, segmentation=seg, parts=parts, options=options)
             )
-            clock("merge", t0)
+            clock(MERGE.name, t0)
 
             wall = time.perf_counter() - started
             transcript = with_timings(transcript, timings, wall)
-            report(ProgressEvent(job_id=job_id, state="rendering"))
+            report(ProgressEvent(job_id=job_id, state=RENDER.state))
             name = basename or safe_basename(source.name)
             rendered = await stages.render(
                 ctx, RenderRequest(job_id=job_id, transcript=transcript, formats=options.formats, basename=name)
             )
             outputs = await download_outputs(storage, rendered.outputs, output_dir, name)
-        report(ProgressEvent(job_id=job_id, state="done", audio_done=seg.speech_seconds, audio_total=seg.speech_seconds))
+        report(ProgressEvent(job_id=job_id, state=dag.DONE, audio_done=seg.speech_seconds, audio_total=seg.speech_seconds))
         return LocalResult(transcript=transcript, outputs=outputs)
-
-
-def with_timings(transcript: Transcript, timings: dict[str, float], wall: float) -> Transcript:
-    stats = msgspec.structs.replace(
-        transcript.stats,
-        wall_seconds=round(wall, 3),
-        realtime_factor=round(transcript.duration / wall, 2) if wall > 0 else 0.0,
-        stages=timings,
-    )
-    return msgspec.structs.replace(transcript, stats=stats)

@@ -53,3 +53,14 @@ def _majority_language(parts: list[BatchTranscript]) -> str:
     for p in parts:
         votes[p.language] += p.audio_seconds
     return votes.most_common(1)[0][0] if votes else "en"
+
+
+def with_timings(transcript: Transcript, timings: dict[str, float], wall: float) -> Transcript:
+    """``transcript`` with its wall time, realtime factor and per-stage seconds (both runners)."""
+    stats = msgspec.structs.replace(
+        transcript.stats,
+        wall_seconds=round(wall, 3),
+        realtime_factor=round(transcript.duration / wall, 2) if wall > 0 else 0.0,
+        stages=timings,
+    )
+    return msgspec.structs.replace(transcript, stats=stats)

@@ -5,7 +5,7 @@
                               └─> ...                   ┘
 
 Stages know nothing of queues or of each other: ``local_runner`` calls them in one process,
-``arq_runner`` calls the very same functions as arq jobs on many machines. Everything a stage
+``workers.runtime.tasks`` calls the very same functions as arq jobs on many machines. Everything a stage
 needs from outside comes in its ``StageContext``; everything it hands on goes through
 storage keys inside its return message, so consecutive stages may run on different hosts.
 """
@@ -41,7 +41,7 @@ from app.keys import audio_key, batch_audio_key, job_prefix, media_key, output_k
 from app.storage import Storage
 from workers import audio, coverage, languages, merge as merging, vad
 from workers.batcher import Cancellable, CancelToken
-from workers.engines.base import EnginePool
+from workers.engines.pool import EnginePool
 
 #: How a long stage reports how far it got: (seconds of audio done, seconds in all, 0 if unknown).
 Progress = Callable[[float, float], Awaitable[None]]

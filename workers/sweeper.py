@@ -1,6 +1,6 @@
 """The sweeper: no job stays stuck, and ended jobs' artifacts do not stay forever.
 
-arq reruns a stage whose worker died (its lease runs out, ``workers.arq_runner._Worker``), but
+arq reruns a stage whose worker died (its lease runs out, ``workers.runtime.worker.VtpWorker``), but
 some failures leave a job with *no* stage queued or running at all, and nothing would ever move
 it again:
 
@@ -32,7 +32,8 @@ The same pass deletes the storage artifacts (``jobs/<id>/``) of jobs that ended 
 lifecycle rule on the ``jobs/`` prefix does the same job without the sweeper: see
 docs/distributed.md.)
 
-arq itself stays in ``workers.arq_runner``: the sweeper sees the queue through ``StageQueue``.
+arq itself stays in ``workers.runtime``: the sweeper sees the queue through ``StageQueue``. Which
+stage each state needs, its queue and how its request is built come from the DAG table (``app.dag``).
 """
 
 from __future__ import annotations
@@ -45,39 +46,21 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from app import constants, errors, keys
+from app import dag, errors, keys
 from app.config import Settings
 from app.jobs import JobStore
-from app.messages import (
-    ExtractedAudio,
-    ExtractRequest,
-    JobRecord,
-    RenderRequest,
-    Segmentation,
-    SegmentRequest,
-    Transcript,
-    TranscribeRequest,
-    encode,
-)
+from app.messages import JobRecord, Segmentation
 from app.storage import Storage
 
 log = logging.getLogger("vtp.sweeper")
 
 
-@dataclass(frozen=True)
-class Step:
-    """One stage job to enqueue again: its arq function, arguments, queue and deterministic id."""
-
-    arq_id: str
-    function: str
-    args: tuple
-    queue: str
-    #: ids of successors whose kept arq results must go too (else arq refuses their enqueue)
-    clear: tuple[str, ...] = ()
+#: One stage job to enqueue again (``app.dag.StageJob``: arq function, arguments, queue, id).
+Step = dag.StageJob
 
 
 class StageQueue(Protocol):
-    """What the sweeper needs from the job queue (``workers.arq_runner.ArqStages``)."""
+    """What the sweeper needs from the job queue (``workers.runtime.sweep.ArqStages``)."""
 
     async def pending(self, arq_ids: list[str]) -> bool:
         """Is any of these stage jobs queued (possibly deferred) or running under a live lease?"""
@@ -212,60 +195,41 @@ class Sweeper:
         return f"re-drove {[s.arq_id for s in steps]}"
 
     async def plan(self, record: JobRecord) -> list[Step]:
-        """The stage job(s) that move a job on from its current state."""
-        job_id = record.id
-        cpu, gpu = constants.QUEUE_CPU, constants.QUEUE_GPU
-        ids = constants.arq_job_id
-        state = record.state
-
-        def extract() -> Step:
-            req = ExtractRequest(job_id=job_id, media_key=record.media_key, source_name=record.input_name)
-            return Step(ids(job_id, "extract"), constants.FN_EXTRACT, (encode(req),), cpu, clear=(ids(job_id, "segment"),))
-
-        async def segment() -> Step:
-            audio = await self.store.get_part(job_id, "audio", ExtractedAudio)
-            req = SegmentRequest(job_id=job_id, audio=audio, options=record.options)
-            return Step(ids(job_id, "segment"), constants.FN_SEGMENT, (encode(req),), cpu)
-
-        def merge() -> Step:
-            return Step(ids(job_id, "merge"), constants.FN_MERGE, (job_id,), cpu, clear=(ids(job_id, "render"),))
-
-        if state == "queued":
-            return [extract()]
-        if state == "extracting":  # extract finished (its audio is in) and lost its successor, or not
-            if await self.store.has_part(job_id, "audio"):
-                return [await segment()]
-            return [extract()]
-        if state == "segmenting":
-            return [await segment()]
-        if state == "transcribing":
-            seg = await self.store.get_part(job_id, "segmentation", Segmentation)
-            finished = await self.store.finished_batches(job_id)
+        """The stage job(s) that move a job on from its current state, read from the DAG table
+        (``app.dag``): the stage that runs in that state, or the next one once the stage's
+        handoff part is stored; for the fan-out, the batches not finished (or, all in, the
+        stage after it: the fan-in's job was lost)."""
+        stage = dag.RUNS_IN.get(record.state)
+        if stage is None:
+            raise errors.JobError(f"job {record.id}: the sweeper cannot move a job in state {record.state}")
+        if (
+            stage.handoff_part and record.state == stage.state
+            and await self.store.has_part(record.id, stage.handoff_part)
+        ):  # the stage finished (its output is in) and lost its successor
+            stage = dag.STAGE[stage.next[0]]
+        if stage.fan_out:
+            seg = await self.store.get_part(record.id, "segmentation", Segmentation)
+            finished = await self.store.finished_batches(record.id)
             missing = [b for b in seg.batches if b.index not in finished]
-            if not missing:  # every batch is in: the fan-in's merge was lost
-                return [merge()]
-            return [
-                Step(
-                    ids(job_id, "transcribe", b.index), constants.FN_TRANSCRIBE,
-                    (encode(TranscribeRequest(job_id=job_id, batch=b, options=record.options)),), gpu,
-                )
-                for b in missing
-            ]
-        if state == "merging":
-            return [merge()]
-        if state == "rendering":
-            transcript = await self.store.get_part(job_id, "transcript", Transcript)
-            req = RenderRequest(job_id=job_id, transcript=transcript, formats=record.options.formats, basename=record.basename)
-            return [Step(ids(job_id, "render"), constants.FN_RENDER, (encode(req),), cpu, clear=(ids(job_id, "notify"),))]
-        raise errors.JobError(f"job {job_id}: the sweeper cannot move a job in state {state}")
+            if not missing:  # every batch is in: the fan-in's job was lost
+                return [await self._job(dag.STAGE[stage.next[0]], record)]
+            parts = await self._parts(stage, record)
+            return [dag.job(stage.name, record, parts, b) for b in missing]
+        return [await self._job(stage, record)]
+
+    async def _parts(self, stage: dag.StageDef, record: JobRecord) -> dict:
+        return {p: await self.store.get_part(record.id, p, dag.PARTS[p]) for p in stage.needs}
+
+    async def _job(self, stage: dag.StageDef, record: JobRecord) -> Step:
+        return dag.job(stage.name, record, await self._parts(stage, record))
 
     async def _stage_ids(self, record: JobRecord) -> list[str]:
         """Every arq id a stage of this job can have (its batches once the segmentation is in)."""
         job_id = record.id
-        out = [constants.arq_job_id(job_id, s) for s in ("extract", "segment", "merge", "render", "notify")]
+        out = [s.arq_id(job_id) for s in dag.STAGES if not s.fan_out]
         if await self.store.has_part(job_id, "segmentation"):
             seg = await self.store.get_part(job_id, "segmentation", Segmentation)
-            out += [constants.arq_job_id(job_id, "transcribe", b.index) for b in seg.batches]
+            out += [s.arq_id(job_id, b.index) for s in dag.STAGES if s.fan_out for b in seg.batches]
         return out
 
     # -- artifacts of ended jobs -----------------------------------------------------------

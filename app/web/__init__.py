@@ -2,9 +2,10 @@
 
 It is light on purpose: it never imports the speech stack (faster_whisper, ctranslate2,
 onnxruntime, torch, transformers) and reaches the workers only through Redis, enqueueing with
-``workers.arq_runner`` imported lazily (which itself loads the stages only in workers).
+``workers.runtime.enqueue`` imported at start-up (which imports no stage).
 
-    server.py    the app factory, middlewares, ``vtp web`` and its safe binding rules
+    server.py    the app factory, middlewares, ``vtp web`` and its safe binding rules (composes only)
+    state.py     what the handlers share: WebState, state(), WebLimits, error_response
     auth.py      bearer tokens -> the owner of a job
     origins.py   the Host check (DNS rebinding) and the Origin check (cross-site requests)
     uploads.py   multipart and URL uploads streamed to disk under a size limit, then checked

@@ -22,12 +22,12 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from app import errors, keys
+from app import dag, errors, keys
 from app.formats import MEDIA_TYPES
 from app.media import safe_basename
 from app.messages import ALL_FORMATS, JobRecord, JobView, TranscribeOptions, options_from
 from app.submit import Submitted, submit_file
-from app.web.server import OWNER, Busy, WebState, state
+from app.web.state import OWNER, Busy, WebState, state
 from app.web.uploads import Upload, check_media, read_body, receive_multipart, receive_url
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -207,7 +207,7 @@ async def transcript(request: web.Request) -> web.Response:
     st = state(request)
     record = await owned(request)
     fmt = request.match_info["fmt"]
-    if record.state != "done":
+    if record.state != dag.DONE:
         raise errors.JobError(f"job {record.id} is {record.state}, not done" + (f": {record.error}" if record.error else ""))
     key = record.outputs.get(fmt)
     if key is None:

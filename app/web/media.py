@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
-from app import errors, formats, keys
+from app import dag, errors, formats, keys
 from app.messages import SAMPLE_RATE, JobRecord, Transcript
 from app.web.api import owned
-from app.web.server import state
+from app.web.state import state
 
 log = logging.getLogger("vtp.web")
 
@@ -165,7 +165,7 @@ async def wav_source(request: web.Request, record: JobRecord) -> Source:
 async def review_doc(request: web.Request, record: JobRecord) -> bytes:
     """The job's whole transcript as JSON: the review artifact, or the JSON output of a job
     rendered before there was one; 409 before the job is done, 404 when neither exists."""
-    if record.state != "done":
+    if record.state != dag.DONE:
         raise errors.JobError(f"job {record.id} is {record.state}, not done" + (f": {record.error}" if record.error else ""))
     storage = state(request).storage
     for key in (keys.review_key(record.id), record.outputs.get("json")):

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from app import constants
-from app.jobs import retrying
-from app.web.server import state
+from app import constants, dag
+from app.redis_outage import retrying
+from app.web.state import state
 
-ACTIVE_STATES = ("queued", "extracting", "segmenting", "transcribing", "merging", "rendering")
-ENDED_STATES = ("done", "failed", "cancelled")
+ACTIVE_STATES = dag.ACTIVE_STATES
+ENDED_STATES = dag.ENDED_STATES
 
 
 def _label(value: str) -> str:

@@ -27,10 +27,10 @@ import anyio
 import msgspec
 from aiohttp import web
 
-from app import errors
+from app import dag, errors
 from app.messages import JobRecord
 from app.web import api
-from app.web.server import OWNER, WebState, error_response, state
+from app.web.state import OWNER, WebState, error_response, state
 from app.web.uploads import receive_multipart
 
 log = logging.getLogger("vtp.web")
@@ -125,7 +125,7 @@ async def _answer(request: web.Request, task: str) -> web.Response:
         return error_response(504, msg, "Timeout", headers={"Location": f"/v1/jobs/{job_id}"})
     if record is None:  # nobody to answer
         return web.Response(status=499)
-    if record.state != "done":
+    if record.state != dag.DONE:
         # The media was refused by a worker (unreadable, no audio...): the client's fault, 400.
         raise errors.InputError(record.error or f"the job was {record.state}")
     key = {"json": "json", "verbose_json": "json", "text": "txt", "srt": "srt", "vtt": "vtt"}[fmt]

@@ -28,7 +28,7 @@ def _page(name: str):
 
 async def models(request: web.Request) -> web.Response:
     """``GET /v1/models``: the models a client may ask for (OpenAI's list shape)."""
-    from app.web.server import state
+    from app.web.state import state
 
     names = state(request).settings.model_list
     return web.json_response(

@@ -1,5 +1,8 @@
 """The web process: app factory, error and auth middlewares, and ``vtp web``.
 
+This module only composes: what the handlers share (``WebState``, ``state()``, ``error_response``,
+``WebLimits``) lives in ``app.web.state``, so no handler imports the server.
+
 Safe by default: without ``VTP_API_TOKENS`` it binds loopback only and says so, and answers
 only to loopback Host names (DNS rebinding); a public address without tokens needs
 ``--insecure``. State-changing requests from another site's page are refused in every mode
@@ -17,12 +20,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-from collections.abc import Awaitable, Callable
-from typing import Any
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -31,90 +31,26 @@ from aiohttp import web
 
 from app import errors
 from app.config import Settings
-from app.jobs import JobStore, redis_location
-from app.messages import JobRecord
+from app.jobs import JobStore
+from app.redis_outage import redis_location
 from app.netguard import Guard
-from app.storage import Storage, open_storage
-from app.web import origins
+from app.storage import open_storage
+from app.web import api, media, metrics, openai, origins, pages
 from app.web.auth import Tokens, Unauthorized
-from app.web.uploads import IDLE_TIMEOUT_S, Spool, UploadStalled, default_probe_limit
+from app.web.state import (
+    OWNER,
+    REDIS_OUTAGE_S,
+    RETRY_AFTER_S,
+    STATE,
+    Busy,
+    WebLimits,
+    WebState,
+    error_response,
+    state,
+)
+from app.web.uploads import Spool, UploadStalled, default_probe_limit
 
 log = logging.getLogger("vtp.web")
-
-#: Seconds a request waits for an unreachable Redis before answering 503.
-REDIS_OUTAGE_S = 1.0
-RETRY_AFTER_S = 5
-
-
-@dataclass(frozen=True)
-class WebLimits:
-    """The web process's timeouts and bounds (the defaults serve; tests make them short)."""
-
-    #: Seconds one Redis command may take on the socket before it counts as a lost connection.
-    redis_socket_s: float = 10.0
-    #: Redis connections the process holds at most; a request waits up to 2 s for a free one.
-    redis_connections: int = 128
-    #: Progress streams (``/v1/jobs/{id}/events``) open at once; one more gets 503.
-    max_streams: int = 96
-    #: Seconds one blocking read of a progress stream waits for an event. Shorter than
-    #: ``redis_socket_s`` (when both were 10 s the read raced the socket timeout and a quiet
-    #: stream died with a false "cannot reach Redis"); a stream that got no event in that time
-    #: gets a comment line, so proxies and browsers see it alive.
-    stream_poll_s: float = 5.0
-    #: Seconds a progress stream rides out an unreachable Redis before it reports an error.
-    stream_reconnect_s: float = 90.0
-    #: Seconds any read of a request body (part headers, a form field, a piece of the file, a
-    #: JSON body) may wait for a byte before the request is answered 408.
-    idle_s: float = IDLE_TIMEOUT_S
-    #: Longest an OpenAI-compatible request waits for its job (then 504 with the job's URL).
-    openai_wait_s: float = 3600.0
-    #: Seconds between an OpenAI-compatible request's looks at its job and at its client.
-    openai_poll_s: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0 < self.stream_poll_s < self.redis_socket_s:
-            raise ValueError("stream_poll_s must be positive and shorter than redis_socket_s")
-        if not 0 < self.max_streams < self.redis_connections:
-            raise ValueError("max_streams must leave Redis connections for other requests")
-
-
-class Busy(errors.VtpError):
-    """A bounded resource of the web process is all taken (503, try again shortly)."""
-
-
-@dataclass
-class WebState:
-    settings: Settings
-    tokens: Tokens
-    guard: Guard
-    storage: Storage
-    spool: Spool
-    probe_limit: anyio.Semaphore
-    limits: WebLimits = field(default_factory=WebLimits)
-    #: Set at start-up (``_start``), over one Redis client that connects on first use.
-    store: JobStore | None = None
-    #: ``await enqueue(record)``: queue the first stage (``workers.arq_runner``, imported at start-up).
-    enqueue: Callable[[JobRecord], Awaitable[None]] | None = None
-    #: ``await enqueue_webhook(job_id)``: queue a finished job's webhook.
-    enqueue_webhook: Callable[[str], Awaitable[None]] | None = None
-    redis: Any = None
-    started: float = field(default_factory=time.time)
-    #: counters for /metrics: (method, route, status) -> n; bytes received in uploads.
-    requests: dict[tuple[str, str, int], int] = field(default_factory=dict)
-    upload_bytes: int = 0
-    #: progress streams open now; OpenAI-compatible requests waiting for their job now.
-    streams: int = 0
-    openai_waiting: int = 0
-
-
-STATE = web.AppKey("vtp", WebState)
-#: The owner a request acts as (``app.web.auth``), set by ``auth_middleware``.
-OWNER = web.RequestKey("owner", str)
-
-
-def state(request: web.Request) -> WebState:
-    return request.app[STATE]
-
 
 #: The HTTP status of each kind of error (first match wins).
 STATUS: tuple[tuple[type[Exception], int], ...] = (
@@ -134,12 +70,6 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (errors.QueueError, 503),
     (errors.StorageError, 503),
 )
-
-
-def error_response(status: int, message: str, kind: str, *, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(
-        {"error": {"message": " ".join(message.split()), "type": kind}}, status=status, headers=headers
-    )
 
 
 @web.middleware
@@ -190,17 +120,17 @@ async def headers_middleware(request: web.Request, handler):
 
 
 async def _start(app: web.Application) -> None:
-    from workers import arq_runner  # the enqueue side only: it loads the stages in workers alone
+    from workers.runtime import enqueue  # the light client: no stage, no speech stack
 
     st = app[STATE]
-    st.redis = arq_runner.client(
+    st.redis = enqueue.client(
         st.settings, socket_timeout=st.limits.redis_socket_s, max_connections=st.limits.redis_connections
     )
     st.store = JobStore(
         st.redis, result_ttl=st.settings.result_ttl, where=redis_location(st.settings.redis_url), outage_s=REDIS_OUTAGE_S
     )
-    st.enqueue = partial(arq_runner.enqueue_first_stage, st.redis, settings=st.settings, outage_s=REDIS_OUTAGE_S)
-    st.enqueue_webhook = partial(arq_runner.enqueue_webhook, st.redis, settings=st.settings, outage_s=REDIS_OUTAGE_S)
+    st.enqueue = partial(enqueue.enqueue_first_stage, st.redis, settings=st.settings, outage_s=REDIS_OUTAGE_S)
+    st.enqueue_webhook = partial(enqueue.enqueue_webhook, st.redis, settings=st.settings, outage_s=REDIS_OUTAGE_S)
 
 
 async def _stop(app: web.Application) -> None:
@@ -225,8 +155,6 @@ def create_app(
 ) -> web.Application:
     """The web app. Without tokens it answers only to loopback Host names unless ``any_host``
     (``vtp web --insecure``)."""
-    from app.web import api, media, metrics, openai, pages
-
     if settings.webhook_secret:
         from app.webhooks import secret_key
 

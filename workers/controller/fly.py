@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import secrets
 import time
 from collections.abc import Mapping
@@ -33,7 +32,7 @@ from typing import Any
 
 import aiohttp
 
-from app import errors
+from app import backoff, errors
 from app.config import Settings
 from app.retry_after import retry_after_seconds
 from workers.controller.decide import Machine, Plan
@@ -187,7 +186,7 @@ class MachinesClient:
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter."""
-        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+        return backoff.full_jitter(backoff.exponential(attempt, self.backoff_s, self.max_backoff_s))
 
 
 class _Timeout(Exception):

@@ -17,7 +17,7 @@ from redis import exceptions as redis_errors
 
 from app import errors
 from app.config import Settings
-from app.jobs import connect
+from app.redis_outage import connect
 from workers.controller.decide import UP, Machine, Plan, Policy, decide
 from workers.controller.queue import Health, read_queue, read_workers
 

@@ -17,19 +17,23 @@ from pathlib import Path
 import numpy as np
 
 from app import errors
-from app.messages import Chunk, Segment, TranscribeOptions, Word
+from app.messages import Chunk, Segment, TranscribeOptions
 from workers import cues
 from workers.engines.base import FAST, Decoding, needs_fallback
 from workers.engines.models import BUNDLED_MODEL_NAME, bundled_model_path, registry_model_path  # noqa: F401
+from workers.engines.whisper_common import (
+    NO_SPEECH_BEFORE,
+    check_task,
+    one_line as _one_line,
+    source_word as _word,
+    subsegment as _subsegment,
+)
 
 log = logging.getLogger(__name__)
 
 #: Whisper's own rule for "nothing was said": both must hold to drop a chunk's text.
 NO_SPEECH_THRESHOLD = 0.6
 LOGPROB_THRESHOLD = -1.0
-#: ``add_word_timestamps``' "last speech" time: none before a chunk, so its first word may be
-#: clamped when DTW stretched it (as it was for every chunk when times were absolute).
-NO_SPEECH_BEFORE = float("-inf")
 #: Whisper's limit on the first timestamp of a window decoded with timestamps (seconds).
 MAX_INITIAL_TIMESTAMP = 1.0
 #: The seed of the fallback's sampling (temperature > 0).
@@ -419,33 +423,6 @@ class FasterWhisperEngine:
                 NO_SPEECH_BEFORE,
             )
         return [s[0] for s in subs]
-
-
-def check_task(multilingual: bool, task: str, model: str) -> None:
-    """An English-only model cannot translate: a permanent error, never English text passed
-    off as a translation."""
-    if task == "translate" and not multilingual:
-        raise errors.OptionsError(f"model {model!r} is English-only and cannot translate: use a multilingual model such as base")
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _subsegment(tokens: list[int], chunk: Chunk) -> list[dict]:
-    """What ``WhisperModel.add_word_timestamps`` takes for one chunk, timed in the chunk's own
-    (joined) audio; ``_word`` maps its words back to the source."""
-    return [{"tokens": tokens, "start": 0.0, "end": chunk.duration, "seek": 0}]
-
-
-def _word(w: dict, chunk: Chunk) -> Word:
-    """A word timed in the chunk's own audio -> a Word timed in the source."""
-    heard = chunk.duration
-    start = chunk.to_source(min(max(float(w["start"]), 0.0), heard))
-    end = chunk.to_source(min(max(float(w["end"]), 0.0), heard))
-    return Word(start=round(start, 3), end=round(max(end, start), 3), word=w["word"],
-                probability=round(float(w["probability"]), 4))
 
 
 def _select(encoder_output, rows: list[int], total: int):

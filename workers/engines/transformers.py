@@ -47,27 +47,18 @@ from app import errors
 from app.config import default_cache_dir
 from app.messages import Chunk, Segment, TranscribeOptions
 from workers import cues
-from workers.engines.ctranslate2 import (
-    BUNDLED_MODEL_NAME,
-    NO_SPEECH_BEFORE,
-    _one_line,
-    _subsegment,
-    _word,
-    bundled_model_path,
-    check_task,
-)
+from workers.engines.alignment import FRAMES_PER_SECOND, Aligner as _Aligner, alignment_heads as _alignment_heads
+from workers.engines.alignment import default_alignment_heads as _default_alignment_heads
 from workers.engines.base import FAST, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, Decoding, needs_fallback
-from workers.engines.dtw import dtw_batch
+from workers.engines.loop_guard import LoopGuard as _LoopGuard, loop_cut
 from workers.engines.mel import log_mel
+from workers.engines.models import BUNDLED_MODEL_NAME, bundled_model_path
+from workers.engines.whisper_common import NO_SPEECH_BEFORE, check_task, one_line, source_word, subsegment
 
 log = logging.getLogger(__name__)
 
 #: Whisper's decoder context (prompt + generated tokens).
 MAX_LENGTH = 448
-#: Mel frames per second, and encoder positions (DTW time steps) per second.
-FRAMES_PER_SECOND = 100
-TOKENS_PER_SECOND = 50
-MEDIAN_FILTER_WIDTH = 7
 #: Rows per teacher-forced alignment pass: bounds the memory of the hooked keys (rows x layers x
 #: 1,500 frames x d_model). A GPU takes 32 (large-v3, fp16: ~1.2 GB); a CPU gains nothing past 8.
 ALIGN_ROWS_CPU = 8
@@ -78,13 +69,6 @@ MAX_INITIAL_TIMESTAMP = 1.0
 #: The temperature fallback: samples per row at a temperature above 0 (OpenAI's best_of), from a fixed seed.
 SAMPLES = 5
 SAMPLING_SEED = 0
-#: The looping guard (``loop_cut``): a tail of back-to-back copies of a unit of at most
-#: LOOP_MAX_PERIOD tokens, at least LOOP_REPEATS copies and LOOP_MIN_TOKENS tokens long. Speech
-#: repeats a phrase twice, seldom three times; "no, no, no" stays well under 24 tokens.
-LOOP_MAX_PERIOD = 48
-LOOP_REPEATS = 4
-LOOP_MIN_TOKENS = 24
-
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
 
@@ -190,7 +174,7 @@ class TransformersEngine:
             model.to(device).eval()
             tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
         except Exception as exc:  # corrupt files, CUDA errors: all mean "no usable model"
-            raise errors.ModelNotFound(f"cannot load model {options.model!r} with transformers: {_one_line(exc)}") from exc
+            raise errors.ModelNotFound(f"cannot load model {options.model!r} with transformers: {one_line(exc)}") from exc
         heads = _alignment_heads(checkpoint)
         log.info("transformers engine: %s on %s, %s, %s attention", options.model, device, dtype, attention)
         return cls(model, tokenizer, options.model, device, dtype, heads)
@@ -208,7 +192,7 @@ class TransformersEngine:
         except errors.VtpError:
             raise
         except (RuntimeError, ValueError, MemoryError) as exc:  # CUDA OOM of one chunk is a RuntimeError: transient
-            raise errors.EngineError(f"{self.name} engine failed on a batch of {len(audio)} chunks: {_one_line(exc)}") from exc
+            raise errors.EngineError(f"{self.name} engine failed on a batch of {len(audio)} chunks: {one_line(exc)}") from exc
 
     def _transcribe_fitting(self, audio, chunks, options, decoding: Decoding = FAST) -> tuple[list[Segment], str]:
         """Decode in model calls that fit the GPU: a call that runs out of memory is halved and
@@ -268,7 +252,7 @@ class TransformersEngine:
             # Whisper's own verdict that nothing was said: no hallucinated words in noise.
             if not _silence(scored[i].no_speech_prob, scored[i].avg_logprob)
         ]
-        subs = [_subsegment(texts[i], chunks[i]) for i in spoken]
+        subs = [subsegment(texts[i], chunks[i]) for i in spoken]
         if subs:
             # faster-whisper's own word grouping and clamps, on this engine's alignments
             aligner = _Aligner(scored)
@@ -282,7 +266,7 @@ class TransformersEngine:
                 cues.split_into_cues(
                     chunks[i],
                     tokenizer.decode(texts[i]),
-                    [_word(w, chunks[i]) for w in sub.get("words", [])],
+                    [source_word(w, chunks[i]) for w in sub.get("words", [])],
                     keep_words=options.word_timestamps,
                     avg_logprob=float(scored[i].avg_logprob),
                     no_speech_prob=float(scored[i].no_speech_prob),
@@ -354,7 +338,7 @@ class TransformersEngine:
                 logits = self.model(encoder_outputs=(encoded,), decoder_input_ids=ids, use_cache=False).logits[:, -1]
                 probs = logits[:, [lang_ids[c] for c in codes]].float().softmax(-1).cpu().numpy()
         except (RuntimeError, ValueError, MemoryError) as exc:
-            raise errors.EngineError(f"{self.name} engine failed detecting the language of {len(audio)} chunks: {_one_line(exc)}") from exc
+            raise errors.EngineError(f"{self.name} engine failed detecting the language of {len(audio)} chunks: {one_line(exc)}") from exc
         return [(codes[int(p.argmax())], float(p.max())) for p in probs]
 
     def _language(self, encoded, options: TranscribeOptions) -> str:
@@ -545,83 +529,6 @@ class _Decoded:
         return needs_fallback(text, self.avg_logprob, self.no_speech_prob)
 
 
-def _loop_need() -> np.ndarray:
-    """Tokens a tail repeating a unit of p = 1..LOOP_MAX_PERIOD tokens must span to be a loop."""
-    periods = np.arange(1, LOOP_MAX_PERIOD + 1)
-    return np.maximum(LOOP_MIN_TOKENS, LOOP_REPEATS * periods)
-
-
-def loop_cut(tokens: list[int], timestamp_begin: int) -> int | None:
-    """Where a decode that ends in a loop is cut: after the first copy of the unit it repeats
-    (the shortest such unit); None when it does not end in one. A loop is a tail of back-to-back
-    copies of a unit of at most ``LOOP_MAX_PERIOD`` tokens, ``LOOP_REPEATS`` copies or more and
-    ``LOOP_MIN_TOKENS`` tokens or more; timestamp tokens count as one token (a loop of segments
-    whose times move on is still a loop). ``_LoopGuard`` ends a row on the same rule."""
-    x = [t if t < timestamp_begin else timestamp_begin for t in tokens]
-    n = len(x)
-    need = _loop_need()
-    for p in range(1, min(LOOP_MAX_PERIOD, n) + 1):
-        run = 0
-        while run < n - p and x[n - 1 - run] == x[n - 1 - run - p]:
-            run += 1
-        if run + p >= need[p - 1]:
-            return n - run
-    return None
-
-
-class _LoopGuard:
-    """A logits processor that ends a looping row: once a row's generated tokens end in a loop
-    (``loop_cut``'s rule), its only choice is end of text, at no cost to its score. Without it one
-    looping chunk runs its whole batch to ``MAX_LENGTH`` tokens. Vectorised over the batch and
-    the periods: a loop of period p means the last need(p) - p tokens each equal the token p
-    before, so one gather compares those pairs for every period at once (~3,500 per row)."""
-
-    def __init__(self, begin: int, eot: int, timestamp_begin: int) -> None:
-        self.begin, self.eot, self.timestamp_begin = begin, eot, timestamp_begin
-        self._index = None
-
-    def _indices(self, device):
-        import torch
-
-        if self._index is None:
-            width = int(_loop_need().max())  # tokens looked at: the longest loop's span
-            later, earlier, period_of = [], [], []
-            for p, need in enumerate(_loop_need(), start=1):
-                for j in range(width - (need - p), width):
-                    later.append(j)
-                    earlier.append(j - p)
-                    period_of.append(p - 1)
-            self._index = (
-                width,
-                torch.tensor(later, device=device),
-                torch.tensor(earlier, device=device),
-                torch.tensor(period_of, device=device),
-            )
-        return self._index
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        generated = input_ids[:, self.begin :]
-        if generated.shape[1] < LOOP_MIN_TOKENS:
-            return scores
-        width, later, earlier, period_of = self._indices(input_ids.device)
-        tail = generated[:, -width:].clamp(max=self.timestamp_begin)  # every timestamp alike
-        if tail.shape[1] < width:  # pad with values that match nothing
-            pad = -1 - torch.arange(width - tail.shape[1], device=tail.device, dtype=tail.dtype)
-            tail = torch.cat([pad.expand(tail.shape[0], -1), tail], dim=1)
-        differ = (tail[:, later] != tail[:, earlier]).to(torch.int32)
-        # per row and period: how many of its pairs differ (none: a loop)
-        counts = torch.zeros(tail.shape[0], LOOP_MAX_PERIOD, dtype=torch.int32, device=tail.device)
-        counts.index_add_(1, period_of, differ)
-        looping = (counts == 0).any(-1)
-        if not bool(looping.any()):  # (generate syncs every step anyway, for its stopping test)
-            return scores
-        scores = scores.masked_fill(looping[:, None], -float("inf"))
-        scores[looping, self.eot] = 0.0
-        return scores
-
-
 @contextmanager
 def _seeded(device: str, sampling: bool):
     """Sampling from a fixed seed, the caller's random state untouched: the same audio gives the
@@ -649,59 +556,3 @@ def _beam_cache():
             self.self_attention_cache.reorder_cache(beam_idx)
 
     return BeamCache(DynamicCache(), DynamicCache())
-
-
-class _Aligner:
-    """Stands in for faster-whisper's ``WhisperModel`` so that its ``add_word_timestamps`` and
-    ``find_alignment`` (word grouping, punctuation, duration clamps) run on this engine's
-    alignments: ``model.align`` is CTranslate2's ``Whisper.align``, done here in torch + numpy."""
-
-    frames_per_second = FRAMES_PER_SECOND
-    tokens_per_second = TOKENS_PER_SECOND
-
-    def __init__(self, scored: dict[int, SimpleNamespace]) -> None:
-        from faster_whisper.transcribe import WhisperModel
-
-        self._scored = scored
-        self._find_alignment = WhisperModel.find_alignment
-        self.model = SimpleNamespace(align=self._align)
-
-    def find_alignment(self, tokenizer, text_tokens, encoder_output, num_frames, median_filter_width=MEDIAN_FILTER_WIDTH):
-        return self._find_alignment(self, tokenizer, text_tokens, encoder_output, num_frames, median_filter_width)
-
-    def _align(self, rows, start_sequence, text_tokens, num_frames, median_filter_width=MEDIAN_FILTER_WIDTH):
-        paths = dtw_batch([-_alignment_matrix(self._scored[row].qk, median_filter_width) for row in rows])
-        return [
-            SimpleNamespace(alignments=list(zip(text_idx, time_idx)), text_token_probs=self._scored[row].text_token_probs)
-            for row, (text_idx, time_idx) in zip(rows, paths)
-        ]
-
-
-def _alignment_matrix(qk, width: int) -> np.ndarray:
-    """OpenAI's ``find_alignment``: softmax over frames, normalise per frame, median filter, mean of heads."""
-    import torch
-    import torch.nn.functional as F
-
-    weights = qk.softmax(dim=-1)
-    std, mean = torch.std_mean(weights, dim=-2, keepdim=True, unbiased=False)
-    weights = (weights - mean) / std
-    pad = width // 2
-    if weights.shape[-1] > pad:
-        weights = F.pad(weights[None], (pad, pad, 0, 0), mode="reflect")[0]
-        weights = weights.unfold(-1, width, 1).sort(dim=-1).values[..., pad]
-    return weights.mean(dim=0).cpu().numpy().astype(np.float64)
-
-
-def _alignment_heads(checkpoint: Path) -> list[list[int]]:
-    """The checkpoint's alignment heads (generation_config.json, as OpenAI's and converted checkpoints have them)."""
-    import json
-
-    path = checkpoint / "generation_config.json"
-    heads = json.loads(path.read_text()).get("alignment_heads") if path.exists() else None
-    return [[int(layer), int(head)] for layer, head in heads or []]
-
-
-def _default_alignment_heads(config) -> list[list[int]]:
-    """Without the model's own list: every head of the upper half of the decoder (OpenAI's default)."""
-    layers, heads = config.decoder_layers, config.decoder_attention_heads
-    return [[layer, h] for layer in range(layers // 2, layers) for h in range(heads)]

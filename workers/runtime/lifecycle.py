@@ -14,7 +14,7 @@ signal stops at once: the jobs still running are cancelled (arq queues them agai
 each of them was charged is handed back, so a deploy never brings a job closer to failing.
 
 Duck-typed against arq's ``Worker`` (``tasks``, ``job_counter``, ``allow_pick_jobs``,
-``main_task``, ``pool``, ``queue_name``) so that arq stays imported by ``arq_runner`` alone.
+``main_task``, ``pool``, ``queue_name``) so that arq stays imported by the worker's modules alone.
 """
 
 from __future__ import annotations
