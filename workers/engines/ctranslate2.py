@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,6 +39,7 @@ LOGPROB_THRESHOLD = -1.0
 MAX_INITIAL_TIMESTAMP = 1.0
 #: The seed of the fallback's sampling (temperature > 0).
 FALLBACK_SEED = 1
+_SAMPLING = threading.Lock()
 
 
 def resolve_model(name: str) -> str:
@@ -380,15 +382,20 @@ class FasterWhisperEngine:
         todo = list(range(rows))
         for temperature in decoding.temperatures:
             if temperature > 0:
-                # the same samples for the same audio, every run: results are reproducible
-                ctranslate2.set_random_seed(FALLBACK_SEED)
                 search = dict(beam_size=1, num_hypotheses=tr_options.best_of, sampling_topk=0,
                               sampling_temperature=temperature)
+                # the same samples for the same audio, every run: the seed is CTranslate2's global
+                # one, so the engine's two decoding threads take turns while they sample
+                with _SAMPLING:
+                    ctranslate2.set_random_seed(FALLBACK_SEED)
+                    results = self.model.model.generate(
+                        _select(encoder_output, todo, rows), [list(prompt) for _ in todo], **common, **search
+                    )
             else:
                 search = dict(beam_size=tr_options.beam_size, patience=tr_options.patience)
-            results = self.model.model.generate(
-                _select(encoder_output, todo, rows), [list(prompt) for _ in todo], **common, **search
-            )
+                results = self.model.model.generate(
+                    _select(encoder_output, todo, rows), [list(prompt) for _ in todo], **common, **search
+                )
             failed = []
             for row, result in zip(todo, results):
                 tokens = result.sequences_ids[0]
