@@ -341,6 +341,7 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
         "corpus_eval_quick": "Generated corpus (quick): where speech is lost",
         "corpus_eval": "Generated corpus: where speech is lost",
         "corpus_eval_worst": "Generated corpus: five long inputs, vtp vs sequential",
+        "corpus_eval_before_ladder": "Generated corpus before the decoding ladder (36 of 51 inputs)",
     }.get(name, f"Generated corpus ({name})")
     body = (
         f"Machine: {head['machine']}, load average {head.get('load', 'not recorded')} at the start (on a "
