@@ -41,7 +41,7 @@ test: provision
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python bench/cpu_vs_peers.py --write docs/benchmarks.md
+	$(BIN)/python -m bench.cpu_vs_peers --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

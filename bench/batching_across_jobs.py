@@ -1,7 +1,7 @@
 """Batching across jobs: 20 one-minute files submitted together vs one after another, through
 real workers (one CPU worker, one GPU-queue worker with the batcher) on a private Redis.
 
-    python bench/batching_across_jobs.py [--files 20] [--seconds 60] [--write docs/benchmarks.md]
+    python -m bench.batching_across_jobs [--files 20] [--seconds 60] [--write docs/benchmarks.md]
 
 Three passes over the same files (each a distinct one-minute cut, so nothing is reused):
 
@@ -31,18 +31,17 @@ from pathlib import Path
 import anyio
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from app import constants  # noqa: E402
-from app.config import Settings  # noqa: E402
-from app.jobs import JobStore  # noqa: E402
-from app.messages import TranscribeOptions  # noqa: E402
-from app.storage import open_storage  # noqa: E402
-from app.submit import submit_file  # noqa: E402
-from bench.report import machine, write_section  # noqa: E402
-from tests.dag_cluster import free_port  # noqa: E402
-from workers.runtime.enqueue import connect, enqueue_first_stage  # noqa: E402
-from workers.audio import ffmpeg_exe  # noqa: E402
+from app import constants
+from app.config import Settings
+from app.jobs import JobStore
+from app.messages import TranscribeOptions
+from app.storage import open_storage
+from app.submit import submit_file
+from bench.report import machine, write_section
+from tests.support.dag_cluster import free_port
+from workers.runtime.enqueue import connect, enqueue_first_stage
+from workers.audio import ffmpeg_exe
 
 DATA = ROOT / "tests" / "data"
 
@@ -175,7 +174,7 @@ def main() -> None:
     lines = [
         f"Machine: {machine()} (shared with other jobs while measured). {args.files} files of {args.seconds:.0f} s "
         "(distinct cuts of the test speech), one CPU worker and one GPU-queue worker (engine auto = CTranslate2 int8 on "
-        "CPU, tiny.en), fan-out VTP_BATCH_SIZE=8, after a warm-up. Command: `python bench/batching_across_jobs.py --write docs/benchmarks.md`.",
+        "CPU, tiny.en), fan-out VTP_BATCH_SIZE=8, after a warm-up. Command: `python -m bench.batching_across_jobs --write docs/benchmarks.md`.",
         "",
         "| submitted | wall s | x realtime | throughput vs one after another | decode batches | of them shared by jobs | mean batch | fill ratio |",
         "|---|---|---|---|---|---|---|---|",

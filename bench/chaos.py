@@ -1,7 +1,7 @@
 """Chaos: jobs of mixed lengths on 2 CPU + 2 GPU-queue workers that keep being SIGKILLed, and a
 Redis that is killed -9 twice. Does every job end, with the right transcript?
 
-    python bench/chaos.py [--jobs 30] [--max-minutes 20] [--engine noop|ctranslate2]
+    python -m bench.chaos [--jobs 30] [--max-minutes 20] [--engine noop|ctranslate2]
                           [--kill-every 5,20] [--redis-kills 2] [--write docs/benchmarks.md]
 
 Inputs are built at run time by concatenating the repository's speech (tests/data) with ffmpeg:
@@ -47,17 +47,16 @@ from pathlib import Path
 import anyio
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from app.config import Settings  # noqa: E402
-from app.jobs import JobStore  # noqa: E402
-from app.messages import JobRecord, TranscribeOptions  # noqa: E402
-from bench.report import machine, write_section  # noqa: E402
-from tests.dag_cluster import free_port, transcript_view  # noqa: E402
-from workers.runtime.enqueue import connect, enqueue_first_stage  # noqa: E402
-from workers.runtime.sweep import ArqStages  # noqa: E402
-from workers.audio import ffmpeg_exe  # noqa: E402
-from workers.sweeper import Sweeper  # noqa: E402
+from app.config import Settings
+from app.jobs import JobStore
+from app.messages import JobRecord, TranscribeOptions
+from bench.report import machine, write_section
+from tests.support.dag_cluster import free_port, transcript_view
+from workers.runtime.enqueue import connect, enqueue_first_stage
+from workers.runtime.sweep import ArqStages
+from workers.audio import ffmpeg_exe
+from workers.sweeper import Sweeper
 
 DATA = ROOT / "tests" / "data"
 TALK = DATA / "talk_tts.mp4"  # 65 s of speech
@@ -426,7 +425,7 @@ def render(args, r: dict) -> str:
          f"{r['wall']:.0f} s ({r['local_wall']:.0f} s)"),
     ]
     lines = [
-        f"`python bench/chaos.py --jobs {args.jobs} --copies {args.copies} --max-minutes {args.max_minutes:g} --engine {args.engine} "
+        f"`python -m bench.chaos --jobs {args.jobs} --copies {args.copies} --max-minutes {args.max_minutes:g} --engine {args.engine} "
         f"--kill-every {args.kill_every} --redis-kills {args.redis_kills} --orphans {args.orphans} --lease {args.lease:g} "
         f"--sweep-interval {args.sweep_interval:g} --tries {args.tries}` on {machine()}; "
         "2 CPU + 2 GPU-queue workers and Redis on the same cores.",

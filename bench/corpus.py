@@ -1,7 +1,7 @@
 """The generated evaluation corpus: speech vtp has never been tuned on, with its references.
 
-    python bench/corpus.py [--out DIR] [--only NAME[,NAME]] [--quick] [--list]
-    python bench/corpus.py --slice tests/data      # the small committed slice the tests use
+    python -m bench.corpus [--out DIR] [--only NAME[,NAME]] [--quick] [--list]
+    python -m bench.corpus --slice tests/data      # the small committed slice the tests use
 
 Builds, deterministically (every random choice comes from a seeded generator per input; the same
 espeak-ng, sox and ffmpeg give the same bytes), about fifty inputs of 2-10 minutes into
@@ -48,9 +48,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from workers.audio import ffmpeg_exe  # noqa: E402
+from workers.audio import ffmpeg_exe
 
 RATE = 16000
 DEFAULT_OUT = Path.home() / ".cache" / "vtp" / "corpus"

@@ -1,10 +1,10 @@
 """vtp against plain faster-whisper on the generated corpus (bench/corpus.py): where speech is lost.
 
-    nice -n 10 python bench/corpus_eval.py --quick [--write]      # 8 inputs, 2-3 min each
-    python bench/corpus_eval.py [--only NAME[,NAME]] [--systems vtp,sequential,batched]
+    nice -n 10 python -m bench.corpus_eval --quick [--write]      # 8 inputs, 2-3 min each
+    python -m bench.corpus_eval [--only NAME[,NAME]] [--systems vtp,sequential,batched]
                                 [--corpus DIR] [--write] [--name SECTION] [--log FILE]
-    python bench/corpus_eval.py --slice --corpus /tmp/slice       # the committed test slice
-    python bench/corpus_eval.py --table docs/corpus_eval_quick.jsonl [--write]   # re-render a run
+    python -m bench.corpus_eval --slice --corpus /tmp/slice       # the committed test slice
+    python -m bench.corpus_eval --table docs/corpus_eval_quick.jsonl [--write]   # re-render a run
 
 Builds the corpus first if it is not there (``~/.cache/vtp/corpus``, or ``--corpus``). Then, in
 one process and on one loaded model (the bundled tiny.en, CTranslate2 int8, loaded once), for
@@ -14,9 +14,9 @@ each input and each system:
 - **batched**: faster-whisper ``BatchedInferencePipeline`` (batch 8, beam 5), the same weights;
 - **vtp**: the local runner (what ``vtp transcribe`` runs; batch 8, beam 5), the same weights;
 
-it measures WER (Whisper's English normalizer and jiwer, ``tests/wer.py``), lost runs (deletion
+it measures WER (Whisper's English normalizer and jiwer, ``tests/support/wer.py``), lost runs (deletion
 runs of 5 or more reference words; "lost vs sequential" counts those sequential mostly keeps,
-``tests.wer.runs_lost_against``), vtp's ``stats.coverage.unheard_seconds``, and speed (x
+``tests.support.wer.runs_lost_against``), vtp's ``stats.coverage.unheard_seconds``, and speed (x
 realtime, end to end from the media file; systems interleaved per input, in a rotating order,
 after one warm-up of each, so a busy machine slows all alike). Inputs without speech are
 measured as words emitted (should be about 0).
@@ -43,11 +43,10 @@ import anyio
 import msgspec
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench import corpus  # noqa: E402
-from bench.report import machine, write_section  # noqa: E402
-from tests.wer import deletion_runs, normalize, runs_lost_against, word_errors  # noqa: E402
+from bench import corpus
+from bench.report import machine, write_section
+from tests.support.wer import deletion_runs, normalize, runs_lost_against, word_errors
 
 SYSTEMS = ("sequential", "batched", "vtp", "vtp-noladder")
 #: What runs without ``--systems``: ``vtp-noladder`` (vtp with the coverage ladder off) only to
@@ -285,7 +284,7 @@ def main() -> None:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     head = {"machine": machine(), "commit": commit(), "started": started, "systems": names, "load": load,
-            "command": "python bench/corpus_eval.py " + " ".join(sys.argv[1:])}
+            "command": "python -m bench.corpus_eval " + " ".join(sys.argv[1:])}
     print(f"# {head['command']}\n# {head['machine']}; commit {head['commit']}; {started}; load {load}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="vtp-corpus-eval-"))
@@ -347,7 +346,7 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
         f"Machine: {head['machine']}, load average {head.get('load', 'not recorded')} at the start (on a "
         f"shared machine the speeds are noisy, even interleaved). Commit: {head['commit']}. Run {head['started']}. "
         "Model: bundled tiny.en (CTranslate2 int8), loaded once and shared by the systems. Command: "
-        f"`{head['command']}` (the corpus: `python bench/corpus.py`, deterministic). Systems: sequential = "
+        f"`{head['command']}` (the corpus: `python -m bench.corpus`, deterministic). Systems: sequential = "
         "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
         "beam 5); vtp = the local runner (batch 8, beam 5; one CTranslate2 worker on the shared model); vtp0 = the same "
         "with the coverage ladder off (`CoverageOptions(ladder=())`): the ladder's cost is vtp's time over vtp0's. WER: Whisper's English normalizer and jiwer. "

@@ -1,6 +1,6 @@
 """vtp vs plain faster-whisper on the same files and the same bundled tiny.en weights.
 
-    python bench/cpu_vs_peers.py [--repeat 3] [--write docs/benchmarks.md] [FILE...]
+    python -m bench.cpu_vs_peers [--repeat 3] [--write docs/benchmarks.md] [FILE...]
 
 Runs, in one process and on one loaded model: faster-whisper ``WhisperModel.transcribe``
 (sequential, beam 5), faster-whisper ``BatchedInferencePipeline`` (batch 8, beam 5) and vtp's
@@ -8,9 +8,9 @@ local runner (batch 8, beam 5), and vtp once more with its coverage repair and p
 off, to show what they cost. Each is timed end to end from the media file (decoding, VAD and
 inference included) after one warm-up, best of ``--repeat``; WER uses Whisper's English
 normalizer and jiwer, as the Open ASR Leaderboard does, and "lost" counts deletion runs
-(five or more consecutive reference words missing, ``tests/wer.py``).
+(five or more consecutive reference words missing, ``tests/support/wer.py``).
 
-Besides the repository's files it builds (``tests/media.py``): a lecture-length file (ivr +
+Besides the repository's files it builds (``tests/support/media.py``): a lecture-length file (ivr +
 talk + ivr), six minutes with 1-3 s pauses after every sentence end, and speech under loud
 low-frequency noise.
 """
@@ -31,19 +31,18 @@ from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper.audio import decode_audio
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from app.config import Settings  # noqa: E402
-from bench.report import machine, write_section  # noqa: E402
-from app.messages import TranscribeOptions  # noqa: E402
-from workers.engines.pool import EnginePool  # noqa: E402
-from workers.engines.ctranslate2 import FasterWhisperEngine, bundled_model_path  # noqa: E402
-from tests import media  # noqa: E402
-from tests.wer import deletion_runs, word_errors  # noqa: E402
-from workers import vad  # noqa: E402
-from workers.coverage import CoverageOptions  # noqa: E402
-from workers.levels import ProbeOptions  # noqa: E402
-from workers.local_runner import LocalRunner  # noqa: E402
+from app.config import Settings
+from bench.report import machine, write_section
+from app.messages import TranscribeOptions
+from workers.engines.pool import EnginePool
+from workers.engines.ctranslate2 import FasterWhisperEngine, bundled_model_path
+from tests.support import media
+from tests.support.wer import deletion_runs, word_errors
+from workers import vad
+from workers.coverage import CoverageOptions
+from workers.levels import ProbeOptions
+from workers.local_runner import LocalRunner
 
 DATA = ROOT / "tests" / "data"
 DEFAULT_FILES = ["talk_tts.mp4", "ivr_prompts.mp4", "jfk.flac"]
@@ -200,7 +199,7 @@ def main() -> None:
             "CPU: vtp vs faster-whisper",
             f"Machine: {machine()}. Model: bundled tiny.en (CTranslate2 int8). "
             f"Best of {args.repeat} after a warm-up, end to end from the media file. "
-            f"Command: `python bench/cpu_vs_peers.py --write docs/benchmarks.md`.\n\n{table}\n\n"
+            f"Command: `python -m bench.cpu_vs_peers --write docs/benchmarks.md`.\n\n{table}\n\n"
             f"End to end in a fresh process, start-up and model load included (inputs over a minute):\n\n{e2e_table}",
         )
 

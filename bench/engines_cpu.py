@@ -1,6 +1,6 @@
 """The transformers engine vs the CTranslate2 engine on CPU: same files, same tiny.en weights.
 
-    python bench/engines_cpu.py [--beams 1,5] [--repeat 2] [--write docs/benchmarks.md] [FILE...]
+    python -m bench.engines_cpu [--beams 1,5] [--repeat 2] [--write docs/benchmarks.md] [FILE...]
 
 Both through vtp's local runner (``vtp transcribe``: decoding, VAD, batches of 8, word
 alignment), end to end from the media file, best of ``--repeat`` after a warm-up. The
@@ -19,14 +19,13 @@ from pathlib import Path
 import anyio
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from app.config import Settings  # noqa: E402
-from app.messages import TranscribeOptions  # noqa: E402
-from bench.report import machine, write_section  # noqa: E402
-from tests.wer import wer  # noqa: E402
-from workers.engines.pool import EnginePool  # noqa: E402
-from workers.local_runner import LocalRunner  # noqa: E402
+from app.config import Settings
+from app.messages import TranscribeOptions
+from bench.report import machine, write_section
+from tests.support.wer import wer
+from workers.engines.pool import EnginePool
+from workers.local_runner import LocalRunner
 
 DATA = ROOT / "tests" / "data"
 
@@ -59,7 +58,7 @@ def main() -> None:
     lines = [
         f"Machine: {machine()} (shared with other jobs while measured: compare rows of one run only). "
         f"Model: bundled tiny.en; ctranslate2 int8, transformers fp32 (converted weights). Best of {args.repeat} after a warm-up, "
-        "end to end through the local runner, batch 8, word alignment on. Command: `python bench/engines_cpu.py --write docs/benchmarks.md`.",
+        "end to end through the local runner, batch 8, word alignment on. Command: `python -m bench.engines_cpu --write docs/benchmarks.md`.",
         "",
         "| file | audio s | engine | beam | x realtime | transformers / ctranslate2 | WER |",
         "|---|---|---|---|---|---|---|",

@@ -1,9 +1,9 @@
 """The fleet controller's decision function against a day's burst, simulated, beside two naive
 policies, on machines that can be rented today, at their measured rates: $ per audio hour.
 
-    python bench/fleet_sim.py [--lectures 300] [--hours 2] [--seed 1] [--write docs/benchmarks.md]
-    python bench/fleet_sim.py --rate gke-g2-standard-4-l4=docs/logs/gpu_rates-<date>-l4.json
-    python bench/fleet_sim.py --rate eks-g5.xlarge-a10g=8:120,32:400      # fill:x-realtime pairs
+    python -m bench.fleet_sim [--lectures 300] [--hours 2] [--seed 1] [--write docs/benchmarks.md]
+    python -m bench.fleet_sim --rate gke-g2-standard-4-l4=docs/logs/gpu_rates-<date>-l4.json
+    python -m bench.fleet_sim --rate eks-g5.xlarge-a10g=8:120,32:400      # fill:x-realtime pairs
 
 An arrival trace (``--lectures`` uploads of 5-90 min, at random times over ``--hours``) is
 replayed against simulated worker machines, second by second:
@@ -52,10 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench.report import machine as machine_line, write_section  # noqa: E402
-from workers.controller.decide import Machine, Policy, QueueView, decide  # noqa: E402
+from bench.report import machine as machine_line, write_section
+from workers.controller.decide import Machine, Policy, QueueView, decide
 
 TICK_S = 5
 IDLE_EXIT_S = 60
@@ -367,7 +366,7 @@ def main() -> int:
 
     lines = [
         f"Simulated on {machine_line()}. Trace: {args.lectures} lectures of 5-90 min ({audio_h:.0f} audio hours) uploaded "
-        f"at random over {args.hours:g} h (seed {args.seed}). Command: `python bench/fleet_sim.py "
+        f"at random over {args.hours:g} h (seed {args.seed}). Command: `python -m bench.fleet_sim "
         + "".join(f"--rate {r} " for r in args.rate) + "--write docs/benchmarks.md`; prices: `bench/prices.toml` "
         f"(compiled {TODAY}; sources and dates there). Cold start {COLD_START_S[0]:g}-{COLD_START_S[1]:g} s, warm-pool start "
         f"{WARM_START_S[0]:g}-{WARM_START_S[1]:g} s, idle exit {IDLE_EXIT_S} s, controller tick {TICK_S} s, drain target 600 s, "

@@ -1,8 +1,8 @@
 """GPU throughput, like for like: vtp's transformers engine vs the transformers ASR pipeline called
 as insanely-fast-whisper's CLI calls it, on real weights, then the large-v3 shape, then end to end.
 
-    python bench/gpu_throughput.py                      # on a CUDA GPU: every section, 3 interleaved runs
-    python bench/gpu_throughput.py --smoke              # the same code paths on CPU, small: checks the script
+    python -m bench.gpu_throughput                      # on a CUDA GPU: every section, 3 interleaved runs
+    python -m bench.gpu_throughput --smoke              # the same code paths on CPU, small: checks the script
 
 Every measurement is a JSON line in ``--log`` (default ``docs/logs/gpu_throughput-<tag>.jsonl``):
 a header (machine, versions, arguments), one ``call`` line per model call (rows, decoder steps,
@@ -69,10 +69,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from app.messages import Chunk, TranscribeOptions  # noqa: E402
-from bench.report import machine, write_section  # noqa: E402
+from app.messages import Chunk, TranscribeOptions
+from bench.report import machine, write_section
 
 LARGE_V3 = dict(
     d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20, decoder_attention_heads=20,
@@ -500,7 +499,7 @@ def measure_e2e(jobs_list: list[int], seconds: float, runs: int, log, decode_bat
 
     from bench.batching_across_jobs import Workers, run_pass
     from bench.memory import make_inputs
-    from tests.dag_cluster import free_port
+    from tests.support.dag_cluster import free_port
 
     binary = redis_server_binary()
     if not binary:
@@ -746,7 +745,7 @@ def report(rows: list[dict], e2e: list[dict], gpu: str, args, log_path: Path, ra
         ("**CPU smoke test, not a GPU figure**: the code paths on a CPU, tiny inputs. " if smoke else "")
         + f"Machine: {gpu}; {versions['machine']}; torch {versions['torch']}; commit {versions.get('commit', '?')}. "
         f"Median of {args.runs} interleaved runs (range in brackets), after a warm-up call. "
-        f"Command: `python bench/gpu_throughput.py{' --smoke' if smoke else ''}`; log `{rel(log_path)}`, rates `{rel(rates_path)}`.",
+        f"Command: `python -m bench.gpu_throughput{' --smoke' if smoke else ''}`; log `{rel(log_path)}`, rates `{rel(rates_path)}`.",
         "",
         "Weights: **real** = tiny.en (the bundled CTranslate2 model converted), decoding to its natural end of text; "
         "**random** = Whisper's architecture with random weights, each call (the peer: each decoding pass) held to "

@@ -1,7 +1,7 @@
 """Every language: WER per language and language-detection accuracy of the multilingual base
 model on a small espeak-ng set, and base against tiny.en on English.
 
-    nice -n 10 python bench/languages.py [--write docs/benchmarks.md]
+    nice -n 10 python -m bench.languages [--write docs/benchmarks.md]
 
 The multilingual set is built at run time (never committed): two short passages per language,
 read by espeak-ng's voice for it (``espeak-ng -v LANG``, 16 kHz WAV), each with its text as the
@@ -28,15 +28,14 @@ from pathlib import Path
 import anyio
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from app.config import Settings  # noqa: E402
-from app.languages import LANGUAGES  # noqa: E402
-from app.messages import TranscribeOptions  # noqa: E402
-from bench.report import machine, write_section  # noqa: E402
-from tests.wer import deletion_runs, wer, wer_any  # noqa: E402
-from workers.engines.pool import EnginePool  # noqa: E402
-from workers.local_runner import LocalRunner  # noqa: E402
+from app.config import Settings
+from app.languages import LANGUAGES
+from app.messages import TranscribeOptions
+from bench.report import machine, write_section
+from tests.support.wer import deletion_runs, wer, wer_any
+from workers.engines.pool import EnginePool
+from workers.local_runner import LocalRunner
 
 DATA = ROOT / "tests" / "data"
 
@@ -151,7 +150,7 @@ def main() -> None:
         "through the local runner (`vtp transcribe`), no `--language`: each file's language is the job's own "
         "detection. Speech: espeak-ng 1.51 voices (synthetic: clean, but not how people speak; a real-speech "
         "set would score worse), two passages per language, built at run time. "
-        "Command: `nice -n 10 python bench/languages.py --write docs/benchmarks.md`.",
+        "Command: `nice -n 10 python -m bench.languages --write docs/benchmarks.md`.",
         "",
         "| language | files | audio s | WER (base) | language detected right |",
         "|---|---|---|---|---|",

@@ -1,7 +1,7 @@
 """Peak memory (RSS) against input length: does it stay flat however long the recording?
 
-    python bench/memory.py [--durations 600,3600,10800] [--engine noop|ctranslate2] [--write docs/benchmarks.md]
-    python bench/memory.py --durations 600,3600 --engine ctranslate2 --peers 600 --write docs/benchmarks.md
+    python -m bench.memory [--durations 600,3600,10800] [--engine noop|ctranslate2] [--write docs/benchmarks.md]
+    python -m bench.memory --durations 600,3600 --engine ctranslate2 --peers 600 --write docs/benchmarks.md
 
 The two engines write two sections of docs/benchmarks.md: ``memory`` (noop: no model) and
 ``memory_model`` (the bundled tiny.en), so a memory figure always says which it is.
@@ -46,12 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from app import constants  # noqa: E402
-from app.media import ffmpeg_exe  # noqa: E402
-from bench.report import machine, write_section  # noqa: E402
-from tests.dag_cluster import free_port  # noqa: E402
+from app import constants
+from app.media import ffmpeg_exe
+from bench.report import machine, write_section
+from tests.support.dag_cluster import free_port
 
 DATA = ROOT / "tests" / "data"
 SPEECH = ("talk_tts.mp4", "ivr_prompts.mp4", "jfk.flac")
@@ -358,7 +357,7 @@ def report(rows: list[tuple[int, str, float]], durations: list[int], engine: str
     body = (
         f"Machine: {machine()}. Engine: `{engine}`"
         + (" (no model: the audio handling alone)" if engine == "noop" else " (bundled tiny.en, int8)")
-        + f". Command: `python bench/memory.py --durations {','.join(map(str, durations))} --engine {engine}"
+        + f". Command: `python -m bench.memory --durations {','.join(map(str, durations))} --engine {engine}"
         + (f" --peers {peers}" if peers else "") + " --write docs/benchmarks.md`.\n\n"
         "Inputs: the test media's speech (talk_tts + ivr_prompts + jfk, 4 min) looped to each length, Opus 16 kb/s. "
         "Peak RSS of each process with its children (ffmpeg), sampled every 20 ms, or the Python process's own "

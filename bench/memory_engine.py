@@ -1,6 +1,6 @@
 """Where the CTranslate2 engine's memory goes in one decode batch, step by step (Linux only).
 
-    python bench/memory_engine.py [--call-chunks 0,1] [--workers 1,2] [--log docs/logs/memory_engine-cpu.jsonl]
+    python -m bench.memory_engine [--call-chunks 0,1] [--workers 1,2] [--log docs/logs/memory_engine-cpu.jsonl]
 
 For each setting, a fresh process loads the bundled tiny.en (int8, CPU) the way
 ``FasterWhisperEngine.load`` does, but with ``--call-chunks`` chunks per encoder and alignment
@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CHILD = r'''
 import json, os, sys, time

@@ -1,6 +1,6 @@
 """What the distributed DAG costs over the local runner, on one machine.
 
-    python bench/queue_overhead.py [--repeat 3] [--jobs 200] [--in-flight 1,4] [--write docs/benchmarks.md]
+    python -m bench.queue_overhead [--repeat 3] [--jobs 200] [--in-flight 1,4] [--write docs/benchmarks.md]
 
 Starts a private ``redis-server`` and two local workers (``vtp worker --queue cpu`` and
 ``--queue gpu``, subprocesses), then measures:
@@ -38,21 +38,20 @@ import anyio
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from app import constants  # noqa: E402
-from bench.report import machine, write_section  # noqa: E402
-from tests.dag_cluster import free_port  # noqa: E402
-from app.config import Settings  # noqa: E402
-from app.jobs import JobStore  # noqa: E402
-from app.messages import TranscribeOptions  # noqa: E402
-from app.storage import open_storage  # noqa: E402
-from app.submit import submit_file  # noqa: E402
-from workers.runtime.enqueue import connect, enqueue_first_stage  # noqa: E402
-from workers.runtime.worker import POLL_DELAY_S  # noqa: E402
-from workers.audio import ffmpeg_exe  # noqa: E402
-from workers.engines.pool import EnginePool  # noqa: E402
-from workers.local_runner import LocalRunner  # noqa: E402
+from app import constants
+from bench.report import machine, write_section
+from tests.support.dag_cluster import free_port
+from app.config import Settings
+from app.jobs import JobStore
+from app.messages import TranscribeOptions
+from app.storage import open_storage
+from app.submit import submit_file
+from workers.runtime.enqueue import connect, enqueue_first_stage
+from workers.runtime.worker import POLL_DELAY_S
+from workers.audio import ffmpeg_exe
+from workers.engines.pool import EnginePool
+from workers.local_runner import LocalRunner
 
 DATA = ROOT / "tests" / "data"
 NOTE = (
@@ -289,7 +288,7 @@ def main() -> None:
         block = (
             f"Machine: {machine()}; Redis, one CPU worker (concurrency 2) and one GPU-queue worker "
             f"(concurrency 1, on the CPU) on that same machine. Model: bundled tiny.en (CTranslate2 int8), batch 8, beam 5. "
-            f"Command: `python bench/queue_overhead.py --write docs/benchmarks.md`.\n\n"
+            f"Command: `python -m bench.queue_overhead --write docs/benchmarks.md`.\n\n"
             f"**{duration / 60:.0f}-minute file** ({duration:.0f} s: talk_tts.mp4 x5 + jfk.flac x3, concatenated), "
             f"median of {args.repeat} runs after a warm-up:\n\n{table}\n\n{NOTE}\n\n"
             f"**Stage-transition latency**: {args.jobs} jobs of a 3 s clip with the `noop` engine per column, "

@@ -1,6 +1,6 @@
 """Load on the web process: many concurrent uploads, their latency, and the server's memory.
 
-    python bench/upload_load.py [--uploads 200] [--concurrency 200] [--sizes 0.5,5,0.5x50,50x50] [--write docs/benchmarks.md]
+    python -m bench.upload_load [--uploads 200] [--concurrency 200] [--sizes 0.5,5,0.5x50,50x50] [--write docs/benchmarks.md]
 
 Starts a private ``redis-server`` and one ``vtp web`` process (both on 127.0.0.1, no workers:
 the jobs stay queued, only the web side is measured), then for each file size sends
@@ -33,10 +33,9 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bench.report import machine, write_section  # noqa: E402
-from tests.dag_cluster import free_port  # noqa: E402
+from bench.report import machine, write_section
+from tests.support.dag_cluster import free_port
 
 SOURCE = ROOT / "tests" / "data" / "talk_tts.mp4"
 TOKEN = "bench-token-0123456789abcdef"
@@ -235,7 +234,7 @@ def main() -> int:
         lines = [
             f"Machine: {machine()}; redis-server and one `vtp web` process on that machine, no workers (jobs stay "
             f"queued: only the web side is measured). Each upload is a multipart `POST /v1/jobs` of the test video "
-            f"(larger sizes: the same video looped, stream copy). Command: `python bench/upload_load.py --write {args.write}`.",
+            f"(larger sizes: the same video looped, stream copy). Command: `python -m bench.upload_load --write {args.write}`.",
             "",
             "| file MB | uploads | in flight | p50 s | p99 s | errors | uploads/s | web RSS before MiB | web RSS peak MiB |",
             "|---|---|---|---|---|---|---|---|---|",

@@ -8,15 +8,13 @@ Redis: each test session starts its own ``redis-server`` on a free port (never t
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from dag_cluster import free_port
+
+from tests.support.dag_cluster import free_port
+from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The repository's own test media (sources and licences in its README): a clone works alone.
@@ -31,52 +29,6 @@ def data_dir() -> Path:
     if missing:
         pytest.fail(f"test media missing from {DATA}: {', '.join(missing)}", pytrace=False)
     return DATA
-
-
-@dataclass
-class RedisServer:
-    port: int
-    dir: Path
-    appendonly: bool
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        cmd = [
-            shutil.which("redis-server") or "redis-server",
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.dir),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
-            "--daemonize", "no",
-            "--logfile", str(self.dir / "redis.log"),
-        ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
 
 
 @pytest.fixture
@@ -122,7 +74,7 @@ def redis_url(redis_session_server) -> str:
 def make_cluster(tmp_path):
     """Clusters of real worker processes (``dag_cluster.Cluster``), closed when the test ends.
     Every cluster's directory has a space in its path: paths must never be split on one."""
-    from dag_cluster import Cluster
+    from tests.support.dag_cluster import Cluster
 
     clusters: list = []
 

@@ -8,7 +8,7 @@ from app import errors
 from app.config import Settings
 from app.messages import ExtractRequest
 from app.storage import LocalStorage
-from tests.media import FORMATS, make_variant
+from tests.support.media import FORMATS, make_variant
 from workers import audio, stages
 
 pytestmark = pytest.mark.anyio

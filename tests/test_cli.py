@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support.dag_cluster import ROOT
 
 
 def vtp(*args, cwd=None, timeout=180) -> subprocess.CompletedProcess:

@@ -22,8 +22,8 @@ import pytest
 
 from app.config import Settings
 from app.messages import TranscribeOptions
-from tests import media
-from tests.wer import deletion_runs, runs_lost_against, word_errors
+from tests.support import media
+from tests.support.wer import deletion_runs, runs_lost_against, word_errors
 from workers.local_runner import LocalRunner
 
 SLICE = ("corpus_lecture.opus", "corpus_reordered.opus", "corpus_rumble.opus")

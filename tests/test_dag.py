@@ -20,8 +20,9 @@ import pytest
 
 from app import constants
 from app.jobs import JobStore
-from conftest import RedisServer, free_port
-from dag_cluster import ROOT, Cluster, local_reference, transcript_view
+from tests.support.dag_cluster import free_port
+from tests.support.redis_server import RedisServer
+from tests.support.dag_cluster import ROOT, Cluster, local_reference, transcript_view
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(240)]
 

@@ -18,7 +18,7 @@ import redis as redis_sync
 
 from app import constants
 from app.jobs import JobStore
-from dag_cluster import Cluster, local_reference, transcript_view, wait_until
+from tests.support.dag_cluster import Cluster, local_reference, transcript_view, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(200)]
 

@@ -21,7 +21,7 @@ from app.jobs import JobStore
 from app.redis_outage import OUTAGE_CLOCK, retrying
 from app.messages import ExtractRequest, JobRecord, encode
 from app.storage import LocalStorage
-from dag_cluster import Cluster, wait_until
+from tests.support.dag_cluster import Cluster, wait_until
 from workers.sweeper import Sweeper
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
@@ -244,7 +244,7 @@ async def test_a_job_the_sweeper_fails_gets_its_webhook(swept_cluster, data_dir)
     from aiohttp import web
     from standardwebhooks.webhooks import Webhook
 
-    from dag_cluster import free_port
+    from tests.support.dag_cluster import free_port
     from workers.runtime.enqueue import connect
 
     c, store = swept_cluster

@@ -22,7 +22,7 @@ from app.messages import (
     Transcript,
     TranscriptStats,
 )
-from conftest import ROOT
+from tests.support.dag_cluster import ROOT
 
 pytestmark = pytest.mark.anyio
 

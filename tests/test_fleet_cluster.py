@@ -1,5 +1,5 @@
 """The controller end to end: real Redis, real CPU worker, real jobs, and GPU workers on machines
-of the Fly Machines API stand-in (tests/fly_standin.py), each a real ``vtp worker --idle-exit``
+of the Fly Machines API stand-in (tests/support/fly_standin.py), each a real ``vtp worker --idle-exit``
 process started with the env the controller gave its machine.
 
 * A burst of jobs makes the controller start machines (never more than VTP_MAX_MACHINES); the
@@ -23,8 +23,8 @@ import redis as redis_sync
 
 from app import constants
 from app.jobs import JobStore
-from dag_cluster import Cluster
-from fly_standin import ROOT, FlyStandin
+from tests.support.dag_cluster import Cluster
+from tests.support.fly_standin import ROOT, FlyStandin
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(240)]
 

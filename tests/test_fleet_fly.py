@@ -1,4 +1,4 @@
-"""The Fly Machines client and backend against the local Machines API stand-in (tests/fly_standin.py).
+"""The Fly Machines client and backend against the local Machines API stand-in (tests/support/fly_standin.py).
 
 Here the stand-in's machines run a sleeping Python instead of a worker (no Redis needed);
 tests/test_fleet_cluster.py runs real workers on them.
@@ -15,7 +15,7 @@ import pytest
 
 from app import errors
 from app.config import Settings
-from fly_standin import ROOT, FlyStandin
+from tests.support.fly_standin import ROOT, FlyStandin
 from workers.controller.decide import Plan
 from workers.controller.fly import FlyBackend, MachinesClient, guest, machine_body
 

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from fly_standin import ROOT
+from tests.support.fly_standin import ROOT
 
 HEAVY = ("faster_whisper", "ctranslate2", "onnxruntime", "torch", "transformers", "arq", "workers.stages", "workers.engines")
 

@@ -11,8 +11,8 @@ import pytest
 from app import constants
 from app.redis_outage import connect
 from app.messages import Chunk, ChunkBatch, TranscribeOptions, TranscribeRequest, encode
-from fly_standin import ROOT  # noqa: F401 - puts tests/ helpers in reach
-from conftest import free_port
+from tests.support.fly_standin import ROOT  # noqa: F401 - puts tests/ helpers in reach
+from tests.support.dag_cluster import free_port
 from workers.controller.decide import Policy
 from workers.controller.loop import Figures, ReportOnly, serve_figures, tick
 from workers.controller.queue import batch_audio_seconds, live_workers, read_queue, read_workers

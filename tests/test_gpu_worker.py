@@ -14,7 +14,7 @@ from app import constants
 from app.config import Settings
 from app.jobs import JobStore
 from app.messages import TranscribeOptions
-from dag_cluster import Cluster
+from tests.support.dag_cluster import Cluster
 from workers.gpu_worker import GpuEngines, Hardware
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from app.messages import Segment, TranscribeOptions
-from tests import media
-from tests.wer import deletion_runs, word_errors
+from tests.support import media
+from tests.support.wer import deletion_runs, word_errors
 from workers import coverage, vad
 from workers.engines.base import FAST, Decoding
 from workers.engines.noop import NoopEngine

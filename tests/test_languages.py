@@ -26,10 +26,11 @@ from app import constants
 from app.jobs import JobStore
 from app.messages import Chunk, TranscribeOptions
 from app.storage import LocalStorage
-from conftest import RedisServer, free_port
-from dag_cluster import ROOT, Cluster
+from tests.support.dag_cluster import free_port
+from tests.support.redis_server import RedisServer
+from tests.support.dag_cluster import ROOT, Cluster
 from test_web import WebProcess, auth, flat, form, wait_done
-from wer import wer, wer_any
+from tests.support.wer import wer, wer_any
 from workers.batcher import GpuBatcher
 from workers.engines.models import registry_model_path
 

@@ -22,9 +22,9 @@ from app.jobs import JobStore
 from app.media import check_media_file, ffmpeg_exe, probe_duration
 from app.messages import ExtractRequest, ProgressEvent, TranscribeOptions
 from app.storage import LocalStorage
-from conftest import ROOT
-from dag_cluster import Cluster, clean_environ
-from media import make_silence
+from tests.support.dag_cluster import ROOT
+from tests.support.dag_cluster import Cluster, clean_environ
+from tests.support.media import make_silence
 from workers import stages
 from workers.local_runner import LocalRunner
 

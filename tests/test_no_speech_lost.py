@@ -5,7 +5,7 @@ the same loaded weights, run here on the same file. Beside WER, the tests count 
 five or more consecutive reference words with nothing in the transcript — a lost sentence,
 which WER alone can hide behind a few wrong words.
 
-The media are built from the repository's real speech (``tests/media.py``): speech under loud
+The media are built from the repository's real speech (``tests/support/media.py``): speech under loud
 low-frequency noise that blinds Silero at its defaults, six minutes with 1-3 s pauses after
 every sentence end, and music and noise with no words at all.
 """
@@ -22,8 +22,8 @@ from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from app.config import Settings
 from app.messages import Chunk, TranscribeOptions
-from tests import media
-from tests.wer import deletion_runs, word_errors
+from tests.support import media
+from tests.support.wer import deletion_runs, word_errors
 from workers import coverage, vad
 from workers.local_runner import LocalRunner
 

@@ -14,7 +14,7 @@ import pytest
 
 from app.config import Settings
 from app.messages import TranscribeOptions
-from tests.wer import word_errors
+from tests.support.wer import word_errors
 from workers.local_runner import LocalRunner
 
 # file -> (max WER, max deletion rate), measured: talk_tts 3.4%, ivr_prompts 2.4%, jfk 0%
@@ -55,7 +55,7 @@ def test_accuracy_on_real_speech(name, results, data_dir):
 
 def test_no_prompt_goes_missing(results, data_dir):
     """ivr_prompts: 43 separate prompts; each must be (mostly) heard, wherever chunks were cut."""
-    from tests.wer import normalize
+    from tests.support.wer import normalize
 
     hypothesis = set(normalize(results["ivr_prompts.mp4"].transcript.text).split())
     lines = [line for line in reference(data_dir, "ivr_prompts.mp4").splitlines() if line.strip()]

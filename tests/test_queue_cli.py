@@ -11,7 +11,7 @@ import redis as redis_sync
 from app import constants
 from app.jobs import JobStore
 from app.messages import JobRecord
-from dag_cluster import ROOT, clean_environ
+from tests.support.dag_cluster import ROOT, clean_environ
 
 pytestmark = pytest.mark.anyio
 

@@ -7,7 +7,7 @@ import pytest
 
 from app import errors
 from app.storage import LocalStorage, S3Storage
-from conftest import free_port
+from tests.support.dag_cluster import free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

@@ -15,7 +15,7 @@ import pytest
 
 from app.config import Settings
 from app.messages import TranscribeOptions
-from tests.wer import wer
+from tests.support.wer import wer
 from workers.engines.ct2_convert import cached_checkpoint, read_ct2
 from workers.engines.ctranslate2 import bundled_model_path
 from workers.local_runner import LocalRunner
@@ -191,7 +191,7 @@ def speech(data_dir):
     """Windows of the repository's speech that tiny.en gets wrong in the fast decode (measured):
     talk_tts 10-40 s ends at once without timestamp tokens (1 word; 60 with them), ivr_prompts
     60-90 s loops ("to increase the audio volume from other participants" to the token limit)."""
-    from tests.media import RATE, load_pcm
+    from tests.support.media import RATE, load_pcm
 
     talk, ivr = load_pcm(data_dir / "talk_tts.mp4"), load_pcm(data_dir / "ivr_prompts.mp4")
     return {

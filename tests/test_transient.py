@@ -15,7 +15,7 @@ from app import errors
 from app.config import Settings
 from app.messages import TranscribeOptions
 from app.storage import LocalStorage, open_storage
-from conftest import free_port
+from tests.support.dag_cluster import free_port
 from workers import audio
 from workers.engines.ctranslate2 import FasterWhisperEngine, load_error
 

@@ -25,8 +25,9 @@ import anyio
 import pytest
 from aiohttp import web
 
-from conftest import RedisServer, free_port
-from dag_cluster import ROOT, Cluster
+from tests.support.dag_cluster import free_port
+from tests.support.redis_server import RedisServer
+from tests.support.dag_cluster import ROOT, Cluster
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
 

@@ -25,8 +25,8 @@ import anyio
 import pytest
 from aiohttp import web
 
-from conftest import free_port
-from dag_cluster import ROOT
+from tests.support.dag_cluster import free_port
+from tests.support.dag_cluster import ROOT
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

@@ -1,6 +1,6 @@
 """When a worker stops: ``--idle-exit`` once its queue drains, and SIGTERM draining its jobs.
 
-Real ``vtp worker`` processes on a private redis-server (tests/dag_cluster.py). The GPU worker
+Real ``vtp worker`` processes on a private redis-server (tests/support/dag_cluster.py). The GPU worker
 is slowed inside ``transcribe`` with the test-only ``VTP_TEST_STAGE_DELAY`` so that a job is
 certainly running when the signal arrives or the idle timer would otherwise fire.
 """
@@ -17,7 +17,7 @@ import redis as redis_sync
 
 from app import constants
 from app.jobs import JobStore
-from dag_cluster import Cluster, wait_until
+from tests.support.dag_cluster import Cluster, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
 

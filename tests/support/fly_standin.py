@@ -52,7 +52,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GPU_KINDS = {"a100-40gb", "a100-80gb", "l40s", "a10"}
 
 

@@ -21,7 +21,7 @@ import redis
 
 from app import constants
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
