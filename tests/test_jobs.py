@@ -241,7 +241,7 @@ async def test_events_follow_a_running_job(store):
 
 
 async def test_unreachable_redis_is_a_queue_error():
-    from conftest import free_port
+    from tests.support.dag_cluster import free_port
 
     store = JobStore.open(f"redis://127.0.0.1:{free_port()}/0", outage_s=0.5)
     try:

@@ -151,7 +151,7 @@ def test_a_batcher_never_decodes_a_request_in_its_neighbours_language(data_dir):
 
 def test_mixed_language_media_decoded_per_chunk(data_dir, tmp_path):
     """``--language-per-chunk``: Spanish, a pause, then English, each chunk in its own language."""
-    from media import RATE, load_pcm, write_wav
+    from tests.support.media import RATE, load_pcm, write_wav
 
     parts = [load_pcm(data_dir / SPANISH), np.zeros(2 * RATE, np.float32), load_pcm(data_dir / "jfk.flac")]
     mixed = write_wav(np.concatenate(parts), tmp_path / "mixed.wav")
