@@ -18,7 +18,8 @@ OPTIONS = TranscribeOptions(beam_size=1)
 
 
 class Recording:
-    """The real engine, with a record of each call's chunk starts (what shared a batch)."""
+    """The real engine, with a record of each call's chunk starts (what shared a batch),
+    recorded as the call begins."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -132,19 +133,6 @@ def test_an_engine_error_reaches_every_job_in_the_batch(engines, jfk):
 # -- abandoned work (a timed-out transcribe) leaves the GPU's queue ----------------------------
 
 
-class Calls:
-    """The real engine, with the chunk starts of each call, recorded as the call begins."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.name, self.model_name = engine.name, engine.model_name
-        self.calls: list[list[float]] = []
-
-    def transcribe_batch(self, audio, chunks, options, decoding=FAST):
-        self.calls.append([c.start for c in chunks])
-        return self.engine.transcribe_batch(audio, chunks, options, decoding)
-
-
 def wait_for(predicate, timeout: float = 60, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -153,7 +141,7 @@ def wait_for(predicate, timeout: float = 60, what: str = "") -> None:
 
 
 def test_an_abandoned_request_leaves_the_queue_and_its_thread_returns(engines, jfk):
-    engine = Calls(engines.get(OPTIONS))
+    engine = Recording(engines.get(OPTIONS))
     batcher = GpuBatcher(engine, batch_size=2, max_wait_ms=0)
     token = CancelToken()
     audio, chunks = pieces(jfk, 0.0, 8)  # four model calls' worth
@@ -200,10 +188,10 @@ def test_a_timed_out_transcribe_stops_using_the_model(engines, jfk, tmp_path):
     from workers.gpu_worker import GpuEngines
 
     settings = Settings.from_env({"VTP_ENGINE": "ctranslate2", "VTP_DEVICE": "cpu", "VTP_DECODE_BATCH": "1"})
-    calls: list[Calls] = []
+    calls: list[Recording] = []
 
     def factory(options):
-        calls.append(Calls(engines.get(OPTIONS)))
+        calls.append(Recording(engines.get(OPTIONS)))
         return calls[-1]
 
     pool = GpuEngines(settings, factory=factory)

