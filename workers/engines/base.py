@@ -66,9 +66,14 @@ def compression_ratio(text: str) -> float:
 def needs_fallback(text: str, avg_logprob: float, no_speech_prob: float) -> bool:
     """Whisper's rule for decoding a window again at the next temperature: the text loops or the
     decoder was unsure, unless Whisper judges the window silence (then there is nothing to find)."""
-    silence = no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
     failed = compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD or avg_logprob < LOGPROB_THRESHOLD
-    return failed and not silence
+    return failed and not said_nothing(no_speech_prob, avg_logprob)
+
+
+def said_nothing(no_speech_prob: float, avg_logprob: float) -> bool:
+    """Whisper's verdict that nothing was said: a likely no-speech token *and* an unsure decode
+    (both must hold). Every engine drops such a window's text: no hallucinated words in noise."""
+    return no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
 
 
 #: The fast batched decode: no timestamp tokens, one temperature (0: beam search).

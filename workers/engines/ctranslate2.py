@@ -20,7 +20,7 @@ import numpy as np
 from app import errors
 from app.messages import Chunk, Segment, TranscribeOptions
 from workers import cues
-from workers.engines.base import FAST, Decoding, needs_fallback
+from workers.engines.base import FAST, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, Decoding, needs_fallback, said_nothing
 from workers.engines.models import BUNDLED_MODEL_NAME, bundled_model_path, registry_model_path  # noqa: F401
 from workers.engines.whisper_common import (
     NO_SPEECH_BEFORE,
@@ -32,9 +32,6 @@ from workers.engines.whisper_common import (
 
 log = logging.getLogger(__name__)
 
-#: Whisper's own rule for "nothing was said": both must hold to drop a chunk's text.
-NO_SPEECH_THRESHOLD = 0.6
-LOGPROB_THRESHOLD = -1.0
 #: Whisper's limit on the first timestamp of a window decoded with timestamps (seconds).
 MAX_INITIAL_TIMESTAMP = 1.0
 #: The seed of the fallback's sampling (temperature > 0).
@@ -335,7 +332,7 @@ class FasterWhisperEngine:
                 for i, out in enumerate(outputs)
                 if any(t < tokenizer.eot for t in out["tokens"])
                 # Whisper's own verdict that nothing was said: no hallucinated words in noise.
-                and not (out["no_speech_prob"] > NO_SPEECH_THRESHOLD and out["avg_logprob"] < LOGPROB_THRESHOLD)
+                and not said_nothing(out["no_speech_prob"], out["avg_logprob"])
             ]
             aligned = self._align(spoken, outputs, chunks, audio, encoder_output, tokenizer, tr_options)
         except errors.VtpError:

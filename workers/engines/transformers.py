@@ -49,7 +49,7 @@ from app.messages import Chunk, Segment, TranscribeOptions
 from workers import cues
 from workers.engines.alignment import FRAMES_PER_SECOND, Aligner as _Aligner, alignment_heads as _alignment_heads
 from workers.engines.alignment import default_alignment_heads as _default_alignment_heads
-from workers.engines.base import FAST, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, Decoding, needs_fallback
+from workers.engines.base import FAST, Decoding, needs_fallback, said_nothing
 from workers.engines.loop_guard import LoopGuard as _LoopGuard, loop_cut
 from workers.engines.mel import log_mel
 from workers.engines.models import BUNDLED_MODEL_NAME, bundled_model_path
@@ -250,7 +250,7 @@ class TransformersEngine:
         spoken = [
             i for i in rows
             # Whisper's own verdict that nothing was said: no hallucinated words in noise.
-            if not _silence(scored[i].no_speech_prob, scored[i].avg_logprob)
+            if not said_nothing(scored[i].no_speech_prob, scored[i].avg_logprob)
         ]
         subs = [subsegment(texts[i], chunks[i]) for i in spoken]
         if subs:
@@ -492,11 +492,6 @@ class TransformersEngine:
         return results
 
 
-def _silence(no_speech_prob: float, avg_logprob: float) -> bool:
-    """Whisper's verdict that nothing was said: a likely no-speech token *and* an unsure decode."""
-    return no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
-
-
 def _until_eot(tokens: list[int], eot: int) -> list[int]:
     return tokens[: tokens.index(eot)] if eot in tokens else tokens
 
@@ -525,7 +520,7 @@ class _Decoded:
         assert self.avg_logprob is not None and self.no_speech_prob is not None
         text = tokenizer.decode([t for t in self.tokens if t < tokenizer.eot])
         if self.looped:
-            return not _silence(self.no_speech_prob, self.avg_logprob)
+            return not said_nothing(self.no_speech_prob, self.avg_logprob)
         return needs_fallback(text, self.avg_logprob, self.no_speech_prob)
 
 
