@@ -162,7 +162,11 @@ def vtp(env: Env, *args: str, log: Path) -> subprocess.Popen:
 
 
 def run_measured(env: Env, *args: str, log: Path, timeout: float) -> float:
-    proc = vtp(env, *args, log=log)
+    return peak_of(vtp(env, *args, log=log), timeout, f"vtp {' '.join(args)}", log)
+
+
+def peak_of(proc: subprocess.Popen, timeout: float, what: str, log: Path) -> float:
+    """Peak RSS of ``proc`` (and its children) until it exits; a failure stops the bench with its log."""
     meter = PeakRSS(proc.pid)
     try:
         rc = proc.wait(timeout)
@@ -172,7 +176,7 @@ def run_measured(env: Env, *args: str, log: Path, timeout: float) -> float:
             proc.kill()
             proc.wait()
     if rc != 0:
-        sys.exit(f"vtp {' '.join(args)} exited {rc}:\n{log.read_text()[-3000:]}")
+        sys.exit(f"{what} exited {rc}:\n{log.read_text()[-3000:]}")
     return peak
 
 
@@ -261,17 +265,7 @@ def run_peer(env: Env, kind: str, source: Path, log: Path, timeout: float) -> fl
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, kind, str(source)], cwd=ROOT, env={**env.vars(), "PYTHONPATH": str(ROOT)},
                                 stdout=out, stderr=subprocess.STDOUT)
-    meter = PeakRSS(proc.pid)
-    try:
-        rc = proc.wait(timeout)
-    finally:
-        peak = meter.stop()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if rc != 0:
-        sys.exit(f"faster-whisper {kind} exited {rc}:\n{log.read_text()[-3000:]}")
-    return peak
+    return peak_of(proc, timeout, f"faster-whisper {kind}", log)
 
 
 def label(d: int) -> str:
