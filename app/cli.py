@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio
 
 from app import errors
-from app.cli_options import add_transcribe_options, error, options_from_args, summary_line, unique_basenames
+from app.cli_options import add_transcribe_options, error, options_from_args, print_summary, unique_basenames
 from app.config import Settings
 
 
@@ -78,7 +78,7 @@ def cmd_transcribe(args: argparse.Namespace, settings: Settings) -> int:
             bar.close()
             stats = result.transcript.stats
             unheard = stats.coverage.unheard_seconds
-            print(summary_line(path.name, result.transcript.duration, stats.wall_seconds, result.outputs, unheard), flush=True)
+            print_summary(path.name, result.transcript.duration, stats.wall_seconds, result.outputs, unheard)
 
     try:
         anyio.run(run_all)

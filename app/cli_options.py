@@ -84,11 +84,15 @@ def error(message: str) -> None:
 UNHEARD_WARN_S = 3.0
 
 
-def summary_line(name: str, duration: float, wall: float, outputs: dict[str, Path], unheard: float = 0.0) -> str:
-    """The one line per input on stdout; where speech produced no words, a warning on stderr."""
+def summary_line(name: str, duration: float, wall: float, outputs: dict[str, Path]) -> str:
     rtf = duration / wall if wall > 0 else 0.0
     out = ", ".join(str(p) for p in outputs.values())
+    return f"{name}: {duration:.1f} s audio in {wall:.1f} s ({rtf:.1f}x realtime) -> {out}"
+
+
+def print_summary(name: str, duration: float, wall: float, outputs: dict[str, Path], unheard: float) -> None:
+    """The one line per input on stdout, then, where speech produced no words, a warning on stderr."""
+    print(summary_line(name, duration, wall, outputs), flush=True)
     if unheard > UNHEARD_WARN_S:
         print(f"vtp: warning: {name}: {unheard:.1f} s of speech produced no words (the JSON's `unheard`"
               " spans say where): check them against the media", file=sys.stderr, flush=True)
-    return f"{name}: {duration:.1f} s audio in {wall:.1f} s ({rtf:.1f}x realtime) -> {out}"

@@ -23,7 +23,7 @@ import anyio
 import msgspec
 
 from app import costs, dag, errors
-from app.cli_options import add_transcribe_options, error, options_from_args, summary_line, unique_basenames
+from app.cli_options import add_transcribe_options, error, options_from_args, print_summary, unique_basenames
 from app.config import Settings
 from app.jobs import JobStore
 from app.redis_outage import redis_location
@@ -187,7 +187,7 @@ async def _submit(args: argparse.Namespace, settings: Settings, options) -> int:
                     error(_input_error(path, final.error or f"job {final.id} was {final.state}"))
                     continue
                 outputs = await write_outputs(storage, final, args.output_dir, base)
-                print(summary_line(path.name, final.duration, final.wall_seconds, outputs, final.unheard_seconds), flush=True)
+                print_summary(path.name, final.duration, final.wall_seconds, outputs, final.unheard_seconds)
     finally:
         await redis.aclose()
     return 1 if failed else 0
