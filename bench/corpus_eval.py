@@ -63,7 +63,7 @@ class Systems:
         from app.config import Settings
         from app.messages import TranscribeOptions
         from workers.engines.pool import EnginePool
-        from workers.engines.ctranslate2 import FasterWhisperEngine, bundled_model_path
+        from workers.engines.ctranslate2 import bundled_model_path
         from workers.local_runner import LocalRunner
 
         # Loaded in a worker thread, as vtp's EnginePool does (CTranslate2 on CPU measured about
@@ -74,7 +74,11 @@ class Systems:
             ).result()
         self.batched = BatchedInferencePipeline(self.model)
         self.options = TranscribeOptions(batch_size=8, beam_size=5, formats=("json",))
-        engines = EnginePool(lambda _o: FasterWhisperEngine(self.model, "tiny.en"))
+        # vtp as ``vtp transcribe`` loads it (``FasterWhisperEngine.load``: on CPU two CTranslate2
+        # workers of one thread each, one chunk per encoder call): the same weights, its own copy.
+        engines = EnginePool()
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(engines.get, self.options).result()
         self.runner = LocalRunner(Settings.from_env(data_dir=str(work / "data")), engines=engines)
         from workers.coverage import CoverageOptions
 

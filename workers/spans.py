@@ -12,11 +12,12 @@ from typing import TypeVar
 N = TypeVar("N", int, float)
 
 
-def merge(spans: Iterable[tuple[N, N]]) -> list[tuple[N, N]]:
-    """Sorted, with overlapping or touching spans joined."""
+def merge(spans: Iterable[tuple[N, N]], *, touching: bool = True) -> list[tuple[N, N]]:
+    """Sorted, with overlapping spans joined, and touching ones too unless ``touching`` is False
+    (the VAD keeps the places where its own regions meet: a chunk may be cut there)."""
     out: list[tuple[N, N]] = []
     for start, end in sorted(spans):
-        if out and start <= out[-1][1]:
+        if out and (start <= out[-1][1] if touching else start < out[-1][1]):
             out[-1] = (out[-1][0], max(out[-1][1], end))
         else:
             out.append((start, end))

@@ -76,6 +76,23 @@ def said_nothing(no_speech_prob: float, avg_logprob: float) -> bool:
     return no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD
 
 
+#: The most text tokens a second of audio can need: fast English (about 4 words a second) takes 5-6,
+#: scripts that tokenize into many pieces (byte fallback) several times that. A decode past the
+#: budget is a loop (Whisper repeating a phrase until its 448-token limit), not speech.
+TOKENS_PER_SECOND = {"en": 12}
+TOKENS_PER_SECOND_OTHER = 30
+TOKEN_SLACK = 24
+
+
+def token_budget(seconds: float, language: str | None, limit: int) -> int:
+    """Tokens a decode of ``seconds`` of audio may generate, at most ``limit`` (the model's).
+    Engines cap every call by its longest audio: a looping row (in the fast decode, or a ladder
+    rung's piece of a few seconds) then stops within its budget instead of running every step
+    to 448 tokens; beam search and sampling cost in proportion."""
+    rate = TOKENS_PER_SECOND.get(language or "", TOKENS_PER_SECOND_OTHER)
+    return max(1, min(limit, int(seconds * rate + 0.999) + TOKEN_SLACK))
+
+
 #: The fast batched decode: no timestamp tokens, one temperature (0: beam search).
 FAST = Decoding()
 

@@ -20,7 +20,9 @@ import numpy as np
 from app import errors
 from app.messages import Chunk, Segment, TranscribeOptions
 from workers import cues
-from workers.engines.base import FAST, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, Decoding, needs_fallback, said_nothing
+from workers.engines.base import (
+    FAST, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, Decoding, needs_fallback, said_nothing, token_budget,
+)
 from workers.engines.models import BUNDLED_MODEL_NAME, bundled_model_path, registry_model_path  # noqa: F401
 from workers.engines.whisper_common import (
     NO_SPEECH_BEFORE,
@@ -326,7 +328,8 @@ class FasterWhisperEngine:
             tr_options = self._transcription_options(options)
             tr_options.suppress_tokens = get_suppressed_tokens(tokenizer, tr_options.suppress_tokens)
             encoder_output = self.model.encode(features)
-            outputs = self._generate(encoder_output, len(audio), tokenizer, tr_options, decoding)
+            seconds = audio[longest].size / 16000
+            outputs = self._generate(encoder_output, len(audio), tokenizer, tr_options, decoding, seconds, language)
             spoken = [
                 i
                 for i, out in enumerate(outputs)
@@ -354,7 +357,10 @@ class FasterWhisperEngine:
             )
         return segments, language
 
-    def _generate(self, encoder_output, rows: int, tokenizer, tr_options, decoding: Decoding) -> list[dict]:
+    def _generate(
+        self, encoder_output, rows: int, tokenizer, tr_options, decoding: Decoding, seconds: float = 30.0,
+        language: str | None = None,
+    ) -> list[dict]:
         """One batched ``generate`` per temperature of ``decoding``: every row at the first
         (beam search at 0, as faster-whisper's batched pipeline calls it), then only the rows
         that fail Whisper's checks (``needs_fallback``) at the next, sampling best of 5. With
@@ -365,7 +371,7 @@ class FasterWhisperEngine:
         prompt = self.model.get_prompt(tokenizer, [], without_timestamps=not decoding.timestamps)
         common = dict(
             length_penalty=tr_options.length_penalty,
-            max_length=self.model.max_length,
+            max_length=len(prompt) + token_budget(seconds, language, self.model.max_length - len(prompt)),
             suppress_blank=tr_options.suppress_blank,
             suppress_tokens=tr_options.suppress_tokens,
             return_scores=True,
