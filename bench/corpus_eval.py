@@ -7,7 +7,9 @@
     python -m bench.corpus_eval --table docs/corpus_eval_quick.jsonl [--write]   # re-render a run
 
 Builds the corpus first if it is not there (``~/.cache/vtp/corpus``, or ``--corpus``). Then, in
-one process and on one loaded model (the bundled tiny.en, CTranslate2 int8, loaded once), for
+one process, on the same weights (the bundled tiny.en, CTranslate2 int8; loaded once for the
+faster-whisper systems, and once for vtp as ``vtp transcribe`` loads it: two CTranslate2 workers of
+one thread each on CPU), for
 each input and each system:
 
 - **sequential**: faster-whisper ``WhisperModel.transcribe`` (beam 5), the yardstick;
@@ -349,10 +351,11 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
     body = (
         f"Machine: {head['machine']}, load average {head.get('load', 'not recorded')} at the start (on a "
         f"shared machine the speeds are noisy, even interleaved). Commit: {head['commit']}. Run {head['started']}. "
-        "Model: bundled tiny.en (CTranslate2 int8), loaded once and shared by the systems. Command: "
+        "Model: bundled tiny.en (CTranslate2 int8): one copy for sequential and batched (2 threads), "
+        "one for vtp as `vtp transcribe` loads it (2 workers of 1 thread). Command: "
         f"`{head['command']}` (the corpus: `python -m bench.corpus`, deterministic). Systems: sequential = "
         "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
-        "beam 5); vtp = the local runner (batch 8, beam 5; one CTranslate2 worker on the shared model); vtp0 = the same "
+        "beam 5); vtp = the local runner (batch 8, beam 5); vtp0 = the same "
         "with the coverage ladder off (`CoverageOptions(ladder=())`): the ladder's cost is vtp's time over vtp0's. WER: Whisper's English normalizer and jiwer. "
         "Lost runs: 5 or more consecutive reference words missing; \"lost vs seq\": those sequential mostly "
         "keeps (runs, words). Speed: end to end from the media file, interleaved per input, one run each. "
