@@ -41,8 +41,10 @@ PRICES: dict[str, float] = {
     "shared-cpu-8x": 0.0316,
 }
 
-#: What managed speech-to-text charges per audio hour ($0.024-$0.036 per minute list prices).
-MANAGED_STT_PER_AUDIO_HOUR = (1.44, 2.16)
+#: What managed speech-to-text charges per audio hour: from its cheap end (OpenAI's
+#: gpt-4o-mini-transcribe, $0.003 a minute; bench/prices.toml has the sources) to $0.036 a minute
+#: list prices.
+MANAGED_STT_PER_AUDIO_HOUR = (0.18, 2.16)
 
 
 def price_per_hour(settings: Settings) -> float:
@@ -65,7 +67,7 @@ def per_audio_hour(cost_usd: float, audio_seconds: float) -> float | None:
 
 
 def summary(record: Usage) -> str:
-    """``"412.3 machine-s, $0.0214 ($0.31 per audio hour; managed STT $1.44-$2.16)"``; "" if none recorded."""
+    """``"412.3 machine-s, $0.0214 ($0.31 per audio hour; managed STT $0.18-$2.16)"``; "" if none recorded."""
     seconds = sum(record.machine_seconds.values())
     if seconds <= 0:
         return ""

@@ -29,10 +29,10 @@ def test_prices_and_rates():
 
 def test_summary_and_api_view():
     r = JobRecord(id="j", duration=3600.0, machine_seconds={"transcribe": 100.0, "extract": 20.0}, cost_usd=0.12)
-    assert costs.summary(r) == "120.0 machine-s, $0.1200 ($0.12 per audio hour; managed STT $1.44-$2.16)"
+    assert costs.summary(r) == "120.0 machine-s, $0.1200 ($0.12 per audio hour; managed STT $0.18-$2.16)"
     view = JobCost.of(r)
     assert view.machine_seconds == 120.0 and view.per_audio_hour_usd == 0.12
-    assert view.managed_stt_per_audio_hour_usd == (1.44, 2.16)
+    assert view.managed_stt_per_audio_hour_usd == (0.18, 2.16)
     assert costs.summary(JobRecord(id="k")) == "" and JobCost.of(JobRecord(id="k")) is None
 
 
