@@ -153,3 +153,16 @@ def test_plausibility_follows_the_speech_rate():
     assert not coverage.plausible(3, 29.0, 2.5, opts)  # "Let us begin" for 29 s
     assert coverage.plausible(60, 29.0, 2.5, opts)
     assert coverage.plausible(20, 29.0, 1.5, opts) and not coverage.plausible(20, 29.0, 4.0, opts)
+
+
+def test_the_token_budget_bounds_a_loop_not_speech():
+    """A decode may not run past what its audio could hold: fast English (4 words a second, about
+    1.5 tokens a word) always fits, a loop on a 5 s piece stops far below Whisper's 448 tokens,
+    and the model's own limit is never exceeded."""
+    from workers.engines.base import token_budget
+
+    for seconds in (0.5, 2, 5, 12, 29.9):
+        assert token_budget(seconds, "en", 445) >= 4 * 1.5 * seconds
+        assert token_budget(seconds, "ja", 445) >= token_budget(seconds, "en", 445)
+    assert token_budget(5, "en", 445) < 100
+    assert token_budget(30, "en", 445) <= 445 and token_budget(60, None, 445) == 445

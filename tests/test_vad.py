@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from app.messages import WHISPER_WINDOW_S
-from workers import audio, vad
+from workers import audio, spans, vad
 
 
 def load(path) -> np.ndarray:
@@ -116,3 +116,25 @@ def test_a_low_voice_after_a_silence_keeps_its_first_words(data_dir):
     opts = vad.ChunkingOptions()
     filtered = [s / 16000 for s, e in vad._vad(vad.condition(audio, opts), opts) if e / 16000 > second]
     assert filtered[0] > second + 0.6, filtered[:2]
+
+
+def test_a_paragraph_longer_than_the_window_is_cut_at_a_pause(ivr):
+    """Speech with only short pauses (the padding joins them into one region) for over two
+    minutes: every chunk ends at one of the VAD's pauses, never mid-word at exactly the window,
+    and the chunks are packed full (a paragraph's tail is not left a window of its own)."""
+    opts = vad.ChunkingOptions()
+    sr = 16000
+    pad = int(opts.speech_pad_ms / 1000 * sr)
+    pause = np.zeros(int(0.2 * sr), np.float32)
+    glued = np.concatenate([p for s, e in vad.speech_regions(ivr, opts) for p in (ivr[s + pad : e - pad], pause)])
+    regions = vad.speech_regions(glued, opts)
+    assert max(e - s for s, e in spans.merge(regions)) > 2 * opts.max_chunk_s * sr  # one long paragraph
+    chunks = vad.find_chunks(glued, opts)
+    heard = sum(c.duration for c in chunks)
+    assert len(chunks) <= int(np.ceil(heard / (opts.max_chunk_s - 6)))  # full, bar a sentence each
+    frame = sr // 50  # 20 ms
+    level = lambda t: float(np.sqrt(np.mean(np.square(glued[int(t * sr) - frame : int(t * sr) + frame]))))
+    loud = float(np.percentile([level(t) for t in np.arange(1, glued.size / sr - 1, 0.1)], 90))
+    for c in chunks[:-1]:
+        assert c.duration < opts.max_chunk_s - 0.05, c  # not a hard cut at the limit
+        assert level(c.end) < 0.25 * loud, (c.end, level(c.end), loud)  # at a pause
