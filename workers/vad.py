@@ -190,9 +190,9 @@ def _original_onsets(read: Reader, heard: list[tuple[int, int]], opts: ChunkingO
     """Silero on the original audio, only around the regions' onsets: the stretches where
     ``_earlier_onsets`` may move a start (a region touching the one before it starts at a place
     the VAD itself cut, and keeps it): 2.5 s of audio per onset instead of all of it. Measured
-    over the generated corpus against a pass over the whole original: the VAD stage 47 s
-    instead of 76 s, 99% of onsets within 0.1 s of that pass's (Silero's frames fall on another
-    grid in a window of its own)."""
+    over the generated corpus against a pass over the whole original (``bench/vad_onsets.py``):
+    48 s instead of 68 s, 99.5% of region starts within 0.1 s of that pass's (Silero's frames
+    fall on another grid in a window of its own)."""
     before = int((opts.onset_lookback_s + ONSET_SETTLE_S) * SAMPLE_RATE)
     after = int(ONSET_AFTER_S * SAMPLE_RATE)
     windows = spans.merge(
