@@ -3,7 +3,7 @@ the whole original: what each costs and where each puts the regions' starts.
 
     python -m bench.vad_onsets [--corpus DIR] [--log docs/logs/vad_onsets.txt]
 
-On every input of the generated corpus (``python -m bench.corpus``), decoded once with ffmpeg,
+On every input of the generated corpus (``python -m bench.corpus``), decoded once with the bundled ffmpeg,
 ``vad.scan`` twice: as it runs (the high-passed copy in blocks, then ``_original_onsets``: 2.5 s
 of the original around each onset) and with the whole original heard instead (what ``scan`` did
 before). Prints each input's seconds for both and the largest distance between their region
@@ -14,7 +14,6 @@ starts, then the totals: seconds, and the share of onsets within 32 ms (one Sile
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 from pathlib import Path
 
@@ -22,15 +21,10 @@ import numpy as np
 
 from bench import corpus
 from bench.report import machine
+from tests.support.media import load_pcm
 from workers import spans, vad
-from workers.audio import ffmpeg_exe, pcm_to_float
 
 MEDIA = (".flac", ".opus", ".mp3", ".m4a", ".wav", ".ogg")
-
-
-def decode(path: Path) -> np.ndarray:
-    cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-ac", "1", "-ar", "16000", "-f", "s16le", "-"]
-    return pcm_to_float(subprocess.run(cmd, check=True, capture_output=True).stdout)
 
 
 def whole_original(read: vad.Reader, heard: list[tuple[int, int]], opts: vad.ChunkingOptions) -> list[tuple[int, int]]:
@@ -57,7 +51,7 @@ def main() -> None:
     seconds = {"onsets": 0.0, "whole": 0.0}
     gaps: list[float] = []
     for path in files:
-        read, samples = vad.array_reader(decode(path))
+        read, samples = vad.array_reader(load_pcm(path))
         t0 = time.perf_counter()
         new = vad.scan(read, samples, opts).regions
         t1 = time.perf_counter()

@@ -114,8 +114,6 @@ class CoverageOptions:
     logprob_threshold: float = LOGPROB_THRESHOLD
     #: The ladder; empty: the fast decode alone (for measuring what the ladder buys).
     ladder: tuple[Rung, ...] = LADDER
-    #: How every chunk is decoded first.
-    first: Decoding = FAST
     #: A chunk or stretch with at least this much speech and no words is always suspect.
     min_suspect_s: float = 2.0
     #: ... and so is one with fewer words than this share of what the batch's own speech rate
@@ -284,7 +282,7 @@ def transcribe_covered(
     """``engine.transcribe_batch`` with the coverage guarantee; segments in chunk, time order."""
     opts = opts or CoverageOptions()
     aligned = msgspec.structs.replace(options, word_timestamps=True)  # coverage needs the words
-    segments, language = engine.transcribe_batch(audio, chunks, aligned, opts.first)
+    segments, language = engine.transcribe_batch(audio, chunks, aligned)
     by_chunk: dict[int, list[Segment]] = defaultdict(list)
     for seg in segments:
         by_chunk[seg.chunk].append(seg)

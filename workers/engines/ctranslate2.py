@@ -358,8 +358,7 @@ class FasterWhisperEngine:
         return segments, language
 
     def _generate(
-        self, encoder_output, rows: int, tokenizer, tr_options, decoding: Decoding, seconds: float = 30.0,
-        language: str | None = None,
+        self, encoder_output, rows: int, tokenizer, tr_options, decoding: Decoding, seconds: float, language: str,
     ) -> list[dict]:
         """One batched ``generate`` per temperature of ``decoding``: every row at the first
         (beam search at 0, as faster-whisper's batched pipeline calls it), then only the rows
