@@ -201,13 +201,15 @@ class CoverageStats(Struct, frozen=True, kw_only=True):
     #: Seconds of VAD speech that no rung of the ladder turned into words: where speech may be
     #: missing from the transcript (or the VAD heard noise). The spans are in ``Transcript.unheard``.
     unheard_seconds: float = 0.0
-    #: Ladder rung label -> stretches that rung decoded (how often each rung fired).
+    #: Ladder rung name -> suspects that climbed to that rung (how often each rung fired), and
+    #: -> suspects whose words that rung made plausible (where they stopped climbing).
     rungs: dict[str, int] = {}
+    settled: dict[str, int] = {}
+    #: Decodes of a next rung run beside a small call (on an idle CPU worker) that no suspect
+    #: needed in the end: work that cost no wall time.
+    ahead: int = 0
 
     def __add__(self, other: CoverageStats) -> CoverageStats:
-        rungs = dict(self.rungs)
-        for name, n in other.rungs.items():
-            rungs[name] = rungs.get(name, 0) + n
         return CoverageStats(
             gaps=self.gaps + other.gaps,
             repaired=self.repaired + other.repaired,
@@ -216,8 +218,17 @@ class CoverageStats(Struct, frozen=True, kw_only=True):
             rescued=self.rescued + other.rescued,
             rescued_seconds=round(self.rescued_seconds + other.rescued_seconds, 3),
             unheard_seconds=round(self.unheard_seconds + other.unheard_seconds, 3),
-            rungs=rungs,
+            rungs=_sum_counts(self.rungs, other.rungs),
+            settled=_sum_counts(self.settled, other.settled),
+            ahead=self.ahead + other.ahead,
         )
+
+
+def _sum_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    out = dict(a)
+    for name, n in b.items():
+        out[name] = out.get(name, 0) + n
+    return out
 
 
 class BatchTranscript(Struct, frozen=True, kw_only=True):

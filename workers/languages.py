@@ -96,6 +96,7 @@ class ByLanguage:
         self.name = engine.name
         self.model_name = engine.model_name
         self.multilingual = multilingual(engine)
+        self.parallel_calls = getattr(engine, "parallel_calls", 1)
 
     def detect_languages(self, audio: list[np.ndarray]) -> list[tuple[str, float]]:
         return self.engine.detect_languages(audio)

@@ -201,6 +201,8 @@ class FasterWhisperEngine:
         self.model = model
         self.model_name = model_name
         self.workers = workers
+        #: Calls that run at once to advantage: one per CTranslate2 worker (``Engine``).
+        self.parallel_calls = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ct2") if workers > 1 else None
 
     @classmethod

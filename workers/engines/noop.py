@@ -11,6 +11,7 @@ from workers.engines.base import FAST, Decoding
 
 class NoopEngine:
     name = "noop"
+    parallel_calls = 1
     multilingual = False
 
     def __init__(self, options: TranscribeOptions) -> None:

@@ -129,6 +129,8 @@ def pick_attention(device: str, dtype) -> str:
 
 class TransformersEngine:
     name = "transformers"
+    #: One call at a time: a call already uses the whole device.
+    parallel_calls = 1
     #: BENCHMARK-ONLY: generate exactly this many tokens per chunk (random weights never stop on
     #: their own; bench/gpu_throughput.py forces a realistic ~100). None: stop at end of text.
     force_tokens: int | None = None
