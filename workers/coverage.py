@@ -14,13 +14,17 @@ and word-aligned a batch:
   (``sparse_ratio``; at least ``min_suspect_s`` of speech); every chunk whose text loops
   (Whisper's compression-ratio check).
 * **The ladder.** Each suspect climbs ``LADDER`` until its words are plausible for its speech
-  (``plausible``) or the ladder ends: (0) the stretch alone, decoded as before (a gap's context
-  differs from its chunk's); (1) with timestamp tokens, as sequential Whisper decodes; (2) a
-  shifted window: a long stretch cut in two at its quietest point near the middle, a short one
-  widened by ``shift_s`` of its chunk's audio on each side; (3) Whisper's temperature fallback
-  (0.2 .. 1.0, compression-ratio and log-probability checks), kept only where it passes them,
-  last because it costs the most. Every rung decodes all the batch's suspects still on it in *one* engine call, so
-  nothing costs anything where nothing is suspect; each rung's firings are counted in
+  (``plausible``) or the ladder ends. A gap: (0) the stretch alone, decoded as before (a gap's
+  context differs from its chunk's); (1) with timestamp tokens, as sequential Whisper decodes;
+  (2) a shifted window: a long stretch cut in two at its quietest point near the middle, a short
+  one widened by ``shift_s`` of its chunk's audio on each side; (3) Whisper's temperature
+  fallback (0.2 .. 1.0, compression-ratio and log-probability checks), kept only where it
+  passes them, last because it costs the most. A whole chunk: the shifted window (its two
+  halves), then the whole chunk with timestamp tokens, then the fallback. The fallback's first
+  temperature repeats the timestamps rung's decode, so only suspects whose decode there failed
+  Whisper's checks climb it (``Rung.repeats``): on the rest it would only say the same again.
+  Every rung decodes all the batch's suspects still on it in *one* engine call, so nothing
+  costs anything where nothing is suspect; each rung's firings are counted in
   ``CoverageStats.rungs``, the suspects it settled in ``settled``. An engine that runs calls
   side by side decodes the next rung beside a rung too small to keep it busy (``climb``).
 * **Merging.** The best words a suspect got (most words among acceptable decodes) are merged by
@@ -64,6 +68,7 @@ from workers.engines.base import (
     Decoding,
     Engine,
     compression_ratio,
+    needs_fallback,
 )
 from workers.spans import merge, subtract
 
@@ -80,19 +85,30 @@ class Rung:
     window: Literal["stretch", "shifted"] = "stretch"
     #: Only decodes that pass Whisper's checks count (a sampled decode that failed them is noise).
     strict: bool = False
-    #: Whole-chunk suspects skip a rung that would decode exactly what the chunk decode did.
+    #: Which suspects climb it: whole chunks skip a rung that would decode exactly what the
+    #: chunk decode did, and take the whole-chunk decode after the shifted one (below).
     for_chunks: bool = True
+    for_gaps: bool = True
+    #: The rung (by name) whose decode this one's first temperature repeats, same window and same
+    #: way: only suspects whose decode there failed Whisper's checks (``needs_fallback``) climb
+    #: it, as only those rows would be decoded again at the next temperature.
+    repeats: str = ""
 
 
-#: The decoding ladder, cheapest first.
+#: The decoding ladder, cheapest first, in the order each kind of suspect climbs it. A gap (a
+#: stretch of a chunk): alone, timestamps, shifted, fallback. A whole chunk: shifted, timestamps,
+#: fallback; measured on the hardest inputs of the corpus, its halves gave plausible words for
+#: 6 of 10 chunk suspects where the whole chunk decoded with timestamps did not, and cost less
+#: wall time (two short decodes, one on each CPU worker, against one long one).
 LADDER: tuple[Rung, ...] = (
     Rung("alone", FAST, for_chunks=False),
-    Rung("timestamps", Decoding(timestamps=True)),
+    Rung("timestamps", Decoding(timestamps=True), for_chunks=False),
     Rung("shifted", Decoding(timestamps=True), window="shifted"),
+    Rung("timestamps", Decoding(timestamps=True), for_gaps=False),
     # last: sampling best of 5 at up to five temperatures costs as much as a dozen decodes of
     # the piece, and on the generated corpus it found words where the shifted window had not
     # on no input (bench/corpus_eval.py)
-    Rung("fallback", Decoding(timestamps=True, temperatures=FALLBACK_TEMPERATURES), strict=True),
+    Rung("fallback", Decoding(timestamps=True, temperatures=FALLBACK_TEMPERATURES), strict=True, repeats="timestamps"),
 )
 
 
@@ -345,6 +361,8 @@ class _Suspect:
     best_words: list[Word] = field(default_factory=list)
     best_in_gap: int = 0
     done: bool = False
+    settled_by: str = ""  # the rung whose words made it plausible
+    passed: set[str] = field(default_factory=set)  # rungs whose decode passed Whisper's checks
 
 
 def _find_suspects(
@@ -420,6 +438,22 @@ def _quietest(samples: np.ndarray, low: float, high: float) -> float:
     return (a + int(np.argmin(frames))) * hop / SAMPLE_RATE + 0.05 if frames else (low + high) / 2
 
 
+def _cut(chunk: Chunk, samples: np.ndarray, h0: float, h1: float) -> float:
+    """Where the shifted rung cuts ``h0..h1`` (seconds into the chunk's audio) in two: in the
+    VAD's pause nearest the middle, if one lies in its middle half, each half then holds whole
+    sentences (measured on ``tests/data/paragraphs_tts.opus``: cut mid-sentence at its quietest
+    point, 21.4% WER; at its paragraph pause, 17.5%, as decoded whole); else at the quietest
+    100 ms of its middle third."""
+    speech = chunk.speech or [(chunk.start, chunk.end)]
+    pauses = [(chunk.to_heard(a[1]), chunk.to_heard(b[0])) for a, b in zip(speech, speech[1:])]
+    low, high, middle = h0 + 0.25 * (h1 - h0), h0 + 0.75 * (h1 - h0), (h0 + h1) / 2
+    inside = [p for p in pauses if p[1] > p[0] and low <= (p[0] + p[1]) / 2 <= high]
+    if inside:
+        p0, p1 = min(inside, key=lambda p: abs((p[0] + p[1]) / 2 - middle))
+        return _quietest(samples, p0, p1)
+    return _quietest(samples, h0 + 0.35 * (h1 - h0), h0 + 0.65 * (h1 - h0))
+
+
 def _inputs(
     rung: Rung, suspect: _Suspect, chunk: Chunk, samples: np.ndarray, opts: CoverageOptions
 ) -> list[tuple[np.ndarray, Chunk]]:
@@ -429,8 +463,8 @@ def _inputs(
     else:
         h0, h1 = chunk.to_heard(suspect.stretch[0]), chunk.to_heard(suspect.stretch[1])
     if rung.window == "shifted":
-        if h1 - h0 >= opts.split_min_s:  # cut in two at the quietest point near the middle
-            cut = _quietest(samples, h0 + 0.35 * (h1 - h0), h0 + 0.65 * (h1 - h0))
+        if h1 - h0 >= opts.split_min_s:  # cut in two near the middle, at a pause if there is one
+            cut = _cut(chunk, samples, h0, h1)
             windows = [(h0, cut), (cut, h1)]
         else:  # widened by the chunk's audio around it
             windows = [(max(0.0, h0 - opts.shift_s), min(chunk.duration, h1 + opts.shift_s))]
@@ -455,7 +489,9 @@ def _acceptable(rung: Rung, segments: list[Segment], opts: CoverageOptions) -> l
 
 
 def _applies(rung: Rung, suspect: _Suspect) -> bool:
-    return not suspect.done and (rung.for_chunks or suspect.kind != "chunk")
+    if suspect.done or not (rung.for_chunks if suspect.kind == "chunk" else rung.for_gaps):
+        return False
+    return not rung.repeats or rung.repeats not in suspect.passed
 
 
 def _decode_rung(
@@ -483,9 +519,24 @@ def _decode_rung(
     found: dict[int, list[Segment]] = defaultdict(list)
     for seg in engine.transcribe_batch(pieces, subs, options, rung.decoding)[0]:
         found[seg.chunk].append(seg)
+    failed: set[int] = set()
     for k, s in enumerate(owner):
         heard[id(s)].extend(_acceptable(rung, found.get(k, []), opts))
+        if _fails_checks(found.get(k, [])):
+            failed.add(id(s))
+    for s in suspects:
+        if id(s) not in failed:
+            s.passed.add(rung.name)
     return heard
+
+
+def _fails_checks(segments: list[Segment]) -> bool:
+    """Whisper's fallback rule on one decoded piece (its segments share the row's scores): an
+    empty decode, or one Whisper judged silence, would not be decoded again either."""
+    if not segments:
+        return False
+    text = "".join(s.text for s in segments)
+    return needs_fallback(text, segments[0].avg_logprob, segments[0].no_speech_prob)
 
 
 def _pieces(rung: Rung, suspects: list[_Suspect], opts: CoverageOptions) -> int:
@@ -517,17 +568,17 @@ def climb(
     not plausible the next rung's are already there. A decode run ahead that no suspect needed is
     counted in ``tally.ahead``."""
     width = max(1, int(getattr(engine, "parallel_calls", 1) or 1))
-    ahead: dict[str, dict[int, list[Segment]]] = {}
+    ahead: dict[int, dict[int, list[Segment]]] = {}  # rung index -> suspect id -> segments
     for i, rung in enumerate(opts.ladder):
         climbing = [s for s in suspects if _applies(rung, s)]
         if not climbing:
             continue
-        known = ahead.pop(rung.name, {})
+        known = ahead.pop(i, {})
         tally.ahead += len(known.keys() - {id(s) for s in climbing})
         todo = [s for s in climbing if id(s) not in known]
         calls: list[tuple[Rung, list[_Suspect]]] = [(rung, todo)] if todo else []
         room = (-_pieces(rung, todo, opts)) % width  # workers idle in this call's last round
-        nxt = next((r for r in opts.ladder[i + 1 :] if len(r.decoding.temperatures) == 1), None)
+        j, nxt = next(((j, r) for j, r in enumerate(opts.ladder) if j > i and len(r.decoding.temperatures) == 1), (0, None))
         if calls and room and nxt is not None:
             early: list[_Suspect] = []
             for s in todo:
@@ -538,7 +589,7 @@ def climb(
         if len(calls) > 1:
             with ThreadPoolExecutor(len(calls), thread_name_prefix="ladder") as pool:
                 results = list(pool.map(lambda c: _decode_rung(engine, audio, chunks, c[0], c[1], options, opts), calls))
-            ahead[calls[1][0].name] = results[1]
+            ahead[j] = results[1]
         else:
             results = [_decode_rung(engine, audio, chunks, c[0], c[1], options, opts) for c in calls]
         heard = {**known, **(results[0] if results else {})}
@@ -559,6 +610,7 @@ def climb(
                     b - a >= opts.min_suspect_s for a, b in left
                 )
                 if s.done:
+                    s.settled_by = rung.name
                     tally.settled[rung.name] = tally.settled.get(rung.name, 0) + 1
     tally.ahead += sum(len(found) for found in ahead.values())
 
