@@ -546,6 +546,18 @@ def _pieces(rung: Rung, suspects: list[_Suspect], opts: CoverageOptions) -> int:
     return sum(2 if s.stretch[1] - s.stretch[0] >= opts.split_min_s else 1 for s in suspects)
 
 
+def _ladder_for(options: TranscribeOptions, opts: CoverageOptions) -> tuple[Rung, ...]:
+    """The ladder, with a translation's whole chunks decoded whole before in halves: a half
+    sentence translates badly (measured: es_lecture.mp4 with base, "transformed" lost to the
+    halves), while a transcript's halves cut at a pause read as well as the whole."""
+    if options.task != "translate":
+        return opts.ladder
+    whole = [r for r in opts.ladder if not r.for_gaps]
+    rest = [r for r in opts.ladder if r.for_gaps]
+    at = next((k for k, r in enumerate(rest) if r.window == "shifted"), len(rest))
+    return (*rest[:at], *whole, *rest[at:])
+
+
 def climb(
     engine: Engine,
     audio: list[np.ndarray],
@@ -569,7 +581,8 @@ def climb(
     counted in ``tally.ahead``."""
     width = max(1, int(getattr(engine, "parallel_calls", 1) or 1))
     ahead: dict[int, dict[int, list[Segment]]] = {}  # rung index -> suspect id -> segments
-    for i, rung in enumerate(opts.ladder):
+    ladder = _ladder_for(options, opts)
+    for i, rung in enumerate(ladder):
         climbing = [s for s in suspects if _applies(rung, s)]
         if not climbing:
             continue
@@ -578,7 +591,7 @@ def climb(
         todo = [s for s in climbing if id(s) not in known]
         calls: list[tuple[Rung, list[_Suspect]]] = [(rung, todo)] if todo else []
         room = (-_pieces(rung, todo, opts)) % width  # workers idle in this call's last round
-        j, nxt = next(((j, r) for j, r in enumerate(opts.ladder) if j > i and len(r.decoding.temperatures) == 1), (0, None))
+        j, nxt = next(((j, r) for j, r in enumerate(ladder) if j > i and len(r.decoding.temperatures) == 1), (0, None))
         if calls and room and nxt is not None:
             early: list[_Suspect] = []
             for s in todo:
