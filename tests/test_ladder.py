@@ -10,6 +10,8 @@ failure certain instead: the real engine, deaf to the rungs below the one under 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -193,8 +195,6 @@ class Wide(Deaf):
         self.spans: list[tuple[Decoding, float, float]] = []
 
     def transcribe_batch(self, audio, chunks, options, decoding=FAST):
-        import time
-
         t0 = time.perf_counter()
         segments, language = super().transcribe_batch(audio, chunks, options, decoding)
         self.spans.append((decoding, t0, time.perf_counter()))

@@ -16,11 +16,12 @@ and word-aligned a batch:
 * **The ladder.** Each suspect climbs ``LADDER`` until its words are plausible for its speech
   (``plausible``) or the ladder ends. A gap: (0) the stretch alone, decoded as before (a gap's
   context differs from its chunk's); (1) with timestamp tokens, as sequential Whisper decodes;
-  (2) a shifted window: a long stretch cut in two at its quietest point near the middle, a short
-  one widened by ``shift_s`` of its chunk's audio on each side; (3) Whisper's temperature
+  (2) a shifted window: a long stretch cut in two near the middle (``_cut``), a short one
+  widened by ``shift_s`` of its chunk's audio on each side; (3) Whisper's temperature
   fallback (0.2 .. 1.0, compression-ratio and log-probability checks), kept only where it
   passes them, last because it costs the most. A whole chunk: the shifted window (its two
-  halves), then the whole chunk with timestamp tokens, then the fallback. The fallback's first
+  halves), then the whole chunk with timestamp tokens (a translation's: the other way round),
+  then the fallback. The fallback's first
   temperature repeats the timestamps rung's decode, so only suspects whose decode there failed
   Whisper's checks climb it (``Rung.repeats``): on the rest it would only say the same again.
   Every rung decodes all the batch's suspects still on it in *one* engine call, so nothing
@@ -96,10 +97,10 @@ class Rung:
 
 
 #: The decoding ladder, cheapest first, in the order each kind of suspect climbs it. A gap (a
-#: stretch of a chunk): alone, timestamps, shifted, fallback. A whole chunk: shifted, timestamps,
-#: fallback; measured on the hardest inputs of the corpus, its halves gave plausible words for
-#: 6 of 10 chunk suspects where the whole chunk decoded with timestamps did not, and cost less
-#: wall time (two short decodes, one on each CPU worker, against one long one).
+#: stretch of a chunk): alone, timestamps, shifted, fallback. A whole chunk: shifted (its two
+#: halves, one on each CPU worker), timestamps (the whole chunk), fallback; a translation's
+#: whole chunk takes timestamps before shifted (``_ladder_for``). Which rung settled how many
+#: suspects over the corpus: ``CoverageStats.settled`` in docs/corpus_eval.jsonl.
 LADDER: tuple[Rung, ...] = (
     Rung("alone", FAST, for_chunks=False),
     Rung("timestamps", Decoding(timestamps=True), for_chunks=False),
@@ -361,7 +362,6 @@ class _Suspect:
     best_words: list[Word] = field(default_factory=list)
     best_in_gap: int = 0
     done: bool = False
-    settled_by: str = ""  # the rung whose words made it plausible
     passed: set[str] = field(default_factory=set)  # rungs whose decode passed Whisper's checks
 
 
@@ -454,16 +454,25 @@ def _cut(chunk: Chunk, samples: np.ndarray, h0: float, h1: float) -> float:
     return _quietest(samples, h0 + 0.35 * (h1 - h0), h0 + 0.65 * (h1 - h0))
 
 
+def _heard(suspect: _Suspect, chunk: Chunk) -> Span:
+    """The suspect's stretch in seconds into its chunk's audio."""
+    if suspect.kind == "chunk":
+        return 0.0, chunk.duration
+    return chunk.to_heard(suspect.stretch[0]), chunk.to_heard(suspect.stretch[1])
+
+
+def _halves(rung: Rung, seconds: float, opts: CoverageOptions) -> bool:
+    """Whether ``rung`` decodes a stretch of ``seconds`` (heard) in two pieces."""
+    return rung.window == "shifted" and seconds >= opts.split_min_s
+
+
 def _inputs(
     rung: Rung, suspect: _Suspect, chunk: Chunk, samples: np.ndarray, opts: CoverageOptions
 ) -> list[tuple[np.ndarray, Chunk]]:
     """What one rung decodes for one suspect: (audio, chunk timing it) pairs; index 0 throughout."""
-    if suspect.kind == "chunk":
-        h0, h1 = 0.0, chunk.duration
-    else:
-        h0, h1 = chunk.to_heard(suspect.stretch[0]), chunk.to_heard(suspect.stretch[1])
+    h0, h1 = _heard(suspect, chunk)
     if rung.window == "shifted":
-        if h1 - h0 >= opts.split_min_s:  # cut in two near the middle, at a pause if there is one
+        if _halves(rung, h1 - h0, opts):  # cut in two near the middle, at a pause if there is one
             cut = _cut(chunk, samples, h0, h1)
             windows = [(h0, cut), (cut, h1)]
         else:  # widened by the chunk's audio around it
@@ -539,11 +548,14 @@ def _fails_checks(segments: list[Segment]) -> bool:
     return needs_fallback(text, segments[0].avg_logprob, segments[0].no_speech_prob)
 
 
-def _pieces(rung: Rung, suspects: list[_Suspect], opts: CoverageOptions) -> int:
-    """How many pieces ``rung`` decodes for ``suspects`` (without cutting any audio)."""
-    if rung.window != "shifted":
-        return len(suspects)
-    return sum(2 if s.stretch[1] - s.stretch[0] >= opts.split_min_s else 1 for s in suspects)
+def _pieces(rung: Rung, suspects: list[_Suspect], chunks: list[Chunk], opts: CoverageOptions) -> int:
+    """How many pieces ``rung`` decodes for ``suspects`` (as ``_inputs`` cuts them, without
+    cutting any audio)."""
+    count = 0
+    for s in suspects:
+        h0, h1 = _heard(s, chunks[s.pos])
+        count += 2 if _halves(rung, h1 - h0, opts) else 1
+    return count
 
 
 def _ladder_for(options: TranscribeOptions, opts: CoverageOptions) -> tuple[Rung, ...]:
@@ -579,7 +591,7 @@ def climb(
     takes far longer) are decoded beside it: no wall time, and where the first rung's words are
     not plausible the next rung's are already there. A decode run ahead that no suspect needed is
     counted in ``tally.ahead``."""
-    width = max(1, int(getattr(engine, "parallel_calls", 1) or 1))
+    width = max(1, getattr(engine, "parallel_calls", 1))
     ahead: dict[int, dict[int, list[Segment]]] = {}  # rung index -> suspect id -> segments
     ladder = _ladder_for(options, opts)
     for i, rung in enumerate(ladder):
@@ -590,12 +602,12 @@ def climb(
         tally.ahead += len(known.keys() - {id(s) for s in climbing})
         todo = [s for s in climbing if id(s) not in known]
         calls: list[tuple[Rung, list[_Suspect]]] = [(rung, todo)] if todo else []
-        room = (-_pieces(rung, todo, opts)) % width  # workers idle in this call's last round
+        room = (-_pieces(rung, todo, chunks, opts)) % width  # workers idle in this call's last round
         j, nxt = next(((j, r) for j, r in enumerate(ladder) if j > i and len(r.decoding.temperatures) == 1), (0, None))
         if calls and room and nxt is not None:
             early: list[_Suspect] = []
             for s in todo:
-                if _applies(nxt, s) and _pieces(nxt, [*early, s], opts) <= room:
+                if _applies(nxt, s) and _pieces(nxt, [*early, s], chunks, opts) <= room:
                     early.append(s)
             if early:
                 calls.append((nxt, early))
@@ -623,7 +635,6 @@ def climb(
                     b - a >= opts.min_suspect_s for a, b in left
                 )
                 if s.done:
-                    s.settled_by = rung.name
                     tally.settled[rung.name] = tally.settled.get(rung.name, 0) + 1
     tally.ahead += sum(len(found) for found in ahead.values())
 

@@ -103,8 +103,9 @@ class Engine(Protocol):
     #: False for English-only models (``.en``): they hear English and cannot translate.
     multilingual: bool
     #: How many ``transcribe_batch`` calls the engine runs at once to advantage, from as many
-    #: threads (CTranslate2 on CPU: its workers; 1 elsewhere, and where a test double has none). The coverage ladder
-    #: decodes the next rung beside a call too small to keep them busy (``coverage.climb``).
+    #: threads (CTranslate2 on CPU: its workers; 1 elsewhere, and where a test double has none).
+    #: The coverage ladder decodes the next rung beside a call too small to keep them busy
+    #: (``coverage.climb``).
     parallel_calls: int
 
     def detect_languages(self, audio: list[np.ndarray]) -> list[tuple[str, float]]:

@@ -201,8 +201,6 @@ class FasterWhisperEngine:
         self.model = model
         self.model_name = model_name
         self.workers = workers
-        #: Calls that run at once to advantage: one per CTranslate2 worker (``Engine``).
-        self.parallel_calls = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ct2") if workers > 1 else None
 
     @classmethod
@@ -230,6 +228,11 @@ class FasterWhisperEngine:
         except Exception as exc:  # hub errors, corrupt model files, missing CUDA, out of memory
             raise load_error(exc, options, source) from exc
         return cls(model, options.model, workers)
+
+    @property
+    def parallel_calls(self) -> int:
+        """Calls that run at once to advantage: one per CTranslate2 worker (``Engine``)."""
+        return self.workers
 
     @property
     def multilingual(self) -> bool:
