@@ -355,8 +355,10 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
         "one for vtp as `vtp transcribe` loads it (2 workers of 1 thread). Command: "
         f"`{head['command']}` (the corpus: `python -m bench.corpus`, deterministic). Systems: sequential = "
         "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
-        "beam 5); vtp = the local runner (batch 8, beam 5); vtp0 = the same "
-        "with the coverage ladder off (`CoverageOptions(ladder=())`): the ladder's cost is vtp's time over vtp0's. WER: Whisper's English normalizer and jiwer. "
+        "beam 5); vtp = the local runner (batch 8, beam 5)"
+        + ("; vtp0 = the same with the coverage ladder off (`CoverageOptions(ladder=())`): the ladder's cost is "
+           "vtp's time over vtp0's" if "vtp-noladder" in head.get("systems", ()) else "")
+        + ". WER: Whisper's English normalizer and jiwer. "
         "Lost runs: 5 or more consecutive reference words missing; \"lost vs seq\": those sequential mostly "
         "keeps (runs, words). Speed: end to end from the media file, interleaved per input, one run each. "
         f"Log: `docs/{log_path.name if log_path else name + '.jsonl'}`.\n\n{text}"
