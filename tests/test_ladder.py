@@ -171,6 +171,37 @@ def test_plausibility_follows_the_speech_rate():
     assert coverage.plausible(20, 29.0, 1.5, opts) and not coverage.plausible(20, 29.0, 4.0, opts)
 
 
+def _segment(chunk: int, words: list[tuple[float, float, str]]) -> Segment:
+    from app.messages import Word
+
+    timed = [Word(start=a, end=b, word=" " + w, probability=0.9) for a, b, w in words]
+    return Segment(start=timed[0].start, end=timed[-1].end, text="".join(w.word for w in timed), words=timed,
+                   chunk=chunk, avg_logprob=-0.3, no_speech_prob=0.01)
+
+
+def test_a_sentence_skipped_between_pauses_is_suspect_though_stretched_words_cover_it():
+    """Whisper skipped the sentence before a pause ("Others can start next month.", 2.3 s), and
+    alignment stretched the next sentence's first words back over it ("We" 1.2 s, "will" 2.4 s):
+    no second of its audio is left uncovered, yet one word for 2.3 s of speech is too few. The
+    region is a suspect; taking its words out clips the stretched word at the region's edge."""
+    from app.messages import Chunk
+
+    chunk = Chunk(index=0, start=0.0, end=20.0, speech=[(0.0, 2.3), (2.9, 20.0)])
+    rest = [(3.66 + 0.4 * k, 4.0 + 0.4 * k, f"w{k}") for k in range(40)]
+    seg = _segment(0, [(0.0, 1.24, "We"), (1.24, 3.66, "will"), *rest])
+    opts = coverage.CoverageOptions()
+    assert coverage.uncovered(chunk.speech, [seg], opts) == []  # the stretched words cover it
+    found = coverage._find_suspects([chunk], {0: [seg]}, 2.5, opts, set())
+    assert [(s.kind, s.gap) for s in found] == [("gap", (0.0, 2.3))]
+    kept = coverage._without([seg], (0.0, 2.3))
+    assert kept[0].words[0].word == " will" and kept[0].words[0].start == 2.3
+
+    # the same chunk with the sentence heard: nothing is suspect
+    heard = _segment(0, [(0.1, 0.5, "Others"), (0.5, 0.7, "can"), (0.7, 1.1, "start"), (1.1, 1.5, "next"),
+                         (1.5, 2.1, "month"), (3.0, 3.3, "We"), (3.3, 3.6, "will"), *rest])
+    assert coverage._find_suspects([chunk], {0: [heard]}, 2.5, opts, set()) == []
+
+
 def test_the_token_budget_bounds_a_loop_not_speech():
     """A decode may not run past what its audio could hold: fast English (4 words a second, about
     1.5 tokens a word) always fits, a loop on a 5 s piece stops far below Whisper's 448 tokens,

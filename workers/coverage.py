@@ -248,8 +248,10 @@ def _without(segments: list[Segment], span: Span) -> list[Segment]:
             if not (span[0] <= (seg.start + seg.end) / 2 <= span[1]):
                 out.append(seg)
             continue
-        before = [w for w in seg.words if _middle(w) < span[0]]
-        after = [w for w in seg.words if _middle(w) > span[1]]
+        # a kept word that reached into the span (alignment stretched it over the words taken
+        # out) ends, or starts, at the span's edge: the new words go there
+        before = [_clipped(w, end=span[0]) for w in seg.words if _middle(w) < span[0]]
+        after = [_clipped(w, start=span[1]) for w in seg.words if _middle(w) > span[1]]
         if len(before) + len(after) == len(seg.words) and not (before and after):
             out.append(seg)
             continue
@@ -259,6 +261,12 @@ def _without(segments: list[Segment], span: Span) -> list[Segment]:
                 text = "".join(w.word for w in kept).strip()
                 out.append(msgspec.structs.replace(seg, words=kept, text=text, start=kept[0].start, end=kept[-1].end))
     return out
+
+
+def _clipped(word: Word, start: float = float("-inf"), end: float = float("inf")) -> Word:
+    if word.start >= start and word.end <= end:
+        return word
+    return msgspec.structs.replace(word, start=max(word.start, start), end=min(word.end, end))
 
 
 def speech_rate(chunks: list[Chunk], by_chunk: dict[int, list[Segment]], opts: CoverageOptions) -> float:
@@ -391,7 +399,9 @@ def _find_suspects(
             continue
         if not gaps or ("heard nothing", c.index) in tried:
             continue  # the whole ladder heard nothing in the whole chunk: its parts are no different
-        for gap in uncovered(speech, segments, opts):
+        gaps_here = uncovered(speech, segments, opts)
+        words = _words(segments)
+        for gap in gaps_here + _sparse_regions(speech, words, gaps_here, rate, opts):
             key = (c.index, round(gap[0], 2), round(gap[1], 2))
             if key in tried:
                 continue
@@ -405,6 +415,23 @@ def _find_suspects(
             stretch = (max(low, region[0] - opts.context_s), min(high, region[1] + opts.context_s))
             found.append(_Suspect(i, "gap", gap, region, stretch, _speech_seconds(speech, gap)))
     return found
+
+
+def _sparse_regions(speech: list[Span], words: list[Word], gaps: list[Span], rate: float, opts: CoverageOptions) -> list[Span]:
+    """The VAD regions of a chunk of several (each between two pauses) with at least
+    ``min_suspect_s`` of speech and too few words for it (``plausible``, words counted by their
+    middles), where no gap was found: Whisper skipped the sentence and alignment stretched its
+    neighbours' words over it, so its audio looks covered (measured: "Others can start next
+    month." before a 0.6 s pause, covered by "We" and "will" of the next sentence, 1.2 and 2.4 s
+    long)."""
+    if len(speech) < 2:
+        return []  # the chunk itself: the chunk's own sparse check
+    return [
+        r for r in speech
+        if r[1] - r[0] >= opts.min_suspect_s
+        and not any(g[0] < r[1] and g[1] > r[0] for g in gaps)
+        and not plausible(len(_inside(words, r)), r[1] - r[0], rate, opts)
+    ]
 
 
 def _heard_window(chunk: Chunk, h0: float, h1: float, index: int) -> Chunk:
