@@ -108,6 +108,7 @@ class Systems:
                 "coverage": msgspec.to_builtins(t.stats.coverage),
                 "unheard": [list(u) for u in t.unheard],
                 "unheard_seconds": t.stats.coverage.unheard_seconds,
+                "stages": t.stats.stages,  # seconds per stage: extract, segment, transcribe, merge
             }
         else:
             raise SystemExit(f"corpus_eval: unknown system {name!r} (one of {', '.join(SYSTEMS)})")
