@@ -11,8 +11,9 @@ and word-aligned a batch:
 * **Suspects.** Every stretch of the VAD's speech (``Chunk.speech``) that no aligned word covers,
   at least ``min_gap_s`` long (a *gap*, taken with the rest of the VAD speech region(s) it lies
   in); every chunk with far fewer words per second of its speech than the batch's own rate
-  (``sparse_ratio``; at least ``min_suspect_s`` of speech); every chunk whose text loops
-  (Whisper's compression-ratio check).
+  (``sparse_ratio``; at least ``min_suspect_s`` of speech), and every VAD region of a chunk
+  (speech between pauses) with too few words by the same rule, taken as a gap
+  (``_sparse_regions``); every chunk whose text loops (Whisper's compression-ratio check).
 * **The ladder.** Each suspect climbs ``LADDER`` until its words are plausible for its speech
   (``plausible``) or the ladder ends. A gap: (0) the stretch alone, decoded as before (a gap's
   context differs from its chunk's); (1) with timestamp tokens, as sequential Whisper decodes;
@@ -391,8 +392,9 @@ def _find_suspects(
         segments = by_chunk.get(c.index, [])
         whole = (c.start, c.end)
         speech_s = _speech_seconds(speech, whole)
+        words = _words(segments)
         looping = bool(segments) and _loops(segments, speech_s)
-        sparse = speech_s >= opts.min_suspect_s and not plausible(len(_words(segments)), speech_s, rate, opts)
+        sparse = speech_s >= opts.min_suspect_s and not plausible(len(words), speech_s, rate, opts)
         if (looping or sparse) and ("chunk", c.index) not in tried:
             tried.add(("chunk", c.index))
             found.append(_Suspect(i, "chunk", whole, whole, whole, speech_s, looping=looping))
@@ -400,7 +402,6 @@ def _find_suspects(
         if not gaps or ("heard nothing", c.index) in tried:
             continue  # the whole ladder heard nothing in the whole chunk: its parts are no different
         gaps_here = uncovered(speech, segments, opts)
-        words = _words(segments)
         for gap in gaps_here + _sparse_regions(speech, words, gaps_here, rate, opts):
             key = (c.index, round(gap[0], 2), round(gap[1], 2))
             if key in tried:
