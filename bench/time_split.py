@@ -30,10 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import anyio
-
 from bench import corpus
-from bench.corpus_eval import commit
+from bench.corpus_eval import Systems, commit
 from bench.report import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,50 +93,22 @@ def main() -> None:
     args = ap.parse_args()
 
     import faster_whisper.transcribe as fw
-    from concurrent.futures import ThreadPoolExecutor
-
-    from faster_whisper import BatchedInferencePipeline, WhisperModel
-
-    from app.config import Settings
-    from app.messages import TranscribeOptions
-    from workers.engines.ctranslate2 import bundled_model_path
-    from workers.engines.pool import EnginePool
-    from workers.local_runner import LocalRunner
 
     specs = corpus.select(args.only or ",".join(DEFAULT), False, corpus.SPECS)
     entries = corpus.build(args.corpus, specs, log=lambda _line: None)
 
+    # the very models and settings corpus_eval measures, each with its model calls metered
+    systems = Systems(("batched", "vtp"), Path(tempfile.mkdtemp(prefix="vtp-time-split-")))
     peer, ours = Meter(), Meter()
-    with ThreadPoolExecutor(1) as pool:  # loaded off the main thread, as corpus_eval does
-        model = pool.submit(WhisperModel, str(bundled_model_path()), device="cpu", compute_type="int8",
-                            cpu_threads=os.cpu_count() or 0).result()
-    _metered_model(model, peer)
+    _metered_model(systems.model, peer)
     peer.wrap(fw, "get_speech_timestamps", "vad")
     peer.wrap(fw, "decode_audio", "decode audio")
-    batched = BatchedInferencePipeline(model)
-
-    options = TranscribeOptions(batch_size=8, beam_size=5, formats=("json",))
-    engines = EnginePool()
-    with ThreadPoolExecutor(1) as pool:
-        engine = pool.submit(engines.get, options).result()
-    _metered_model(engine.model, ours)
-    work = Path(tempfile.mkdtemp(prefix="vtp-time-split-"))
-    runner = LocalRunner(Settings.from_env(data_dir=str(work / "data")), engines=engines)
-
-    def run_batched(path: Path) -> float:
-        t0 = time.perf_counter()
-        list(batched.transcribe(str(path), batch_size=8, beam_size=5, language="en")[0])
-        return time.perf_counter() - t0
-
-    def run_vtp(path: Path):
-        t0 = time.perf_counter()
-        result = anyio.run(lambda: runner.run(path, options, work / "out"))
-        return time.perf_counter() - t0, result.transcript.stats
+    _metered_model(systems.runner.engines.get(systems.options).model, ours)
 
     warm = corpus.DATA / "jfk.flac"
-    run_batched(warm)
-    run_vtp(warm)
-    cores = 2  # the batched pipeline's one call keeps both threads busy (cpu_threads above)
+    systems.run("batched", warm)
+    systems.run("vtp", warm)
+    cores = os.cpu_count() or 1  # the batched pipeline's model runs each call on this many threads
     lines = [
         "| input | system | wall s | windows | encoder | generate | alignment | VAD / segment | audio decode / extract | ladder rungs |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -146,17 +116,18 @@ def main() -> None:
     for entry in entries:
         path = args.corpus / entry["file"]
         peer.clear()
-        bat_wall = run_batched(path)
+        bat_wall = systems.run("batched", path)["seconds"]
         ps = dict(peer.seconds)
         ours.clear()
-        vtp_wall, stats = run_vtp(path)
+        result = systems.run("vtp", path)
+        vtp_wall, stages = result["seconds"], result["stages"]
         vs = dict(ours.seconds)
-        # core-seconds: the batched calls ran on 2 threads at once, vtp's calls on 1 each
+        # core-seconds: the batched calls ran on every core at once, vtp's calls on 1 each
         row_b = {k: cores * v for k, v in ps.items() if k in ("encode", "generate")}
         row_b["vad"], row_b["decode audio"] = ps.get("vad", 0.0), ps.get("decode audio", 0.0)
         row_v = {k: vs.get(k, 0.0) for k in ("encode", "generate", "align")}
-        row_v["vad"], row_v["decode audio"] = stats.stages.get("segment", 0.0), stats.stages.get("extract", 0.0)
-        rungs = ", ".join(f"{k} {v}" for k, v in stats.coverage.rungs.items()) or "none"
+        row_v["vad"], row_v["decode audio"] = stages.get("segment", 0.0), stages.get("extract", 0.0)
+        rungs = ", ".join(f"{k} {v}" for k, v in result["coverage"]["rungs"].items()) or "none"
 
         def cell(row: dict, key: str) -> str:
             return f"{row[key]:.2f}" if key in row else "-"
