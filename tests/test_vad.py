@@ -138,3 +138,10 @@ def test_a_paragraph_longer_than_the_window_is_cut_at_a_pause(ivr):
     for c in chunks[:-1]:
         assert c.duration < opts.max_chunk_s - 0.05, c  # not a hard cut at the limit
         assert level(c.end) < 0.25 * loud, (c.end, level(c.end), loud)  # at a pause
+
+
+def test_spans_overlap_only_where_they_share_some_length():
+    assert spans.overlap((1.0, 3.0), (2.0, 4.0)) and spans.overlap((2.0, 4.0), (1.0, 3.0))
+    assert spans.overlap((1.0, 5.0), (2.0, 3.0))  # one inside the other
+    assert not spans.overlap((1.0, 2.0), (2.0, 3.0))  # touching
+    assert not spans.overlap((1.0, 2.0), (3.0, 4.0))

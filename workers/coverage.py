@@ -72,7 +72,7 @@ from workers.engines.base import (
     compression_ratio,
     needs_fallback,
 )
-from workers.spans import merge, subtract
+from workers.spans import merge, overlap, subtract
 
 Span = tuple[float, float]
 
@@ -410,7 +410,7 @@ def _find_suspects(
             # the whole of the VAD's speech around the gap: where Whisper merged a phrase said
             # twice, the words beside the gap are mistimed too; within the gap's own piece of
             # the chunk, with context: never across a cut pause
-            around = [r for r in speech if r[0] < gap[1] and r[1] > gap[0]] or [gap]
+            around = [r for r in speech if overlap(r, gap)] or [gap]
             low, high = c.span_around(*gap)
             region = (max(low, min(r[0] for r in around)), min(high, max(r[1] for r in around)))
             stretch = (max(low, region[0] - opts.context_s), min(high, region[1] + opts.context_s))
@@ -430,7 +430,7 @@ def _sparse_regions(speech: list[Span], words: list[Word], gaps: list[Span], rat
     return [
         r for r in speech
         if r[1] - r[0] >= opts.min_suspect_s
-        and not any(g[0] < r[1] and g[1] > r[0] for g in gaps)
+        and not any(overlap(g, r) for g in gaps)
         and not plausible(len(_inside(words, r)), r[1] - r[0], rate, opts)
     ]
 

@@ -1,7 +1,8 @@
 """Spans: ``(start, end)`` pairs of seconds or samples, merged and subtracted.
 
 The VAD merges the regions its blocks found, the safety net subtracts speech from loud
-stretches, and the coverage check subtracts words from speech: one way of doing each.
+stretches, and the coverage check subtracts words from speech and finds the speech regions a gap
+overlaps: one way of doing each.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def merge(spans: Iterable[tuple[N, N]], *, touching: bool = True) -> list[tuple[
         else:
             out.append((start, end))
     return out
+
+
+def overlap(a: tuple[N, N], b: tuple[N, N]) -> bool:
+    """Whether ``a`` and ``b`` share some length (spans that only touch do not)."""
+    return a[0] < b[1] and b[0] < a[1]
 
 
 def subtract(spans: Iterable[tuple[N, N]], holes: list[tuple[N, N]]) -> list[tuple[N, N]]:
