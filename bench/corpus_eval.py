@@ -6,10 +6,10 @@
     python -m bench.corpus_eval --slice --corpus /tmp/slice       # the committed test slice
     python -m bench.corpus_eval --table docs/corpus_eval_quick.jsonl [--write]   # re-render a run
 
-Builds the corpus first if it is not there (``~/.cache/vtp/corpus``, or ``--corpus``). Then, in
-one process, on the same weights (the bundled tiny.en, CTranslate2 int8; loaded once for the
-faster-whisper systems, and once for vtp as ``vtp transcribe`` loads it: two CTranslate2 workers of
-one thread each on CPU), for
+Builds the corpus first if it is not there (``~/.cache/vtp/corpus``, or ``--corpus``). Then, on
+the same weights (the bundled tiny.en, CTranslate2 int8; loaded once for the faster-whisper
+systems, in a process of their own as a user runs them, ``bench/peers.py``, and once for vtp in
+this one as ``vtp transcribe`` loads it: two CTranslate2 workers of one thread each on CPU), for
 each input and each system:
 
 - **sequential**: faster-whisper ``WhisperModel.transcribe`` (beam 5), the yardstick;
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parents[1]
 
 from bench import corpus
-from bench.report import machine, write_section
+from bench.report import commit, machine, write_section
 from tests.support.wer import deletion_runs, normalize, runs_lost_against, word_errors
 
 SYSTEMS = ("sequential", "batched", "vtp", "vtp-noladder")
@@ -57,49 +56,47 @@ DEFAULT_SYSTEMS = ("sequential", "batched", "vtp")
 
 
 class Systems:
-    """The three systems on one loaded model."""
+    """The systems on the same weights: faster-whisper's pipelines in a process of their own
+    (``bench.peers``: vtp's engine tunes the allocator of the process it loads in), vtp in this
+    one as ``vtp transcribe`` loads it. ``meter``: the peers report their model calls."""
 
-    def __init__(self, names: tuple[str, ...], work: Path) -> None:
-        from faster_whisper import BatchedInferencePipeline, WhisperModel
-
+    def __init__(self, names: tuple[str, ...], work: Path, meter: bool = False) -> None:
         from app.config import Settings
         from app.messages import TranscribeOptions
+        from bench.peers import SYSTEMS as PEERS, Peers
+        from workers.coverage import CoverageOptions
         from workers.engines.pool import EnginePool
-        from workers.engines.ctranslate2 import bundled_model_path
         from workers.local_runner import LocalRunner
 
-        # Loaded in a worker thread, as vtp's EnginePool does (CTranslate2 on CPU measured about
-        # 1.7x slower when the model was created on the main thread, for every system alike).
-        with ThreadPoolExecutor(1) as pool:
-            self.model = pool.submit(
-                WhisperModel, str(bundled_model_path()), device="cpu", compute_type="int8", cpu_threads=os.cpu_count() or 0
-            ).result()
-        self.batched = BatchedInferencePipeline(self.model)
+        self.peers = Peers(meter=meter) if set(names) & set(PEERS) else None
         self.options = TranscribeOptions(batch_size=8, beam_size=5, formats=("json",))
         # vtp as ``vtp transcribe`` loads it (``FasterWhisperEngine.load``: on CPU two CTranslate2
-        # workers of one thread each, one chunk per encoder call): the same weights, its own copy.
+        # workers of one thread each, one chunk per encoder call), in a worker thread as its
+        # EnginePool does (CTranslate2 on CPU measured about 1.7x slower when the model was
+        # created on the main thread, for every system alike): the same weights, its own copy.
         engines = EnginePool()
         with ThreadPoolExecutor(1) as pool:
             pool.submit(engines.get, self.options).result()
         self.runner = LocalRunner(Settings.from_env(data_dir=str(work / "data")), engines=engines)
-        from workers.coverage import CoverageOptions
-
         self.runner_noladder = LocalRunner(
             Settings.from_env(data_dir=str(work / "data")), engines=engines, coverage=CoverageOptions(ladder=())
         )
         self.out = work / "out"
         self.names = names
 
+    def close(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
+
     def run(self, name: str, path: Path) -> dict:
         """One system on one input: its text, wall seconds and (vtp) coverage."""
+        if name in ("sequential", "batched"):
+            if self.peers is None:
+                raise SystemExit(f"corpus_eval: {name} was not among the systems started")
+            return self.peers.run(name, path)
         t0 = time.perf_counter()
         extra: dict = {}
-        if name == "sequential":
-            text = " ".join(s.text for s in self.model.transcribe(str(path), beam_size=5, language="en")[0])
-        elif name == "batched":
-            segments = self.batched.transcribe(str(path), batch_size=8, beam_size=5, language="en")[0]
-            text = " ".join(s.text for s in segments)
-        elif name in ("vtp", "vtp-noladder"):
+        if name in ("vtp", "vtp-noladder"):
             runner = self.runner if name == "vtp" else self.runner_noladder
             result = anyio.run(lambda: runner.run(path, self.options, self.out))
             t = result.transcript
@@ -163,15 +160,6 @@ def describe(c: dict) -> str:
 
 def _range(r) -> str:
     return f"{r[0]:g}" if r[0] == r[1] else f"{r[0]:g}-{r[1]:g}"
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "app", "workers"], cwd=ROOT, capture_output=True, text=True).stdout
-        return head + (" with uncommitted changes to app/ or workers/" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def table(rows: list[dict], names: tuple[str, ...]) -> str:
@@ -291,7 +279,7 @@ def main() -> None:
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     head = {"machine": machine(), "commit": commit(), "started": started, "systems": names, "load": load,
-            "command": "python -m bench.corpus_eval " + " ".join(sys.argv[1:])}
+            "command": "python -m bench.corpus_eval " + " ".join(sys.argv[1:]), "peers": "own process"}
     print(f"# {head['command']}\n# {head['machine']}; commit {head['commit']}; {started}; load {load}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="vtp-corpus-eval-"))
@@ -332,6 +320,7 @@ def main() -> None:
             log.flush()
     if log:
         log.close()
+    systems.close()
 
     report(head, rows, names, name, log_path, args.write)
 
@@ -352,8 +341,17 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
     body = (
         f"Machine: {head['machine']}, load average {head.get('load', 'not recorded')} at the start (on a "
         f"shared machine the speeds are noisy, even interleaved). Commit: {head['commit']}. Run {head['started']}. "
-        "Model: bundled tiny.en (CTranslate2 int8): one copy for sequential and batched (2 threads), "
-        "one for vtp as `vtp transcribe` loads it (2 workers of 1 thread). Command: "
+        + (
+            "Model: bundled tiny.en (CTranslate2 int8): one copy for sequential and batched (2 threads) in a "
+            "process of their own, with glibc's allocator as a user gets it (`bench/peers.py`), one for vtp as "
+            "`vtp transcribe` loads it (2 workers of 1 thread). Command: "
+            if head.get("peers") == "own process" else
+            "Model: bundled tiny.en (CTranslate2 int8): one copy for sequential and batched (2 threads), one for vtp "
+            "as `vtp transcribe` loads it (2 workers of 1 thread), all in one process: sequential and batched ran "
+            "under vtp's allocator settings, an 8 MiB mmap threshold then, which slowed them (`bench/peers.py` "
+            "says by how much), so vtp's speed against them reads too high. Command: "
+        )
+        + f"`{head['command']}` (the corpus: `python -m bench.corpus`, deterministic). Systems: sequential = "
         f"`{head['command']}` (the corpus: `python -m bench.corpus`, deterministic). Systems: sequential = "
         "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
         "beam 5); vtp = the local runner (batch 8, beam 5)"

@@ -71,7 +71,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from app.messages import Chunk, TranscribeOptions
-from bench.report import machine, write_section
+from bench.report import commit, machine, write_section
 
 LARGE_V3 = dict(
     d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20, decoder_attention_heads=20,
@@ -544,13 +544,6 @@ def measure_e2e(jobs_list: list[int], seconds: float, runs: int, log, decode_bat
 
 
 # -- the run ----------------------------------------------------------------------------------
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
 
 
 def main() -> None:

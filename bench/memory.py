@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from app import constants
 from app.media import ffmpeg_exe
-from bench.report import machine, write_section
+from bench.report import commit, machine, write_section
 from tests.support.dag_cluster import free_port
 
 DATA = ROOT / "tests" / "data"
@@ -349,7 +349,7 @@ def report(rows: list[tuple[int, str, float]], durations: list[int], engine: str
               + ("" if limit == TARGET_MB else f" (sequential faster-whisper's peak at {label(durations[0])})")
               + f" and within {TARGET_RATIO}x of the {label(durations[0])} peak, for `vtp transcribe` and each worker")
     body = (
-        f"Machine: {machine()}. Engine: `{engine}`"
+        f"Machine: {machine()}. Commit: {commit()}. Engine: `{engine}`"
         + (" (no model: the audio handling alone)" if engine == "noop" else " (bundled tiny.en, int8)")
         + f". Command: `python -m bench.memory --durations {','.join(map(str, durations))} --engine {engine}"
         + (f" --peers {peers}" if peers else "") + " --write docs/benchmarks.md`.\n\n"

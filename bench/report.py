@@ -1,10 +1,13 @@
-"""What every benchmark script shares: the machine it ran on, and its section of docs/benchmarks.md."""
+"""What every benchmark script shares: the machine and commit it ran on, and its section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
@@ -17,6 +20,16 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def commit() -> str:
+    """The commit measured, and whether the code under ``app/`` or ``workers/`` differed from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "app", "workers"], cwd=ROOT, capture_output=True, text=True).stdout
+        return (head or "unknown") + (" with uncommitted changes to app/ or workers/" if dirty.strip() else "")
+    except OSError:
+        return "unknown"
 
 
 def write_section(path: Path, name: str, title: str, body: str) -> None:

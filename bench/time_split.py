@@ -14,8 +14,11 @@ Silero on it and on the original around onsets, the level meter) and the audio d
 vtp's engine calls run on two worker threads at once, each on one core, so its call seconds are
 summed over both workers (core-seconds); the batched pipeline's calls run one at a time on two
 threads, so the table prints its call seconds x 2: an upper bound on its core-seconds (two
-threads are not always both busy), and the wall times are exact. Windows: 30 s encoder windows
-(a ladder piece costs one too, whatever its length).
+threads are not always both busy), and the wall times are exact. The batched pipeline runs in a
+process of its own, as a user runs it (``bench/peers.py``: vtp's engine tunes the allocator of
+the process it loads in), which meters its calls and its CPU; each system's process's CPU seconds
+over a run (user and system, every thread) say how busy the cores were: CPU over wall.
+Windows: 30 s encoder windows (a ladder piece costs one too, whatever its length).
 
 Wrapping the calls costs microseconds per call; the runs are not interleaved with other systems,
 so compare within a line.
@@ -31,58 +34,12 @@ import time
 from pathlib import Path
 
 from bench import corpus
-from bench.corpus_eval import Systems, commit
-from bench.report import machine, write_section
+from bench.corpus_eval import Systems
+from bench.peers import Meter, cpu_seconds, metered_model
+from bench.report import commit, machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ("lecture-rp-150wpm-gap0.8-8min", "sentences-2v-170wpm-short-after-2-3s", "aac24k-sentences")
-
-
-class Meter:
-    """Seconds and calls (an encoder call: its windows) per label, from any thread."""
-
-    def __init__(self) -> None:
-        self.seconds: collections.Counter = collections.Counter()
-        self.calls: collections.Counter = collections.Counter()
-
-    def wrap(self, obj, attr: str, label: str) -> None:
-        inner = getattr(obj, attr)
-
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return inner(*a, **k)
-            finally:
-                self.seconds[label] += time.perf_counter() - t0
-                # rows: the windows of an encoder call (its features are [windows, mels, frames])
-                shape = getattr(a[0], "shape", ()) if a else ()
-                self.calls[label] += shape[0] if len(shape) == 3 else 1
-
-        setattr(obj, attr, timed)
-
-    def clear(self) -> None:
-        self.seconds.clear()
-        self.calls.clear()
-
-
-class _Generate:
-    """A CTranslate2 model whose ``generate`` is metered (the extension type's attributes are
-    read-only)."""
-
-    def __init__(self, model, meter: Meter) -> None:
-        self._model = model
-        self.generate = model.generate
-        meter.wrap(self, "generate", "generate")
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-
-def _metered_model(model, meter: Meter) -> None:
-    meter.wrap(model, "encode", "encode")
-    model.model = _Generate(model.model, meter)
-    if hasattr(model, "add_word_timestamps"):
-        meter.wrap(model, "add_word_timestamps", "align")
 
 
 def main() -> None:
@@ -92,34 +49,32 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write the table to docs/benchmarks.md")
     args = ap.parse_args()
 
-    import faster_whisper.transcribe as fw
-
     specs = corpus.select(args.only or ",".join(DEFAULT), False, corpus.SPECS)
     entries = corpus.build(args.corpus, specs, log=lambda _line: None)
 
     # the very models and settings corpus_eval measures, each with its model calls metered
-    systems = Systems(("batched", "vtp"), Path(tempfile.mkdtemp(prefix="vtp-time-split-")))
-    peer, ours = Meter(), Meter()
-    _metered_model(systems.model, peer)
-    peer.wrap(fw, "get_speech_timestamps", "vad")
-    peer.wrap(fw, "decode_audio", "decode audio")
-    _metered_model(systems.runner.engines.get(systems.options).model, ours)
+    # the batched pipeline meters its own calls, in its own process (``bench.peers``)
+    systems = Systems(("batched", "vtp"), Path(tempfile.mkdtemp(prefix="vtp-time-split-")), meter=True)
+    ours = Meter()
+    metered_model(systems.runner.engines.get(systems.options).model, ours)
 
     warm = corpus.DATA / "jfk.flac"
     systems.run("batched", warm)
     systems.run("vtp", warm)
     cores = os.cpu_count() or 1  # the batched pipeline's model runs each call on this many threads
     lines = [
-        "| input | system | wall s | windows | encoder | generate | alignment | VAD / segment | audio decode / extract | ladder rungs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| input | system | wall s | CPU s (cores busy) | windows | encoder | generate | alignment | VAD / segment | audio decode / extract | ladder rungs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in entries:
         path = args.corpus / entry["file"]
-        peer.clear()
-        bat_wall = systems.run("batched", path)["seconds"]
-        ps = dict(peer.seconds)
+        peer = systems.run("batched", path)
+        bat_wall, bat_cpu = peer["seconds"], peer["cpu"]
+        ps, peer_calls = peer["meter"]["seconds"], peer["meter"]["calls"]
         ours.clear()
+        c0 = cpu_seconds()
         result = systems.run("vtp", path)
+        vtp_cpu = cpu_seconds() - c0
         vtp_wall, stages = result["seconds"], result["stages"]
         vs = dict(ours.seconds)
         # core-seconds: the batched calls ran on every core at once, vtp's calls on 1 each
@@ -132,16 +87,18 @@ def main() -> None:
         def cell(row: dict, key: str) -> str:
             return f"{row[key]:.2f}" if key in row else "-"
 
-        for name, wall, row, windows in (("batched", bat_wall, row_b, peer.calls["encode"]),
-                                         ("vtp", vtp_wall, row_v, ours.calls["encode"])):
+        for name, wall, cpu, row, windows in (("batched", bat_wall, bat_cpu, row_b, peer_calls.get("encode", 0)),
+                                              ("vtp", vtp_wall, vtp_cpu, row_v, ours.calls["encode"])):
             lines.append(
-                f"| {entry['name']} ({entry['seconds']:.0f} s) | {name} | {wall:.2f} | {windows} | {cell(row, 'encode')} | "
+                f"| {entry['name']} ({entry['seconds']:.0f} s) | {name} | {wall:.2f} | {cpu:.2f} ({cpu / wall:.2f}) | {windows} | {cell(row, 'encode')} | "
                 f"{cell(row, 'generate')} | {cell(row, 'align')} | {cell(row, 'vad')} | {cell(row, 'decode audio')} | "
                 f"{rungs if name == 'vtp' else '-'} |"
             )
         print(f"{entry['name']:40} batched {bat_wall:6.2f} s  vtp {vtp_wall:6.2f} s ({bat_wall / vtp_wall:.2f}x)  "
               f"core-s encode {row_b['encode']:.1f}/{row_v['encode']:.1f} generate {row_b['generate']:.1f}/{row_v['generate']:.1f} "
-              f"align -/{row_v['align']:.1f} vad {row_b['vad']:.2f}/{row_v['vad']:.2f}", flush=True)
+              f"align -/{row_v['align']:.1f} vad {row_b['vad']:.2f}/{row_v['vad']:.2f} "
+              f"CPU s {bat_cpu:.1f}/{vtp_cpu:.1f}", flush=True)
+    systems.close()
     table = "\n".join(lines)
     print(table)
     if args.write:
@@ -149,7 +106,8 @@ def main() -> None:
             f"Machine: {machine()}. Commit: {commit()}. Command: `python -m bench.time_split{' --only ' + args.only if args.only else ''} --write`. "
             "Model: bundled tiny.en (CTranslate2 int8), batch 8, beam 5; the batched pipeline on one model of 2 threads, "
             "vtp as `vtp transcribe` loads it (2 workers of 1 thread). Wall: end to end from the media file, one run "
-            "each after a warm-up. Model calls in core-seconds: vtp's summed over its two workers of one thread; the batched "
+            "each after a warm-up; the batched pipeline in a process of its own (`bench/peers.py`). CPU s: the user and "
+            "system seconds of the system's process over the run, all threads; cores busy: CPU s over wall (at most 2). Model calls in core-seconds: vtp's summed over its two workers of one thread; the batched "
             "pipeline's call seconds x its 2 threads (an upper bound: two threads are not always both busy); windows: 30 s "
             "encoder windows; VAD / segment: the batched "
             "pipeline's Silero pass, vtp's segment stage (wall). Mel features and the pipelines' own Python are not metered: the wall time holds them.\n\n"

@@ -103,18 +103,21 @@ def load_error(exc: BaseException, options: TranscribeOptions, source: str) -> e
 CPU_CALL_CHUNKS = 1
 
 
-def _tune_malloc(arenas: int = 2, mmap_threshold: int = 8 << 20) -> None:
+def _tune_malloc(arenas: int = 2) -> None:
     """glibc's allocator, for a process that holds a model and decodes batch after batch (what
-    ``MALLOC_ARENA_MAX`` and ``MALLOC_MMAP_THRESHOLD_`` set at start; either variable, when set,
-    wins). Measured with the bundled model on 2 cores:
+    ``MALLOC_ARENA_MAX`` sets at start; the variable, when set, wins). Measured with the bundled
+    model on 2 cores:
 
     * ``M_ARENA_MAX`` 2: CTranslate2's and OpenMP's threads each got an arena of their own, which
       kept ~120 MB of freed buffers resident (10-minute input: 1,069 -> 946 MB before the
       one-chunk calls below).
-    * ``M_MMAP_THRESHOLD`` 8 MiB, fixed: a batch's largest buffers (attention scores, 54 MB per
-      chunk) are mapped and unmapped whole instead of growing the heap, and glibc's sliding
-      threshold no longer pulls them into it after the first free (30-minute input: peak 579 ->
-      508 MB with ``_trim_heap``).
+    * Not a fixed ``M_MMAP_THRESHOLD`` (it was 8 MiB): it mapped every buffer of 8 MiB or more
+      afresh each time it was needed, and paging them in cost system time, in this process and
+      in anything beside it (the 8-minute lecture of the generated corpus: 2.5-2.9 million page
+      faults and 6.6-7.1 s of system time for the batched faster-whisper pipeline in the same
+      process, 1.3-1.6 million and 3.3-3.4 s without it; vtp's own 4.5-5.3 s became 1.8-3.2 s).
+      glibc's sliding threshold keeps buffers up to 32 MiB in the heap; ``_trim_heap`` gives
+      back what a batch freed.
 
     Threads created from now on get the capped arenas. A no-op where the C library is not glibc."""
     import ctypes
@@ -129,8 +132,6 @@ def _tune_malloc(arenas: int = 2, mmap_threshold: int = 8 << 20) -> None:
         return
     if not os.environ.get("MALLOC_ARENA_MAX"):
         mallopt(-8, arenas)  # M_ARENA_MAX
-    if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
 
 
 _LIBC = None
