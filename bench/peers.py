@@ -1,7 +1,7 @@
 """faster-whisper's own pipelines in a process of their own, as a user runs them.
 
     peers = Peers()                      # starts ``python -m bench.peers`` and loads the model
-    peers.run("batched", path)           # {"text", "seconds", "cpu"[, "meter"]}
+    peers.run("batched", path)           # {"text", "seconds", "cpu", "sys", "faults"[, "meter"]}
     peers.close()
 
 The benches compare vtp against plain faster-whisper: ``WhisperModel.transcribe`` (sequential,
@@ -9,8 +9,9 @@ beam 5) and ``BatchedInferencePipeline`` (batch 8, beam 5) on the bundled tiny.e
 int8, one model of ``os.cpu_count()`` threads). They run here, not in the bench's process,
 because vtp's engine tunes the process's allocator when it loads (``M_ARENA_MAX``,
 ``workers.engines.ctranslate2._tune_malloc``): beside vtp the peers would be measured under vtp's
-settings, not glibc's as a user gets them (measured: with the fixed 8 MiB mmap threshold vtp
-once set, the batched pipeline took 15.7-16.7 s on the 8-minute lecture instead of 11.8-13.3 s).
+settings, not glibc's as a user gets them (with the fixed 8 MiB mmap threshold vtp set until
+ba9c1b1, the batched pipeline took 15.6 s on the 8-minute lecture instead of 13.8 s:
+``docs/logs/time_split-mmap8MiB.txt`` against ``docs/logs/time_split.txt``).
 
 The protocol is one JSON line each way per run, on the child's stdin and on a copy of its stdout
 taken before anything else can print there (the child's ``sys.stdout`` goes to its stderr).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -99,7 +101,7 @@ class Peers:
 
     def run(self, system: str, path: Path) -> dict:
         """One run of ``system`` on ``path``: its text, wall seconds (end to end from the media
-        file, measured in the child), the child's CPU seconds over the run and, metered, its
+        file, measured in the child), the child's CPU over the run (``used``) and, metered, its
         model calls."""
         assert self._child.stdin is not None
         self._child.stdin.write(json.dumps({"system": system, "path": str(path)}) + "\n")
@@ -116,10 +118,17 @@ class Peers:
             self._child.wait(timeout=30)
 
 
-def cpu_seconds() -> float:
-    """This process's CPU seconds so far, user and system, over all its threads."""
-    t = os.times()
-    return t.user + t.system
+def usage() -> dict:
+    """This process's CPU so far, over all its threads: user and system seconds, and minor page
+    faults (pages the kernel mapped in on first touch)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu": r.ru_utime + r.ru_stime, "sys": r.ru_stime, "faults": r.ru_minflt}
+
+
+def used(before: dict) -> dict:
+    """What ``usage()`` grew by since ``before``: {"cpu", "sys", "faults"}."""
+    now = usage()
+    return {k: round(now[k] - before[k], 3) for k in now}
 
 
 def serve(meter: bool) -> None:
@@ -151,7 +160,7 @@ def serve(meter: bool) -> None:
     for line in sys.stdin:
         req = json.loads(line)
         calls.clear()
-        t0, c0 = time.perf_counter(), cpu_seconds()
+        t0, u0 = time.perf_counter(), usage()
         try:
             if req["system"] == "sequential":
                 segments = model.transcribe(req["path"], beam_size=5, language="en")[0]
@@ -163,7 +172,7 @@ def serve(meter: bool) -> None:
         except Exception as exc:  # reported to the bench, which stops with it
             reply({"error": f"{type(exc).__name__}: {exc}"})
             continue
-        d = {"text": text.strip(), "seconds": round(time.perf_counter() - t0, 3), "cpu": round(cpu_seconds() - c0, 3)}
+        d = {"text": text.strip(), "seconds": round(time.perf_counter() - t0, 3), **used(u0)}
         if meter:
             d["meter"] = {"seconds": dict(calls.seconds), "calls": dict(calls.calls)}
         reply(d)

@@ -17,7 +17,9 @@ threads, so the table prints its call seconds x 2: an upper bound on its core-se
 threads are not always both busy), and the wall times are exact. The batched pipeline runs in a
 process of its own, as a user runs it (``bench/peers.py``: vtp's engine tunes the allocator of
 the process it loads in), which meters its calls and its CPU; each system's process's CPU seconds
-over a run (user and system, every thread) say how busy the cores were: CPU over wall.
+over a run (user and system, every thread) say how busy the cores were: CPU over wall; its
+system seconds and minor page faults, what paging in fresh memory cost (the allocator's settings
+show there: ``workers.engines.ctranslate2._tune_malloc``).
 Windows: 30 s encoder windows (a ladder piece costs one too, whatever its length).
 
 Wrapping the calls costs microseconds per call; the runs are not interleaved with other systems,
@@ -35,7 +37,7 @@ from pathlib import Path
 
 from bench import corpus
 from bench.corpus_eval import Systems
-from bench.peers import Meter, cpu_seconds, metered_model
+from bench.peers import Meter, metered_model, usage, used
 from bench.report import commit, machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,18 +65,18 @@ def main() -> None:
     systems.run("vtp", warm)
     cores = os.cpu_count() or 1  # the batched pipeline's model runs each call on this many threads
     lines = [
-        "| input | system | wall s | CPU s (cores busy) | windows | encoder | generate | alignment | VAD / segment | audio decode / extract | ladder rungs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| input | system | wall s | CPU s (cores busy) | system s, page faults | windows | encoder | generate | alignment | VAD / segment | audio decode / extract | ladder rungs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in entries:
         path = args.corpus / entry["file"]
         peer = systems.run("batched", path)
-        bat_wall, bat_cpu = peer["seconds"], peer["cpu"]
+        bat_wall, bat_use = peer["seconds"], peer
         ps, peer_calls = peer["meter"]["seconds"], peer["meter"]["calls"]
         ours.clear()
-        c0 = cpu_seconds()
+        u0 = usage()
         result = systems.run("vtp", path)
-        vtp_cpu = cpu_seconds() - c0
+        vtp_use = used(u0)
         vtp_wall, stages = result["seconds"], result["stages"]
         vs = dict(ours.seconds)
         # core-seconds: the batched calls ran on every core at once, vtp's calls on 1 each
@@ -87,17 +89,18 @@ def main() -> None:
         def cell(row: dict, key: str) -> str:
             return f"{row[key]:.2f}" if key in row else "-"
 
-        for name, wall, cpu, row, windows in (("batched", bat_wall, bat_cpu, row_b, peer_calls.get("encode", 0)),
-                                              ("vtp", vtp_wall, vtp_cpu, row_v, ours.calls["encode"])):
+        for name, wall, use, row, windows in (("batched", bat_wall, bat_use, row_b, peer_calls.get("encode", 0)),
+                                              ("vtp", vtp_wall, vtp_use, row_v, ours.calls["encode"])):
             lines.append(
-                f"| {entry['name']} ({entry['seconds']:.0f} s) | {name} | {wall:.2f} | {cpu:.2f} ({cpu / wall:.2f}) | {windows} | {cell(row, 'encode')} | "
+                f"| {entry['name']} ({entry['seconds']:.0f} s) | {name} | {wall:.2f} | {use['cpu']:.2f} ({use['cpu'] / wall:.2f}) | "
+                f"{use['sys']:.2f}, {use['faults'] / 1e6:.2f} M | {windows} | {cell(row, 'encode')} | "
                 f"{cell(row, 'generate')} | {cell(row, 'align')} | {cell(row, 'vad')} | {cell(row, 'decode audio')} | "
                 f"{rungs if name == 'vtp' else '-'} |"
             )
         print(f"{entry['name']:40} batched {bat_wall:6.2f} s  vtp {vtp_wall:6.2f} s ({bat_wall / vtp_wall:.2f}x)  "
               f"core-s encode {row_b['encode']:.1f}/{row_v['encode']:.1f} generate {row_b['generate']:.1f}/{row_v['generate']:.1f} "
               f"align -/{row_v['align']:.1f} vad {row_b['vad']:.2f}/{row_v['vad']:.2f} "
-              f"CPU s {bat_cpu:.1f}/{vtp_cpu:.1f}", flush=True)
+              f"CPU s {bat_use['cpu']:.1f}/{vtp_use['cpu']:.1f} system s {bat_use['sys']:.1f}/{vtp_use['sys']:.1f}", flush=True)
     systems.close()
     table = "\n".join(lines)
     print(table)
@@ -107,7 +110,7 @@ def main() -> None:
             "Model: bundled tiny.en (CTranslate2 int8), batch 8, beam 5; the batched pipeline on one model of 2 threads, "
             "vtp as `vtp transcribe` loads it (2 workers of 1 thread). Wall: end to end from the media file, one run "
             "each after a warm-up; the batched pipeline in a process of its own (`bench/peers.py`). CPU s: the user and "
-            "system seconds of the system's process over the run, all threads; cores busy: CPU s over wall (at most 2). Model calls in core-seconds: vtp's summed over its two workers of one thread; the batched "
+            "system seconds of the system's process over the run, all threads; cores busy: CPU s over wall (at most 2); system s: the kernel's share of it, mostly paging in fresh memory (page faults: pages mapped on first touch). Model calls in core-seconds: vtp's summed over its two workers of one thread; the batched "
             "pipeline's call seconds x its 2 threads (an upper bound: two threads are not always both busy); windows: 30 s "
             "encoder windows; VAD / segment: the batched "
             "pipeline's Silero pass, vtp's segment stage (wall). Mel features and the pipelines' own Python are not metered: the wall time holds them.\n\n"

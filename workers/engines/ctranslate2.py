@@ -113,11 +113,11 @@ def _tune_malloc(arenas: int = 2) -> None:
       one-chunk calls below).
     * Not a fixed ``M_MMAP_THRESHOLD`` (it was 8 MiB): it mapped every buffer of 8 MiB or more
       afresh each time it was needed, and paging them in cost system time, in this process and
-      in anything beside it (the 8-minute lecture of the generated corpus: 2.5-2.9 million page
-      faults and 6.6-7.1 s of system time for the batched faster-whisper pipeline in the same
-      process, 1.3-1.6 million and 3.3-3.4 s without it; vtp's own 4.5-5.3 s became 1.8-3.2 s).
-      glibc's sliding threshold keeps buffers up to 32 MiB in the heap; ``_trim_heap`` gives
-      back what a batch freed.
+      in anything beside it (the 8-minute lecture of the generated corpus, ``bench/time_split.py``
+      with and without ``MALLOC_MMAP_THRESHOLD_=8388608``, logs in ``docs/logs/``: vtp 17.0 s
+      with 6.4 system seconds and 2.6 M page faults, 15.8 s with 2.8 and 1.0 M without it; the
+      batched faster-whisper pipeline 15.6 s against 13.8 s). glibc's sliding threshold keeps
+      buffers up to 32 MiB in the heap; ``_trim_heap`` gives back what a batch freed.
 
     Threads created from now on get the capped arenas. A no-op where the C library is not glibc."""
     import ctypes
