@@ -9,7 +9,9 @@ CTranslate2 replicas, and decodes one batch of 8 chunks of 29.9 s of the test sp
 three times. Before each step the kernel's high-water mark is reset (``/proc/self/clear_refs``
 5), so each line is that step's own peak: features, encoder, encoder + beam search
 (faster-whisper's batched generate), word alignment. ``--malloc default`` leaves glibc's allocator
-as it is (no arena cap, no fixed mmap threshold, no trim).
+as it is (no arena cap, no trim); ``tuned``, the default, does what the engine does: the arena
+cap and a trim per batch (and, until ba9c1b1, when the logs in docs/logs were made, a fixed
+8 MiB mmap threshold).
 """
 
 from __future__ import annotations
