@@ -346,10 +346,10 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
             "process of their own, with glibc's allocator as a user gets it (`bench/peers.py`), one for vtp as "
             "`vtp transcribe` loads it (2 workers of 1 thread). Command: "
             if head.get("peers") == "own process" else
-            "Model: bundled tiny.en (CTranslate2 int8): one copy for sequential and batched (2 threads), one for vtp "
-            "as `vtp transcribe` loads it (2 workers of 1 thread), all in one process: sequential and batched ran "
-            "under vtp's allocator settings, an 8 MiB mmap threshold then, which slowed them (`bench/peers.py` "
-            "says by how much), so vtp's speed against them reads too high. Command: "
+            "Model: bundled tiny.en (CTranslate2 int8); sequential, batched and vtp in one process (a run before "
+            "ba9c1b1: where vtp's engine was loaded as `vtp transcribe` loads it, from a989345 on, the 8 MiB mmap "
+            "threshold it set for the whole process slowed the other two, so vtp's speed against them reads too "
+            "high; `bench/peers.py` says by how much). Command: "
         )
         + f"`{head['command']}` (the corpus: `python -m bench.corpus`, deterministic). Systems: sequential = "
         f"`{head['command']}` (the corpus: `python -m bench.corpus`, deterministic). Systems: sequential = "
