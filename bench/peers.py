@@ -111,11 +111,16 @@ class Peers:
             raise RuntimeError(f"bench.peers: {system} on {path.name}: {reply['error']}")
         return reply
 
+    @property
+    def pid(self) -> int:
+        return self._child.pid
+
     def close(self) -> None:
-        if self._child.poll() is None:
-            if self._child.stdin:
-                self._child.stdin.close()
-            self._child.wait(timeout=30)
+        """End the child (end of its input) and close both pipes."""
+        for pipe in (self._child.stdin, self._child.stdout):
+            if pipe is not None:
+                pipe.close()
+        self._child.wait(timeout=30)
 
 
 def usage() -> dict:
