@@ -352,7 +352,6 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
             "high; `bench/peers.py` says by how much). Command: "
         )
         + f"`{head['command']}` (the corpus: `python -m bench.corpus`, deterministic). Systems: sequential = "
-        f"`{head['command']}` (the corpus: `python -m bench.corpus`, deterministic). Systems: sequential = "
         "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
         "beam 5); vtp = the local runner (batch 8, beam 5)"
         + ("; vtp0 = the same with the coverage ladder off (`CoverageOptions(ladder=())`): the ladder's cost is "

@@ -14,7 +14,8 @@ ba9c1b1, the batched pipeline took 15.6 s on the 8-minute lecture instead of 13.
 ``docs/logs/time_split-mmap8MiB.txt`` against ``docs/logs/time_split.txt``).
 
 The protocol is one JSON line each way per run, on the child's stdin and on a copy of its stdout
-taken before anything else can print there (the child's ``sys.stdout`` goes to its stderr).
+taken before anything else can print there (the child's file descriptor 1 and ``sys.stdout`` then
+go to its stderr).
 With ``meter=True`` each reply also holds the seconds and calls spent in each kind of model call
 (``Meter``; ``bench/time_split.py`` reads them).
 """
@@ -138,7 +139,9 @@ def used(before: dict) -> dict:
 
 def serve(meter: bool) -> None:
     out = os.fdopen(os.dup(1), "w")
-    sys.stdout = sys.stderr  # nothing a library prints can reach the protocol's stream
+    # nothing a library prints, from Python or from C, can reach the protocol's stream
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     import faster_whisper.transcribe as fw
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 

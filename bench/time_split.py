@@ -29,10 +29,8 @@ so compare within a line.
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import tempfile
-import time
 from pathlib import Path
 
 from bench import corpus
@@ -54,8 +52,8 @@ def main() -> None:
     specs = corpus.select(args.only or ",".join(DEFAULT), False, corpus.SPECS)
     entries = corpus.build(args.corpus, specs, log=lambda _line: None)
 
-    # the very models and settings corpus_eval measures, each with its model calls metered
-    # the batched pipeline meters its own calls, in its own process (``bench.peers``)
+    # the very models and settings corpus_eval measures, each with its model calls metered (the
+    # batched pipeline's in its own process, ``bench.peers``)
     systems = Systems(("batched", "vtp"), Path(tempfile.mkdtemp(prefix="vtp-time-split-")), meter=True)
     ours = Meter()
     metered_model(systems.runner.engines.get(systems.options).model, ours)
@@ -70,9 +68,9 @@ def main() -> None:
     ]
     for entry in entries:
         path = args.corpus / entry["file"]
-        peer = systems.run("batched", path)
-        bat_wall, bat_use = peer["seconds"], peer
-        ps, peer_calls = peer["meter"]["seconds"], peer["meter"]["calls"]
+        bat_use = systems.run("batched", path)  # its wall, CPU (``peers.used``) and metered calls
+        bat_wall = bat_use["seconds"]
+        ps, peer_calls = bat_use["meter"]["seconds"], bat_use["meter"]["calls"]
         ours.clear()
         u0 = usage()
         result = systems.run("vtp", path)
