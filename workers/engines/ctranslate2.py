@@ -9,9 +9,11 @@ itself says it heard nothing (no hallucinated words in noise).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -159,25 +161,85 @@ def _trim_heap() -> None:
         trim(0)
 
 
+#: Bytes of encoder output kept for reuse on CPU (``EncoderCache``): a few batches' worth for
+#: tiny (2.3 MB a chunk) and base (3 MB).
+ENCODER_CACHE_BYTES = 48 << 20
+
+
+class EncoderCache:
+    """The encoder outputs of the last chunks encoded, by the digest of their features.
+
+    The coverage ladder decodes some audio again that the engine has just encoded: a whole chunk
+    with timestamp tokens after the fast decode, a gap's stretch with them after it was decoded
+    alone, the temperature fallback after either. The encoder's output depends on the features
+    alone (one chunk per call on CPU), so those rungs reuse it instead of encoding the same 30 s
+    window again: the results are the same, the encoder's time is not spent twice. Least recently
+    used entries go first, past ``limit`` bytes; thread-safe (the engine's workers share it)."""
+
+    def __init__(self, limit: int = ENCODER_CACHE_BYTES) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(features: np.ndarray) -> bytes:
+        return hashlib.blake2b(np.ascontiguousarray(features).data, digest_size=16).digest()
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return found
+
+    def put(self, key: bytes, output: np.ndarray) -> None:
+        with self._lock:
+            if key in self._entries or output.nbytes > self.limit:
+                return
+            self._entries[key] = output
+            self._bytes += output.nbytes
+            while self._bytes > self.limit:
+                _old, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.nbytes
+
+
 def _whisper_model_class(call_chunks: int):
     """faster-whisper's ``WhisperModel`` whose encoder and alignment calls take at most
-    ``call_chunks`` chunks at a time (0: the whole batch). Same results: each chunk's encoder
-    output and alignment do not depend on the other chunks of its call."""
+    ``call_chunks`` chunks at a time (0: the whole batch), and whose encoder reuses what it
+    encoded lately (``EncoderCache``). Same results: each chunk's encoder output and alignment
+    do not depend on the other chunks of its call."""
     from faster_whisper import WhisperModel
 
     if call_chunks <= 0:
         return WhisperModel
 
     class LeanWhisperModel(WhisperModel):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.encoded = EncoderCache()
+
         def encode(self, features: np.ndarray):
-            _trim_heap()  # a batch starts: give back what the last one freed (see _trim_heap)
-            if features.ndim == 2 or features.shape[0] <= call_chunks:
-                return super().encode(features)
             import ctranslate2
 
-            parts = [np.asarray(super(LeanWhisperModel, self).encode(features[i : i + call_chunks]))
-                     for i in range(0, features.shape[0], call_chunks)]
-            return ctranslate2.StorageView.from_array(np.concatenate(parts))
+            _trim_heap()  # a batch starts: give back what the last one freed (see _trim_heap)
+            if features.ndim == 2:
+                features = features[None]
+            keys = [EncoderCache.key(f) for f in features]
+            found = [self.encoded.get(k) for k in keys]
+            todo = [i for i, f in enumerate(found) if f is None]
+            for at in range(0, len(todo), call_chunks):
+                rows = todo[at : at + call_chunks]
+                out = np.asarray(super().encode(np.ascontiguousarray(features[rows])))
+                for j, i in enumerate(rows):
+                    found[i] = np.array(out[j])
+                    self.encoded.put(keys[i], found[i])
+            return ctranslate2.StorageView.from_array(np.stack(found))
 
         def find_alignment(self, tokenizer, text_tokens, encoder_output, num_frames, median_filter_width=7):
             rows = len(text_tokens)
