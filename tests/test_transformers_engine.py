@@ -296,6 +296,31 @@ def test_temperature_fallback_redoes_only_the_failing_rows(engine, speech, fast_
     assert all(s.avg_logprob >= -1.0 for s in segments if s.chunk == 1)  # the kept decode passed the checks
 
 
+def test_every_call_is_capped_by_the_token_budget_of_its_longest_audio(engine, speech):
+    """As the CTranslate2 engine caps its calls: a 5 s ladder piece beside jfk (11 s) may generate
+    no more than 11 s of English needs (``token_budget``), not 448 tokens."""
+    from workers.engines.base import FAST, Decoding, token_budget
+    from workers.engines.transformers import MAX_LENGTH
+
+    caps = []
+    real = engine._generate
+
+    def spy(encoded, prompt, *args, **kwargs):
+        caps.append((len(prompt), kwargs["max_new"]))
+        return real(encoded, prompt, *args, **kwargs)
+
+    engine._generate = spy
+    try:
+        for decoding in (FAST, Decoding(timestamps=True)):
+            words, _, _ = decode(engine, [speech["jfk"], speech["jfk"][: 5 * 16000]], decoding)
+            assert len(words[0]) >= 20, words
+    finally:
+        del engine._generate
+    seconds = speech["jfk"].size / 16000
+    assert [cap for _, cap in caps] == [token_budget(seconds, "en", MAX_LENGTH - n) for n, _ in caps]
+    assert all(cap < 200 for _, cap in caps)
+
+
 def test_the_loop_rule_on_token_sequences():
     """``loop_cut``: a tail of 4+ back-to-back copies (24+ tokens) is a loop, cut after its first
     copy; speech-like repeats are not; timestamp tokens count as one. ``_LoopGuard`` forces end of

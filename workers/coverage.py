@@ -108,8 +108,8 @@ LADDER: tuple[Rung, ...] = (
     Rung("shifted", Decoding(timestamps=True), window="shifted"),
     Rung("timestamps", Decoding(timestamps=True), for_gaps=False),
     # last: sampling best of 5 at up to five temperatures costs as much as a dozen decodes of
-    # the piece, and on the generated corpus it found words where the shifted window had not
-    # on no input (bench/corpus_eval.py)
+    # the piece, and on the generated corpus one suspect reached it, which it settled (58c7345,
+    # Intel Xeon; none reached it at ba9c1b1 on an AMD EPYC: bench/corpus_eval.py)
     Rung("fallback", Decoding(timestamps=True, temperatures=FALLBACK_TEMPERATURES), strict=True, repeats="timestamps"),
 )
 

@@ -13,7 +13,9 @@ It produces what the CTranslate2 engine produces, the same way:
   that fail its checks (sampling best of 5, from a fixed seed);
 * a looping guard on every decode (``_LoopGuard``): a chunk whose tokens end in four copies of
   one phrase is ended there, so it cannot run its whole batch to the 448-token limit, and is
-  cut after the first copy (or, with a fallback, decoded again at the next temperature);
+  cut after the first copy (or, with a fallback, decoded again at the next temperature); and
+  every call capped by the token budget of its longest audio (``base.token_budget``), as the
+  CTranslate2 engine caps its calls: a loop the guard does not see stops there;
 * words timed by cross-attention: one teacher-forced decoder pass over each chunk's text
   records the raw attention scores of the model's alignment heads (hooks on their q/k
   projections, so any attention kernel works), then OpenAI's recipe (softmax over the chunk's
@@ -49,7 +51,7 @@ from app.messages import Chunk, Segment, TranscribeOptions
 from workers import cues
 from workers.engines.alignment import FRAMES_PER_SECOND, Aligner as _Aligner, alignment_heads as _alignment_heads
 from workers.engines.alignment import default_alignment_heads as _default_alignment_heads
-from workers.engines.base import FAST, Decoding, needs_fallback, said_nothing
+from workers.engines.base import FAST, Decoding, needs_fallback, said_nothing, token_budget
 from workers.engines.loop_guard import LoopGuard as _LoopGuard, loop_cut
 from workers.engines.mel import log_mel
 from workers.engines.models import BUNDLED_MODEL_NAME, bundled_model_path
@@ -241,7 +243,8 @@ class TransformersEngine:
             tokenizer = Tokenizer(self.hf_tokenizer, self.multilingual, task=options.task, language=language)
             # alignment (and the fast decode) use the no-timestamps prompt, as OpenAI's find_alignment does
             text_prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
-            decoded = self._decode(encoded, tokenizer, get_suppressed_tokens(tokenizer, [-1]), options, decoding)
+            decoded = self._decode(encoded, tokenizer, get_suppressed_tokens(tokenizer, [-1]), options, decoding,
+                                   seconds=audio[longest].size / 16000, language=language)
             texts = [d.text for d in decoded]
             rows = [i for i, t in enumerate(texts) if t]
             scored = self._score(encoded, rows, [texts[i] for i in rows], text_prompt, tokenizer,
@@ -276,7 +279,8 @@ class TransformersEngine:
             )
         return segments, language
 
-    def _decode(self, encoded, tokenizer, suppress: tuple[int, ...], options, decoding: Decoding) -> list[_Decoded]:
+    def _decode(self, encoded, tokenizer, suppress: tuple[int, ...], options, decoding: Decoding, *,
+                seconds: float | None = None, language: str | None = None) -> list[_Decoded]:
         """Every row decoded as ``decoding`` says: with or without timestamp tokens, and Whisper's
         temperature fallback, batched. All rows are decoded at the first temperature; a row that
         fails (it looped, its text compresses above ``COMPRESSION_RATIO_THRESHOLD`` or its average
@@ -289,6 +293,9 @@ class TransformersEngine:
         and timestamp rules (OpenAI sums them after). The fast default (no timestamps, one
         temperature) needs none: ``_score`` gives them with the alignment."""
         prompt = list(tokenizer.sot_sequence) if decoding.timestamps else [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+        # the call's token budget from its longest audio (``token_budget``, as the CTranslate2 engine
+        # caps its calls): a looping row the guard lets through stops there, not at 448 tokens
+        budget = MAX_LENGTH - len(prompt) if seconds is None else token_budget(seconds, language, MAX_LENGTH - len(prompt))
         temperatures = decoding.temperatures or (0.0,)
         scores_needed = decoding.timestamps or temperatures != (0.0,)
         kept: list[_Decoded | None] = [None] * encoded.shape[0]
@@ -296,7 +303,7 @@ class TransformersEngine:
         for step, temperature in enumerate(temperatures):
             last = step == len(temperatures) - 1
             candidates = self._generate(encoded[pending], prompt, tokenizer, suppress, options,
-                                        temperature=temperature, timestamps=decoding.timestamps)
+                                        temperature=temperature, timestamps=decoding.timestamps, max_new=budget)
             found = [[_Decoded.of(seq, tokenizer, temperature) for seq in row] for row in candidates]
             if scores_needed:
                 flat = [(row, d) for row, ds in zip(pending, found) for d in ds]
@@ -361,7 +368,7 @@ class TransformersEngine:
         return max(lang_ids, key=lambda c: float(logits[lang_ids[c]]))
 
     def _generate(self, encoded, prompt: list[int], tokenizer, suppress: tuple[int, ...], options, *,
-                  temperature: float = 0.0, timestamps: bool = False) -> list[list[list[int]]]:
+                  temperature: float = 0.0, timestamps: bool = False, max_new: int | None = None) -> list[list[list[int]]]:
         """One batched ``generate``: beam search (greedy at beam 1) at temperature 0, else
         ``SAMPLES`` samples per row; with Whisper's timestamp rules when ``timestamps``. Every
         decode runs the looping guard. The new tokens of each row's candidates, end of text cut off."""
@@ -381,7 +388,7 @@ class TransformersEngine:
             do_sample=sampling,
             num_return_sequences=samples,
             length_penalty=1.0,
-            max_new_tokens=self.force_tokens or MAX_LENGTH - len(prompt),
+            max_new_tokens=self.force_tokens or max_new or MAX_LENGTH - len(prompt),
             min_new_tokens=self.force_tokens or 0,
             suppress_tokens=list(suppress),
             # suppress_blank: no blank and no end of text as the first token
