@@ -46,6 +46,7 @@ import msgspec
 ROOT = Path(__file__).resolve().parents[1]
 
 from bench import corpus
+from bench.peers import SYSTEMS as PEERS, Peers
 from bench.report import commit, machine, write_section
 from tests.support.wer import deletion_runs, normalize, runs_lost_against, word_errors
 
@@ -63,7 +64,6 @@ class Systems:
     def __init__(self, names: tuple[str, ...], work: Path, meter: bool = False) -> None:
         from app.config import Settings
         from app.messages import TranscribeOptions
-        from bench.peers import SYSTEMS as PEERS, Peers
         from workers.coverage import CoverageOptions
         from workers.engines.pool import EnginePool
         from workers.local_runner import LocalRunner
@@ -90,7 +90,7 @@ class Systems:
 
     def run(self, name: str, path: Path) -> dict:
         """One system on one input: its text, wall seconds and (vtp) coverage."""
-        if name in ("sequential", "batched"):
+        if name in PEERS:
             if self.peers is None:
                 raise SystemExit(f"corpus_eval: {name} was not among the systems started")
             return self.peers.run(name, path)

@@ -280,7 +280,7 @@ class TransformersEngine:
         return segments, language
 
     def _decode(self, encoded, tokenizer, suppress: tuple[int, ...], options, decoding: Decoding, *,
-                seconds: float | None = None, language: str | None = None) -> list[_Decoded]:
+                seconds: float, language: str | None) -> list[_Decoded]:
         """Every row decoded as ``decoding`` says: with or without timestamp tokens, and Whisper's
         temperature fallback, batched. All rows are decoded at the first temperature; a row that
         fails (it looped, its text compresses above ``COMPRESSION_RATIO_THRESHOLD`` or its average
@@ -295,7 +295,7 @@ class TransformersEngine:
         prompt = list(tokenizer.sot_sequence) if decoding.timestamps else [*tokenizer.sot_sequence, tokenizer.no_timestamps]
         # the call's token budget from its longest audio (``token_budget``, as the CTranslate2 engine
         # caps its calls): a looping row the guard lets through stops there, not at 448 tokens
-        budget = MAX_LENGTH - len(prompt) if seconds is None else token_budget(seconds, language, MAX_LENGTH - len(prompt))
+        budget = token_budget(seconds, language, MAX_LENGTH - len(prompt))
         temperatures = decoding.temperatures or (0.0,)
         scores_needed = decoding.timestamps or temperatures != (0.0,)
         kept: list[_Decoded | None] = [None] * encoded.shape[0]
@@ -368,7 +368,7 @@ class TransformersEngine:
         return max(lang_ids, key=lambda c: float(logits[lang_ids[c]]))
 
     def _generate(self, encoded, prompt: list[int], tokenizer, suppress: tuple[int, ...], options, *,
-                  temperature: float = 0.0, timestamps: bool = False, max_new: int | None = None) -> list[list[list[int]]]:
+                  max_new: int, temperature: float = 0.0, timestamps: bool = False) -> list[list[list[int]]]:
         """One batched ``generate``: beam search (greedy at beam 1) at temperature 0, else
         ``SAMPLES`` samples per row; with Whisper's timestamp rules when ``timestamps``. Every
         decode runs the looping guard. The new tokens of each row's candidates, end of text cut off."""
@@ -388,7 +388,7 @@ class TransformersEngine:
             do_sample=sampling,
             num_return_sequences=samples,
             length_penalty=1.0,
-            max_new_tokens=self.force_tokens or max_new or MAX_LENGTH - len(prompt),
+            max_new_tokens=self.force_tokens or max_new,
             min_new_tokens=self.force_tokens or 0,
             suppress_tokens=list(suppress),
             # suppress_blank: no blank and no end of text as the first token
