@@ -109,7 +109,7 @@ LADDER: tuple[Rung, ...] = (
     Rung("timestamps", Decoding(timestamps=True), for_gaps=False),
     # last: sampling best of 5 at up to five temperatures costs as much as a dozen decodes of
     # the piece, and on the generated corpus one suspect reached it, which it settled (58c7345,
-    # Intel Xeon; none reached it at ba9c1b1 on an AMD EPYC: bench/corpus_eval.py)
+    # Intel Xeon; none reached it at ba9c1b1 and 6a0662e on an AMD EPYC: bench/corpus_eval.py)
     Rung("fallback", Decoding(timestamps=True, temperatures=FALLBACK_TEMPERATURES), strict=True, repeats="timestamps"),
 )
 
