@@ -14,6 +14,8 @@ each input and each system:
 
 - **sequential**: faster-whisper ``WhisperModel.transcribe`` (beam 5), the yardstick;
 - **batched**: faster-whisper ``BatchedInferencePipeline`` (batch 8, beam 5), the same weights;
+- **batched-words** (only when asked for): the same timing every word (``word_timestamps``), as
+  vtp does: the like-for-like peer of vtp's first pass;
 - **vtp**: the local runner (what ``vtp transcribe`` runs; batch 8, beam 5), the same weights;
 
 it measures WER (Whisper's English normalizer and jiwer, ``tests/support/wer.py``), lost runs (deletion
@@ -50,7 +52,7 @@ from bench.peers import SYSTEMS as PEERS, Peers
 from bench.report import commit, machine, write_section
 from tests.support.wer import deletion_runs, normalize, runs_lost_against, word_errors
 
-SYSTEMS = ("sequential", "batched", "vtp", "vtp-noladder")
+SYSTEMS = ("sequential", "batched", "batched-words", "vtp", "vtp-noladder")
 #: What runs without ``--systems``: ``vtp-noladder`` (vtp with the coverage ladder off) only to
 #: measure what the ladder costs and buys.
 DEFAULT_SYSTEMS = ("sequential", "batched", "vtp")
@@ -177,7 +179,7 @@ def _range(r) -> str:
 
 def table(rows: list[dict], names: tuple[str, ...]) -> str:
     """Markdown: one row per input, then the corpus totals."""
-    short = {"sequential": "seq", "batched": "bat", "vtp": "vtp", "vtp-noladder": "vtp0"}
+    short = {"sequential": "seq", "batched": "bat", "batched-words": "batw", "vtp": "vtp", "vtp-noladder": "vtp0"}
     cols = " / ".join(short[n] for n in names)
     header = ["input", "conditions", "audio s", f"WER {cols}", f"lost runs {cols}"]
     others = [n for n in names if n != "sequential"]
@@ -188,6 +190,8 @@ def table(rows: list[dict], names: tuple[str, ...]) -> str:
     header.append(f"x realtime {cols}")
     if "vtp" in names and "batched" in names:
         header.append("vtp vs batched")
+    if "vtp-noladder" in names and "batched-words" in names:
+        header.append("vtp0 vs batw")
     if "vtp" in names:
         header.append("ladder: rungs fired")
     if "vtp" in names and "vtp-noladder" in names:
@@ -223,6 +227,8 @@ def table(rows: list[dict], names: tuple[str, ...]) -> str:
         c.append(" / ".join(f"{row['seconds'] / r[n]['seconds']:.1f}x" for n in names))
         if "vtp" in names and "batched" in names:
             c.append(f"{r['batched']['seconds'] / r['vtp']['seconds']:.2f}")
+        if "vtp-noladder" in names and "batched-words" in names:
+            c.append(f"{r['batched-words']['seconds'] / r['vtp-noladder']['seconds']:.2f}")
         if "vtp" in names:
             c.append(rungs([r["vtp"]]))
         if "vtp" in names and "vtp-noladder" in names:
@@ -253,6 +259,8 @@ def table(rows: list[dict], names: tuple[str, ...]) -> str:
     c.append(" / ".join(f"{total_s / sum(r['systems'][n]['seconds'] for r in rows):.1f}x" for n in names))
     if "vtp" in names and "batched" in names:
         c.append(f"{sum(r['systems']['batched']['seconds'] for r in rows) / sum(r['systems']['vtp']['seconds'] for r in rows):.2f}")
+    if "vtp-noladder" in names and "batched-words" in names:
+        c.append(f"{sum(r['systems']['batched-words']['seconds'] for r in rows) / sum(r['systems']['vtp-noladder']['seconds'] for r in rows):.2f}")
     if "vtp" in names:
         c.append(rungs([r["systems"]["vtp"] for r in rows]))
     if "vtp" in names and "vtp-noladder" in names:
@@ -350,6 +358,7 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
         "corpus_eval": "Generated corpus: where speech is lost",
         "corpus_eval_worst": "Generated corpus: five long inputs, vtp vs sequential",
         "corpus_eval_before_ladder": "Generated corpus before the decoding ladder (36 of 51 inputs)",
+        "corpus_eval_words": "Generated corpus (quick): vtp against the batched pipeline timing words",
     }.get(name, f"Generated corpus ({name})")
     body = (
         f"Machine: {head['machine']}, load average {head.get('load', 'not recorded')} at the start (on a "
@@ -366,7 +375,9 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
         )
         + f"`{head['command']}` (the corpus: `python -m bench.corpus`, deterministic). Systems: sequential = "
         "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
-        "beam 5); vtp = the local runner (batch 8, beam 5)"
+        "beam 5)"
+        + ("; batw = the same timing every word (`word_timestamps=True`), as vtp does" if "batched-words" in head.get("systems", ()) else "")
+        + "; vtp = the local runner (batch 8, beam 5)"
         + ("; vtp0 = the same with the coverage ladder off (`CoverageOptions(ladder=())`): the ladder's cost is "
            "vtp's time over vtp0's" if "vtp-noladder" in head.get("systems", ()) else "")
         + ". WER: Whisper's English normalizer and jiwer. "

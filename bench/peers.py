@@ -33,7 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("sequential", "batched")
+#: ``batched-words``: the batched pipeline timing every word as vtp does (``word_timestamps``):
+#: the like-for-like peer of vtp's first pass, which aligns every word of every chunk.
+SYSTEMS = ("sequential", "batched", "batched-words")
 
 
 class Meter:
@@ -172,8 +174,11 @@ def serve(meter: bool) -> None:
         try:
             if req["system"] == "sequential":
                 segments = model.transcribe(req["path"], beam_size=5, language="en")[0]
-            elif req["system"] == "batched":
-                segments = batched.transcribe(req["path"], batch_size=8, beam_size=5, language="en")[0]
+            elif req["system"] in ("batched", "batched-words"):
+                words = req["system"] == "batched-words"
+                segments = batched.transcribe(
+                    req["path"], batch_size=8, beam_size=5, language="en", word_timestamps=words
+                )[0]
             else:
                 raise ValueError(f"unknown system {req['system']!r} (one of {', '.join(SYSTEMS)})")
             text = " ".join(s.text for s in segments)  # the segments are a generator: this decodes
