@@ -275,7 +275,10 @@ class FasterWhisperEngine:
         device = options.device
         compute_type = options.compute_type
         # On CPU, two CTranslate2 workers decoding halves of a batch beat one worker using every
-        # core (small Whisper matrices do not keep two threads busy): ~10% measured on 2 cores.
+        # core (small Whisper matrices do not keep two threads busy): ~10% measured on 2 cores of
+        # an Intel Xeon; on an AMD EPYC within the noise, the same text either way
+        # (docs/logs/experiments/engine_threads.log). Two workers also let the coverage ladder
+        # run a rung's next decode beside a rung of one piece (``Engine.parallel_calls``).
         cores = os.cpu_count() or 1
         workers = 2 if device == "cpu" and cores >= 2 else 1
         if device == "cpu":
