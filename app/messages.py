@@ -208,6 +208,9 @@ class CoverageStats(Struct, frozen=True, kw_only=True):
     #: Decodes of a next rung run beside a small call (on an idle CPU worker) that no suspect
     #: needed in the end: work that cost no wall time.
     ahead: int = 0
+    #: Ladder rung name -> wall seconds its engine calls took (a decode of the next rung run
+    #: beside it included): what the ladder cost this job, rung by rung.
+    ladder_seconds: dict[str, float] = {}
 
     def __add__(self, other: CoverageStats) -> CoverageStats:
         return CoverageStats(
@@ -221,10 +224,14 @@ class CoverageStats(Struct, frozen=True, kw_only=True):
             rungs=_sum_counts(self.rungs, other.rungs),
             settled=_sum_counts(self.settled, other.settled),
             ahead=self.ahead + other.ahead,
+            ladder_seconds={k: round(v, 3) for k, v in _sum_counts(self.ladder_seconds, other.ladder_seconds).items()},
         )
 
 
-def _sum_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+_N = TypeVar("_N", int, float)
+
+
+def _sum_counts(a: dict[str, _N], b: dict[str, _N]) -> dict[str, _N]:
     out = dict(a)
     for name, n in b.items():
         out[name] = out.get(name, 0) + n

@@ -120,6 +120,10 @@ def test_the_ladder_climbs_until_the_words_are_plausible(engine, window, deaf, c
     order = [r.name for r in coverage.LADDER if r.for_chunks]
     assert set(order[: order.index(climbed_to) + 1]) <= set(result.stats.rungs)  # in order
     assert ("fallback" in result.stats.rungs) == (climbed_to == "fallback")  # and stopped there
+    # what each rung cost is reported beside how often it fired (a rung decoded only ahead, beside
+    # another, is timed in that one's call)
+    assert set(result.stats.ladder_seconds) <= set(result.stats.rungs)
+    assert all(seconds > 0 for seconds in result.stats.ladder_seconds.values())
 
 
 def test_the_ladder_costs_nothing_where_nothing_is_suspect(engine, data_dir):
@@ -129,7 +133,7 @@ def test_the_ladder_costs_nothing_where_nothing_is_suspect(engine, data_dir):
     counting = Deaf(engine)
     result = coverage.transcribe_covered(counting, pieces, chunks, TranscribeOptions())
     assert counting.calls == [FAST]
-    assert result.stats.rungs == {} and result.stats.gaps == 0
+    assert result.stats.rungs == {} and result.stats.gaps == 0 and result.stats.ladder_seconds == {}
     assert result.stats.unheard_seconds == 0
 
 
@@ -259,3 +263,13 @@ def test_the_next_rung_runs_beside_a_call_too_small_for_the_engine(engine, data_
     timestamps = next(s for s in wide.spans[1:] if s[0] == TIMESTAMPS)
     beside = timestamps[1] < alone[2] and alone[1] < timestamps[2]
     assert beside == (width == 2)
+
+
+def test_a_jobs_ladder_cost_is_the_sum_over_its_batches():
+    from app.messages import CoverageStats
+
+    a = CoverageStats(rungs={"alone": 1}, ladder_seconds={"alone": 1.25})
+    b = CoverageStats(rungs={"alone": 2, "shifted": 1}, ladder_seconds={"alone": 0.5, "shifted": 2.0})
+    total = sum((a, b), CoverageStats())
+    assert total.rungs == {"alone": 3, "shifted": 1}
+    assert total.ladder_seconds == {"alone": 1.75, "shifted": 2.0}

@@ -51,6 +51,7 @@ words on segments, so every engine gets it unchanged.
 from __future__ import annotations
 
 import statistics
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -639,12 +640,15 @@ def climb(
                     early.append(s)
             if early:
                 calls.append((nxt, early))
+        started = time.perf_counter()
         if len(calls) > 1:
             with ThreadPoolExecutor(len(calls), thread_name_prefix="ladder") as pool:
                 results = list(pool.map(lambda c: _decode_rung(engine, audio, chunks, c[0], c[1], options, opts), calls))
             ahead[j] = results[1]
         else:
             results = [_decode_rung(engine, audio, chunks, c[0], c[1], options, opts) for c in calls]
+        if calls:
+            tally.seconds[rung.name] = tally.seconds.get(rung.name, 0.0) + time.perf_counter() - started
         heard = {**known, **(results[0] if results else {})}
         tally.rungs[rung.name] = tally.rungs.get(rung.name, 0) + len(climbing)
         for s in climbing:
@@ -670,11 +674,13 @@ def climb(
 @dataclass
 class Tally:
     """What the ladder did in one batch (``CoverageStats``): suspects each rung decoded, those it
-    made plausible, and decodes run ahead that no suspect needed."""
+    made plausible, decodes run ahead that no suspect needed, and the wall time of each rung."""
 
     rungs: dict[str, int] = field(default_factory=dict)
     settled: dict[str, int] = field(default_factory=dict)
     ahead: int = 0
+    #: Wall seconds of each rung's engine calls (``CoverageStats.ladder_seconds``).
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _once(words: list[Word]) -> list[Word]:
@@ -755,4 +761,5 @@ def repair_gaps(
     return CoverageStats(
         gaps=gaps, repaired=repaired, repaired_seconds=round(repaired_seconds, 3),
         rungs=tally.rungs, settled=tally.settled, ahead=tally.ahead,
+        ladder_seconds={k: round(v, 3) for k, v in tally.seconds.items()},
     )
