@@ -218,7 +218,9 @@ def table(rows: list[dict], names: tuple[str, ...]) -> str:
         else:
             wers = " / ".join(f"{100 * r[n]['wer']:.1f}%" for n in names)
             runs = " / ".join(str(len(r[n]["lost_runs"])) for n in names)
-            lost = " / ".join(f"{len(r[n]['lost_vs_sequential'])} ({r[n]['lost_vs_sequential_words']})" for n in others)
+            lost = " / ".join(
+                f"{len(r[n]['lost_vs_sequential'])} ({r[n]['lost_vs_sequential_words']})" for n in others
+            ) if "sequential" in names else "–"
         c = [row["name"], row["conditions_text"], f"{row['seconds']:.0f}", wers, runs]
         if "sequential" in names:
             c.append(lost)
