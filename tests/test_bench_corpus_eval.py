@@ -19,9 +19,5 @@ def test_every_committed_corpus_log_renders_its_table(log):
     body = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(body) == 1 + len(rows) + 1  # header, one row per input, the total
     assert body[-1].startswith(f"| **all {len(rows)}**")
-
-
-def test_the_table_renders_without_sequential():
-    log = Path(__file__).resolve().parents[1] / "docs" / "corpus_eval_ladder.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()[1:]]
-    assert "lost vs seq" not in table(rows, ("vtp", "vtp-noladder"))
+    # runs lost against sequential only where it ran (corpus_eval_ladder.jsonl: vtp and vtp0 alone)
+    assert ("lost vs seq" in text) == ("sequential" in names)
