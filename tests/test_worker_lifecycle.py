@@ -65,7 +65,12 @@ async def test_idle_exit_waits_for_running_and_queued_work(redis_url, make_clust
     store = JobStore.open(redis_url)
     try:
         (job_id,) = c.submit(data_dir / "talk_tts.mp4")  # 3 batches of 3 s each at least
-        record = await store.wait(job_id)
+        # within the test's own timeout, so a stuck job fails with the workers' logs (it hung
+        # once in four full runs on 2026-12-02, logs unseen)
+        with anyio.move_on_after(120) as waited:
+            record = await store.wait(job_id)
+        if waited.cancelled_caught:
+            raise AssertionError(f"job {job_id} not done after 120 s\n{c.logs()}")
         done_at = time.monotonic()
         if c.procs["gpu"].poll() is not None:
             raise AssertionError(f"the GPU worker left before the job was done\n{c.logs()}")
