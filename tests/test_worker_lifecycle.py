@@ -2,7 +2,8 @@
 
 Real ``vtp worker`` processes on a private redis-server (tests/support/dag_cluster.py). The GPU worker
 is slowed inside ``transcribe`` with the test-only ``VTP_TEST_STAGE_DELAY`` so that a job is
-certainly running when the signal arrives or the idle timer would otherwise fire.
+certainly running when the signal arrives or the idle timer would otherwise fire. A GPU worker
+with an idle time starts once its batches are queued, as the controller starts one.
 """
 
 from __future__ import annotations
@@ -57,16 +58,19 @@ async def test_idle_exit_waits_for_running_and_queued_work(redis_url, make_clust
     """A job that runs longer than the idle time keeps the worker; it exits once all is done."""
     c = make_cluster(redis_url)
     c.start_worker("cpu", "cpu")
-    c.start_worker("gpu", "gpu", VTP_IDLE_EXIT="2", VTP_TEST_STAGE_DELAY="transcribe:3")
-    c.wait_ready(("cpu", "cpu"), ("gpu", "gpu"))
-    # Held by the queue alone: with nothing queued it would leave after 2 s; the CPU stages of
-    # the job take longer than that before anything reaches its queue, so this also checks
-    # that the timer counts from the last activity, not from start.
+    c.wait_ready(("cpu", "cpu"))
     store = JobStore.open(redis_url)
     try:
+        # The GPU worker starts once the batches wait in its queue, as a controller starts one:
+        # started before, it would rightly leave if the CPU stages took longer than its idle
+        # time (they do on a busy 2-core machine, which is how this test once hung).
         (job_id,) = c.submit(data_dir / "talk_tts.mp4")  # 3 batches of 3 s each at least
-        # within the test's own timeout, so a stuck job fails with the workers' logs (it hung
-        # once in four full runs on 2026-12-02, logs unseen)
+
+        async def queued():
+            return await store.redis.zcard(constants.QUEUE_GPU) == 3
+
+        await wait_until(queued, 60, "the 3 batches to be queued", c)
+        c.start_worker("gpu", "gpu", VTP_IDLE_EXIT="2", VTP_TEST_STAGE_DELAY="transcribe:3")
         with anyio.move_on_after(120) as waited:
             record = await store.wait(job_id)
         if waited.cancelled_caught:
@@ -82,6 +86,7 @@ async def test_idle_exit_waits_for_running_and_queued_work(redis_url, make_clust
         await store.aclose()
     assert wait_exit(c, "gpu", 20) == 0, c.logs()
     assert time.monotonic() - done_at < 15
+    assert "idle for" in c.logs()
     assert c.procs["cpu"].poll() is None  # VTP_IDLE_EXIT unset: the CPU worker stays
 
 
