@@ -1,6 +1,6 @@
 """The generated evaluation corpus: speech vtp has never been tuned on, with its references.
 
-    python -m bench.corpus [--out DIR] [--only NAME[,NAME]] [--quick] [--list]
+    python -m bench.corpus [--out DIR] [--only NAME[,NAME]] [--quick] [--list] [--seed N]
     python -m bench.corpus --slice tests/data      # the small committed slice the tests use
 
 Builds, deterministically (every random choice comes from a seeded generator per input; the same
@@ -9,6 +9,10 @@ espeak-ng, sox and ffmpeg give the same bytes), about fifty inputs of 2-10 minut
 reference, one paragraph or phrase a line) and ``NAME.spans.json`` (each line's ``[start, end,
 text]`` in seconds of the input), and ``manifest.json`` listing every input with its conditions.
 An input already built with the same conditions is kept (delete the folder to rebuild).
+``--seed N`` (N > 0) builds a held-out twin of every input into ``~/.cache/vtp/corpus-seedN``:
+the same conditions, every random draw different (which paragraphs and sentences, in what order,
+which voice speaks which, every pause, gain and bed), so a change tuned on seed 0 is checked on
+speech it was not tuned on.
 
 What goes in:
 - **Synthetic lectures and talks**: the paragraphs of ``bench/corpus_texts.txt`` (written for this
@@ -643,7 +647,16 @@ def build(out: Path = DEFAULT_OUT, specs: tuple[Spec, ...] = SPECS, log=print) -
     return entries
 
 
-def select(only: str | None = None, quick: bool = False, specs: tuple[Spec, ...] = SPECS) -> tuple[Spec, ...]:
+def out_dir(seed: int = 0) -> Path:
+    """Where ``seed``'s corpus is built by default: seed 0 is the corpus, others its held-out twins."""
+    return DEFAULT_OUT if not seed else DEFAULT_OUT.with_name(f"corpus-seed{seed}")
+
+
+def select(
+    only: str | None = None, quick: bool = False, specs: tuple[Spec, ...] = SPECS, seed: int = 0
+) -> tuple[Spec, ...]:
+    if seed:
+        specs = tuple(replace(s, seed=seed) for s in specs)
     chosen = tuple(s for s in specs if s.quick or not quick)
     if only:
         names = [n.strip() for n in only.split(",") if n.strip()]
@@ -655,7 +668,8 @@ def select(only: str | None = None, quick: bool = False, specs: tuple[Spec, ...]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, help="where to build (default ~/.cache/vtp/corpus, or corpus-seedN)")
+    ap.add_argument("--seed", type=int, default=0, help="a held-out twin of the corpus: every random draw differs")
     ap.add_argument("--only", help="comma list of input names (or parts of names)")
     ap.add_argument("--quick", action="store_true", help="only the quick subset")
     ap.add_argument("--list", action="store_true", help="list the inputs and their conditions, build nothing")
@@ -672,7 +686,7 @@ def main() -> None:
                 for key in ("file", "reference"):
                     shutil.copy(Path(tmp) / entry[key], args.slice / entry[key])
         return
-    build(args.out, select(args.only, args.quick))
+    build(args.out or out_dir(args.seed), select(args.only, args.quick, seed=args.seed))
 
 
 if __name__ == "__main__":

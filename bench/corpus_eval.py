@@ -4,6 +4,7 @@
     python -m bench.corpus_eval [--only NAME[,NAME]] [--systems vtp,sequential,batched]
                                 [--corpus DIR] [--write] [--name SECTION] [--log FILE]
     python -m bench.corpus_eval --slice --corpus /tmp/slice       # the committed test slice
+    python -m bench.corpus_eval --seed 1 --systems sequential,vtp  # held-out: new draws, same conditions
     python -m bench.corpus_eval --table docs/corpus_eval_quick.jsonl [--write]   # re-render a run
 
 Builds the corpus first if it is not there (``~/.cache/vtp/corpus``, or ``--corpus``). Then, on
@@ -274,7 +275,8 @@ def table(rows: list[dict], names: tuple[str, ...]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", type=Path, default=corpus.DEFAULT_OUT)
+    ap.add_argument("--corpus", type=Path, help="the corpus folder (default ~/.cache/vtp/corpus, or corpus-seedN)")
+    ap.add_argument("--seed", type=int, default=0, help="the corpus's held-out twin of this seed (bench/corpus.py)")
     ap.add_argument("--quick", action="store_true", help="the quick subset: 8 inputs of 2-3 minutes, one per condition")
     ap.add_argument("--only", help="comma list of input names (or parts of names)")
     ap.add_argument("--slice", action="store_true", help="the committed test slice's inputs (built afresh into --corpus)")
@@ -291,7 +293,8 @@ def main() -> None:
         if n not in SYSTEMS:
             raise SystemExit(f"corpus_eval: unknown system {n!r} (one of {', '.join(SYSTEMS)})")
     names = tuple(n for n in SYSTEMS if n in names)  # sequential first: the yardstick
-    specs = corpus.select(args.only, args.quick, corpus.SLICE if args.slice else corpus.SPECS)
+    args.corpus = args.corpus or corpus.out_dir(args.seed)
+    specs = corpus.select(args.only, args.quick, corpus.SLICE if args.slice else corpus.SPECS, seed=args.seed)
     entries = corpus.build(args.corpus, specs, log=lambda _line: None)
     name = args.name or ("corpus_eval_slice" if args.slice else "corpus_eval_only" if args.only else "corpus_eval_quick" if args.quick else "corpus_eval")
     log_path = args.log or (ROOT / "docs" / f"{name}.jsonl" if args.write else None)
