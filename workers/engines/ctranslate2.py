@@ -23,7 +23,7 @@ from app import errors
 from app.messages import Chunk, Segment, TranscribeOptions
 from workers import cues
 from workers.engines.base import (
-    FAST, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, Decoding, needs_fallback, said_nothing, token_budget,
+    FAST, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, Decoding, needs_fallback, said_nothing, token_budget, window_frames,
 )
 from workers.engines.models import BUNDLED_MODEL_NAME, bundled_model_path, registry_model_path  # noqa: F401
 from workers.engines.whisper_common import (
@@ -395,9 +395,11 @@ class FasterWhisperEngine:
             return [], options.language or "en"
         try:
             extractor = self.model.feature_extractor
-            features = np.stack([pad_or_trim(extractor(a)[..., :-1]) for a in audio])
+            mels = [extractor(a)[..., :-1] for a in audio]
+            frames = window_frames(max(m.shape[-1] for m in mels), decoding.window_pad_s)
+            features = np.stack([pad_or_trim(m, frames) for m in mels])
             longest = max(range(len(audio)), key=lambda i: audio[i].size)
-            language = self._language(features[longest], options)
+            language = self._language(pad_or_trim(mels[longest]), options)  # in Whisper's 30 s
             tokenizer = self._tokenizer(language, options.task)
             tr_options = self._transcription_options(options)
             tr_options.suppress_tokens = get_suppressed_tokens(tokenizer, tr_options.suppress_tokens)
