@@ -297,11 +297,13 @@ def main() -> None:
     specs = corpus.select(args.only, args.quick, corpus.SLICE if args.slice else corpus.SPECS, seed=args.seed)
     entries = corpus.build(args.corpus, specs, log=lambda _line: None)
     name = args.name or ("corpus_eval_slice" if args.slice else "corpus_eval_only" if args.only else "corpus_eval_quick" if args.quick else "corpus_eval")
+    if args.seed and not args.name:
+        name += f"_seed{args.seed}"
     log_path = args.log or (ROOT / "docs" / f"{name}.jsonl" if args.write else None)
     started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     head = {"machine": machine(), "commit": commit(), "started": started, "systems": names, "load": load,
-            "command": "python -m bench.corpus_eval " + " ".join(sys.argv[1:]), "peers": "own process"}
+            "command": "python -m bench.corpus_eval " + " ".join(sys.argv[1:]), "peers": "own process", "seed": args.seed}
     print(f"# {head['command']}\n# {head['machine']}; commit {head['commit']}; {started}; load {load}", flush=True)
 
     work = Path(tempfile.mkdtemp(prefix="vtp-corpus-eval-"))
@@ -360,7 +362,7 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
         "corpus_eval_worst": "Generated corpus: five long inputs, vtp vs sequential",
         "corpus_eval_before_ladder": "Generated corpus before the decoding ladder (36 of 51 inputs)",
         "corpus_eval_words": "Generated corpus (quick): vtp against the batched pipeline timing words",
-    }.get(name, f"Generated corpus ({name})")
+    }.get(name, f"Held-out corpus (seed {head['seed']}): where speech is lost" if head.get("seed") else f"Generated corpus ({name})")
     body = (
         f"Machine: {head['machine']}, load average {head.get('load', 'not recorded')} at the start (on a "
         f"shared machine the speeds are noisy, even interleaved). Commit: {head['commit']}. Run {head['started']}. "
@@ -374,7 +376,10 @@ def report(head: dict, rows: list[dict], names: tuple[str, ...], name: str, log_
             "threshold it set for the whole process slowed the other two, so vtp's speed against them reads too "
             "high; `bench/peers.py` says by how much). Command: "
         )
-        + f"`{head['command']}` (the corpus: `python -m bench.corpus`, deterministic). Systems: sequential = "
+        + f"`{head['command']}` ("
+        + (f"the corpus's held-out twin: `python -m bench.corpus --seed {head['seed']}`, the same conditions, every "
+           "random draw different, deterministic" if head.get("seed") else "the corpus: `python -m bench.corpus`, deterministic")
+        + "). Systems: sequential = "
         "faster-whisper `WhisperModel.transcribe` (beam 5); batched = `BatchedInferencePipeline` (batch 8, "
         "beam 5)"
         + ("; batw = the same timing every word (`word_timestamps=True`), as vtp does" if "batched-words" in head.get("systems", ()) else "")
