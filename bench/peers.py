@@ -39,14 +39,11 @@ SYSTEMS = ("sequential", "batched", "batched-words")
 
 
 class Meter:
-    """Seconds and calls (an encoder call: its windows) per label, from any thread; ``frames``:
-    the feature frames of an encoder call's windows (3000 a 30 s window; vtp's ladder pieces
-    are shorter, ``Decoding.window_pad_s``)."""
+    """Seconds and calls (an encoder call: its windows) per label, from any thread."""
 
     def __init__(self) -> None:
         self.seconds: collections.Counter = collections.Counter()
         self.calls: collections.Counter = collections.Counter()
-        self.frames: collections.Counter = collections.Counter()
 
     def wrap(self, obj, attr: str, label: str) -> None:
         inner = getattr(obj, attr)
@@ -60,15 +57,12 @@ class Meter:
                 # rows: the windows of an encoder call (its features are [windows, mels, frames])
                 shape = getattr(a[0], "shape", ()) if a else ()
                 self.calls[label] += shape[0] if len(shape) == 3 else 1
-                if len(shape) == 3:
-                    self.frames[label] += shape[0] * shape[2]
 
         setattr(obj, attr, timed)
 
     def clear(self) -> None:
         self.seconds.clear()
         self.calls.clear()
-        self.frames.clear()
 
 
 class _Generate:

@@ -20,9 +20,8 @@ the process it loads in), which meters its calls and its CPU; each system's proc
 over a run (user and system, every thread) say how busy the cores were: CPU over wall; its
 system seconds and minor page faults, what paging in fresh memory cost (the allocator's settings
 show there: ``workers.engines.ctranslate2._tune_malloc``).
-Windows: encoder windows encoded (those vtp's encoder cache gave back counted as reused) and,
-for vtp, what all its windows add up to in 30 s windows: a ladder piece is decoded in a window
-fitted to it (its length plus 5 s, ``coverage.PIECE_PAD_S``), a fraction of a 30 s one.
+Windows: 30 s encoder windows encoded (a ladder piece costs one too, whatever its length, unless
+vtp's encoder cache holds that very audio's: those are counted as reused).
 
 Wrapping the calls costs microseconds per call; the runs are not interleaved with other systems,
 so compare within a line.
@@ -93,7 +92,6 @@ def main() -> None:
         # vtp's windows: those encoded, and those its encoder cache gave back (``EncoderCache``)
         reused = model.encoded.hits
         ours_windows = f"{ours.calls['encode'] - reused}" + (f" ({reused} reused)" if reused else "")
-        ours_windows += f", {ours.frames['encode'] / 3000:.1f} x 30 s"
         for name, wall, use, row, windows in (("batched", bat_wall, bat_use, row_b, peer_calls.get("encode", 0)),
                                               ("vtp", vtp_wall, vtp_use, row_v, ours_windows)):
             lines.append(
@@ -116,9 +114,8 @@ def main() -> None:
             "vtp as `vtp transcribe` loads it (2 workers of 1 thread). Wall: end to end from the media file, one run "
             "each after a warm-up; the batched pipeline in a process of its own (`bench/peers.py`). CPU s: the user and "
             "system seconds of the system's process over the run, all threads; cores busy: CPU s over wall (at most 2); system s: the kernel's share of it, mostly paging in fresh memory (page faults: pages mapped on first touch). Model calls in core-seconds: vtp's summed over its two workers of one thread; the batched "
-            "pipeline's call seconds x its 2 threads (an upper bound: two threads are not always both busy); windows: "
-            "encoder windows encoded (vtp's \"reused\": windows a ladder rung decoded again, whose encoder output its encoder cache kept), "
-            "and vtp's in 30 s windows (a ladder piece: its length plus 5 s); VAD / segment: the batched "
+            "pipeline's call seconds x its 2 threads (an upper bound: two threads are not always both busy); windows: 30 s "
+            "encoder windows encoded (vtp's \"reused\": windows a ladder rung decoded again, whose encoder output its encoder cache kept); VAD / segment: the batched "
             "pipeline's Silero pass, vtp's segment stage (wall). Mel features and the pipelines' own Python are not metered: the wall time holds them.\n\n"
         )
         write_section(ROOT / "docs" / "benchmarks.md", "time_split", "CPU: where vtp's time goes against the batched pipeline", head + table)
