@@ -19,16 +19,12 @@ from app.messages import Segment, TranscribeOptions
 from tests.support import media
 from tests.support.wer import deletion_runs, word_errors
 from workers import coverage, vad
-from workers.engines.base import FAST, Decoding, window_frames
+from workers.engines.base import FAST, Decoding
 from workers.engines.noop import NoopEngine
 
 WINDOW = "paragraphs_tts.opus"
-#: How each rung decodes: a gap's stretch alone, then with timestamp tokens; the shifted windows
-#: (a whole chunk's halves); the whole chunk with timestamp tokens.
-ALONE = next(r.decoding for r in coverage.LADDER if r.name == "alone")
-GAP_TIMESTAMPS = next(r.decoding for r in coverage.LADDER if r.name == "timestamps" and r.for_gaps)
-SHIFTED = next(r.decoding for r in coverage.LADDER if r.name == "shifted")
-WHOLE = next(r.decoding for r in coverage.LADDER if r.name == "timestamps" and r.for_chunks)
+RUNG = {r.name: r for r in coverage.LADDER}
+TIMESTAMPS = RUNG["timestamps"].decoding  # the shifted rung decodes this way too, its own windows
 
 
 class Deaf:
@@ -102,9 +98,9 @@ def test_a_window_whisper_ends_at_once_loses_no_speech(engine, window, data_dir)
         # a whole chunk climbs: its halves (shifted), the whole with timestamps, the fallback
         (dict(deaf_to=(FAST,)), "shifted"),
         # deaf to the first half (cut at the paragraph pause: 19.9 s), not to the whole window
-        (dict(deaf_to=(FAST, SHIFTED), longer_than=12.0, shorter_than=25.0), "timestamps"),
+        (dict(deaf_to=(FAST, TIMESTAMPS), longer_than=12.0, shorter_than=25.0), "timestamps"),
         # decodes of the whole and of the first half at temperature 0 loop: only sampling hears
-        (dict(deaf_to=(FAST, SHIFTED, WHOLE), longer_than=12.0, loops=True), "fallback"),
+        (dict(deaf_to=(FAST, TIMESTAMPS), longer_than=12.0, loops=True), "fallback"),
     ],
     ids=["shifted", "timestamps", "fallback"],
 )
@@ -225,7 +221,7 @@ def test_the_token_budget_bounds_a_loop_not_speech():
 
 class Wide(Deaf):
     """The real engine, ``parallel_calls`` wide, that does not hear the words whose middle falls
-    in ``hole`` (source seconds) when decoding without timestamp tokens (as tiny.en skips a phrase without timestamp
+    in ``hole`` (source seconds) when decoding fast (as tiny.en skips a phrase without timestamp
     tokens); records when each call ran."""
 
     def __init__(self, engine, hole: tuple[float, float], parallel_calls: int) -> None:
@@ -237,7 +233,7 @@ class Wide(Deaf):
         t0 = time.perf_counter()
         segments, language = super().transcribe_batch(audio, chunks, options, decoding)
         self.spans.append((decoding, t0, time.perf_counter()))
-        if decoding.timestamps:
+        if decoding != FAST:
             return segments, language
         out = []
         for seg in segments:
@@ -263,36 +259,10 @@ def test_the_next_rung_runs_beside_a_call_too_small_for_the_engine(engine, data_
     assert not deletion_runs(reference, text), text
     assert result.stats.rungs == {"alone": 1, "timestamps": 1}
     assert result.stats.settled == {"timestamps": 1} and result.stats.ahead == 0
-    alone = next(s for s in wide.spans[1:] if s[0] == ALONE)
-    timestamps = next(s for s in wide.spans[1:] if s[0] == GAP_TIMESTAMPS)
+    alone = next(s for s in wide.spans[1:] if s[0] == FAST)
+    timestamps = next(s for s in wide.spans[1:] if s[0] == TIMESTAMPS)
     beside = timestamps[1] < alone[2] and alone[1] < timestamps[2]
     assert beside == (width == 2)
-
-
-def test_window_frames_fit_the_audio_plus_padding_within_whispers_30_s():
-    assert window_frames(1100, None) == 3000  # Whisper's window: the first pass, the whole chunk
-    assert window_frames(1100, 5.0) == 1600  # 11 s + 5 s
-    assert window_frames(1101, 5.0) == 1700  # rounded up to whole seconds
-    assert window_frames(2800, 5.0) == 3000  # never past 30 s
-
-
-def test_a_piece_is_decoded_in_a_window_fitted_to_it(engine, data_dir, monkeypatch):
-    """The ladder's pieces are encoded in their own length plus ``PIECE_PAD_S`` (cheaper than
-    Whisper's 30 s, and heard as well); the first pass keeps 30 s windows."""
-    audio = media.load_pcm(data_dir / "jfk.flac")
-    chunks = vad.find_chunks(audio)
-    pieces = [np.concatenate([audio[a:b] for a, b in c.sample_ranges]) for c in chunks]
-    reference = media.reference(data_dir, "jfk.flac")
-    shapes: list[tuple[int, ...]] = []
-    encode = engine.model.encode
-    monkeypatch.setattr(engine.model, "encode", lambda features: shapes.append(features.shape) or encode(features))
-    seconds = pieces[0].size / 16000
-    for decoding in (FAST, ALONE, GAP_TIMESTAMPS):
-        segments, _ = engine.transcribe_batch(pieces[:1], chunks[:1], TranscribeOptions(), decoding)
-        text = " ".join(s.text for s in segments)
-        assert word_errors(reference, text).wer <= 0.1, (decoding.label, text)
-    fitted = window_frames(int(seconds * 100), coverage.PIECE_PAD_S)
-    assert [s[-1] for s in shapes] == [3000, fitted, fitted] and fitted < 3000
 
 
 def test_a_jobs_ladder_cost_is_the_sum_over_its_batches():

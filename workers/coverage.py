@@ -15,15 +15,14 @@ and word-aligned a batch:
   (speech between pauses) with too few words by the same rule, taken as a gap
   (``_sparse_regions``); every chunk whose text loops (Whisper's compression-ratio check).
 * **The ladder.** Each suspect climbs ``LADDER`` until its words are plausible for its speech
-  (``plausible``) or the ladder ends. A gap: (0) the stretch alone, without timestamp tokens
-  as the first pass decodes (a gap's context differs from its chunk's); (1) with timestamp tokens, as sequential Whisper decodes;
+  (``plausible``) or the ladder ends. A gap: (0) the stretch alone, decoded as before (a gap's
+  context differs from its chunk's); (1) with timestamp tokens, as sequential Whisper decodes;
   (2) a shifted window: a long stretch cut in two near the middle (``_cut``), a short one
   widened by ``shift_s`` of its chunk's audio on each side; (3) Whisper's temperature
   fallback (0.2 .. 1.0, compression-ratio and log-probability checks), kept only where it
   passes them, last because it costs the most. A whole chunk: the shifted window (its two
   halves), then the whole chunk with timestamp tokens (a translation's: the other way round),
-  then the fallback. Pieces are decoded in windows fitted to them, not Whisper's 30 s
-  (``PIECE_PAD_S``): cheaper, and no worse. The fallback's first
+  then the fallback. The fallback's first
   temperature repeats the timestamps rung's decode, so only suspects whose decode there failed
   Whisper's checks climb it (``Rung.repeats``): on the rest it would only say the same again.
   Every rung decodes all the batch's suspects still on it in *one* engine call, so nothing
@@ -66,6 +65,7 @@ from workers import cues
 from workers.engines.base import (
     COMPRESSION_RATIO_THRESHOLD,
     FALLBACK_TEMPERATURES,
+    FAST,
     LOGPROB_THRESHOLD,
     NO_SPEECH_THRESHOLD,
     Decoding,
@@ -98,32 +98,20 @@ class Rung:
     repeats: str = ""
 
 
-#: Seconds of silence after a piece the ladder decodes alone, in a window fitted to it instead of
-#: Whisper's 30 s (``Decoding.window_pad_s``): a gap's stretch of a few seconds costs a
-#: fraction of a 30 s window to encode, and tiny.en decodes it no worse there (5 s: WER 17.7%
-#: against 20.7% on 1.5-12 s spans of the generated corpus; 1 s: 25.6%;
-#: ``docs/logs/experiments/short_windows.log``).
-PIECE_PAD_S = 5.0
-
 #: The decoding ladder, cheapest first, in the order each kind of suspect climbs it. A gap (a
 #: stretch of a chunk): alone, timestamps, shifted, fallback. A whole chunk: shifted (its two
 #: halves, one on each CPU worker), timestamps (the whole chunk), fallback; a translation's
-#: whole chunk takes timestamps before shifted (``_ladder_for``). Every piece is decoded in a
-#: window fitted to it (``PIECE_PAD_S``) but the whole chunk with timestamps, which reuses the
-#: 30 s window its first pass encoded (``EncoderCache``). Which rung settled how many
+#: whole chunk takes timestamps before shifted (``_ladder_for``). Which rung settled how many
 #: suspects over the corpus: ``CoverageStats.settled`` in docs/corpus_eval.jsonl.
 LADDER: tuple[Rung, ...] = (
-    Rung("alone", Decoding(window_pad_s=PIECE_PAD_S), for_chunks=False),
-    Rung("timestamps", Decoding(timestamps=True, window_pad_s=PIECE_PAD_S), for_chunks=False),
-    Rung("shifted", Decoding(timestamps=True, window_pad_s=PIECE_PAD_S), window="shifted"),
+    Rung("alone", FAST, for_chunks=False),
+    Rung("timestamps", Decoding(timestamps=True), for_chunks=False),
+    Rung("shifted", Decoding(timestamps=True), window="shifted"),
     Rung("timestamps", Decoding(timestamps=True), for_gaps=False),
     # last: sampling best of 5 at up to five temperatures costs as much as a dozen decodes of
     # the piece, and on the generated corpus one suspect reached it, which it settled (58c7345,
     # Intel Xeon; none reached it at ba9c1b1 and 6a0662e on an AMD EPYC: bench/corpus_eval.py)
-    Rung(
-        "fallback", Decoding(timestamps=True, temperatures=FALLBACK_TEMPERATURES, window_pad_s=PIECE_PAD_S),
-        strict=True, repeats="timestamps",
-    ),
+    Rung("fallback", Decoding(timestamps=True, temperatures=FALLBACK_TEMPERATURES), strict=True, repeats="timestamps"),
 )
 
 

@@ -40,44 +40,19 @@ class Decoding:
       log-probability below ``LOGPROB_THRESHOLD``), unless Whisper judges it silence, is decoded
       again at the next (temperature > 0: sampling, best of 5), and the first that passes, or
       the last, is kept. Only the rows that failed are decoded again.
-    * ``window_pad_s``: the window a call's audio is decoded in. None: Whisper's 30 s (the audio
-      padded with silence to 30 s, as Whisper was trained and as the first pass decodes every
-      chunk). A number: the call's longest audio plus that much silence, rounded up to whole
-      seconds, at most 30 s (``window_frames``): the coverage ladder's pieces, a few seconds
-      each, cost a fraction of a 30 s window, and tiny.en decodes them no worse in a window
-      fitted to them (1.5-12 s spans of the generated corpus, 5 s of padding: WER 17.7% against
-      20.7%, deletions 1.6% against 2.1%, 2.8x less time; 1 s of padding was worse:
-      ``docs/logs/experiments/short_windows.log``). An engine whose encoder takes only 30 s
-      windows (transformers) decodes in 30 s whatever this says.
 
-    Every engine honours the first two in one batched call per temperature; the default is one call.
+    Every engine honours both in one batched call per temperature; the default is one call.
     """
 
     timestamps: bool = False
     temperatures: tuple[float, ...] = (0.0,)
-    window_pad_s: float | None = None
 
     @property
     def label(self) -> str:
         parts = ["timestamps" if self.timestamps else "no-timestamps"]
         if self.temperatures != (0.0,):
             parts.append("T=" + ",".join(f"{t:g}" for t in self.temperatures))
-        if self.window_pad_s is not None:
-            parts.append(f"window +{self.window_pad_s:g} s")
         return " ".join(parts)
-
-
-#: Whisper's window in feature frames (30 s of 10 ms frames).
-WINDOW_FRAMES = 3000
-
-
-def window_frames(frames: int, pad_s: float | None) -> int:
-    """The encoder input's frames for audio of ``frames`` feature frames (``Decoding.window_pad_s``):
-    Whisper's 3000 without padding asked for, else the audio plus ``pad_s`` seconds rounded up to
-    whole seconds, at most 3000."""
-    if pad_s is None:
-        return WINDOW_FRAMES
-    return min(WINDOW_FRAMES, -(-(frames + round(pad_s * 100)) // 100) * 100)
 
 
 def compression_ratio(text: str) -> float:

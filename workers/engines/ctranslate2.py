@@ -23,7 +23,7 @@ from app import errors
 from app.messages import Chunk, Segment, TranscribeOptions
 from workers import cues
 from workers.engines.base import (
-    FAST, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, Decoding, needs_fallback, said_nothing, token_budget, window_frames,
+    FAST, LOGPROB_THRESHOLD, NO_SPEECH_THRESHOLD, Decoding, needs_fallback, said_nothing, token_budget,
 )
 from workers.engines.models import BUNDLED_MODEL_NAME, bundled_model_path, registry_model_path  # noqa: F401
 from workers.engines.whisper_common import (
@@ -395,11 +395,9 @@ class FasterWhisperEngine:
             return [], options.language or "en"
         try:
             extractor = self.model.feature_extractor
-            mels = [extractor(a)[..., :-1] for a in audio]
-            frames = window_frames(max(m.shape[-1] for m in mels), decoding.window_pad_s)
-            features = np.stack([pad_or_trim(m, frames) for m in mels])
+            features = np.stack([pad_or_trim(extractor(a)[..., :-1]) for a in audio])
             longest = max(range(len(audio)), key=lambda i: audio[i].size)
-            language = self._language(pad_or_trim(mels[longest]), options)  # in Whisper's 30 s
+            language = self._language(features[longest], options)
             tokenizer = self._tokenizer(language, options.task)
             tr_options = self._transcription_options(options)
             tr_options.suppress_tokens = get_suppressed_tokens(tokenizer, tr_options.suppress_tokens)
